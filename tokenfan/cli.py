@@ -1,0 +1,141 @@
+"""``tokenfan``: one command, one subcommand per component.
+
+    tokenfan up                      everything, on an embedded Redis and the simulator unless configured
+    tokenfan api --port 8000         the request API (HTTP + SSE)
+    tokenfan relay --port 8001       the WebSocket relay
+    tokenfan worker --concurrency N  a worker
+    tokenfan simulator --port 8002   the OpenAI-compatible simulator
+    tokenfan watch SESSION           print a session live, resuming across disconnects
+
+Every component reads its configuration from the environment (`tokenfan.settings`); flags only choose
+where to listen. ``--ready-file PATH`` makes a server write its URL to PATH once it accepts connections.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from tokenfan.logs import configure_logging
+from tokenfan.settings import Settings, SettingsError
+
+__all__ = ["main"]
+
+
+def _run(coroutine: Coroutine[Any, Any, None]) -> None:
+    try:
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(coroutine)
+    except ImportError:  # pragma: no cover - uvloop is absent only on Windows
+        asyncio.run(coroutine)
+
+
+def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
+    parser.add_argument("--host", default="127.0.0.1", help="interface to listen on (default: 127.0.0.1)")
+    parser.add_argument(
+        "--port", type=int, default=default_port, help=f"port (default: {default_port}; 0 = any)"
+    )
+    parser.add_argument("--ready-file", help="write {url, pid} here once accepting connections")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenfan", description="Streaming fan-out of LLM tokens.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the whole system locally")
+    up.add_argument("--host", default="127.0.0.1")
+    up.add_argument("--api-port", type=int, default=8000)
+    up.add_argument("--relay-port", type=int, default=8001)
+    up.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    up.add_argument("--tokens-per-second", type=float, default=30.0, help="simulator pace (default: 30)")
+
+    _server_flags(commands.add_parser("api", help="run the request API"), 8000)
+    _server_flags(commands.add_parser("relay", help="run the WebSocket relay"), 8001)
+
+    worker = commands.add_parser("worker", help="run a worker")
+    worker.add_argument(
+        "--concurrency", type=int, help="generations at once (default: TOKENFAN_WORKER_CONCURRENCY)"
+    )
+    worker.add_argument("--ready-file")
+
+    simulator = commands.add_parser("simulator", help="run the OpenAI-compatible simulator")
+    _server_flags(simulator, 8002)
+    simulator.add_argument("--tokens-per-second", type=float, default=50.0, help="0 = as fast as possible")
+    simulator.add_argument("--reply-tokens", type=int, default=48, help="default reply length")
+
+    watch = commands.add_parser("watch", help="print a session live")
+    watch.add_argument("session_id")
+    watch.add_argument("--relay", default="ws://127.0.0.1:8001", help="relay base URL")
+    watch.add_argument("--after", help="resume after this offset")
+    watch.add_argument("--json", action="store_true", help="print every frame as a JSON line")
+    watch.add_argument(
+        "--credential",
+        default=os.environ.get("TOKENFAN_CREDENTIAL"),
+        help="API key or session token (default: $TOKENFAN_CREDENTIAL)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"tokenfan: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    command: str = args.command
+    configure_logging(settings, command)
+    if command == "api":
+        from api.http.app import create_app
+        from tokenfan.serving import serve_asgi
+
+        try:
+            app = create_app(settings)
+        except SettingsError as exc:
+            print(f"tokenfan api: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+        # SSE responses never end by themselves: give them a few seconds, then close them on shutdown.
+        _run(
+            serve_asgi(
+                app, host=args.host, port=args.port, ready_file=args.ready_file, timeout_graceful_shutdown=5
+            )
+        )
+    elif command == "relay":
+        from api.relay.server import run_relay
+
+        try:
+            _run(run_relay(settings, host=args.host, port=args.port, ready_file=args.ready_file))
+        except SettingsError as exc:
+            print(f"tokenfan relay: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    elif command == "worker":
+        from worker.main import run_worker
+
+        _run(run_worker(settings, concurrency=args.concurrency, ready_file=args.ready_file))
+    elif command == "simulator":
+        from tokenfan.simulator import SimulatorConfig, serve
+
+        config = SimulatorConfig(tokens_per_second=args.tokens_per_second, reply_tokens=args.reply_tokens)
+        _run(serve(config, host=args.host, port=args.port, ready_file=args.ready_file))
+    elif command == "watch":
+        from tokenfan.watch import watch
+
+        _run(
+            watch(
+                args.relay, args.session_id, after=args.after, as_json=args.json, credential=args.credential
+            )
+        )
+    elif command == "up":
+        from tokenfan.up import Stack
+
+        raise SystemExit(Stack.from_args(args, settings).run())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

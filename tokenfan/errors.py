@@ -1,0 +1,155 @@
+"""The one exception tree of tokenfan. Each client-facing error carries its consequence on the wire.
+
+::
+
+    TokenfanError                       root; never raised itself
+    ├── ClientError                     the request was wrong; retrying it unchanged will fail again
+    │   ├── InvalidRequest              400  close 4400   invalid_request
+    │   │   ├── InvalidSessionId        400  close 4400   invalid_session_id
+    │   │   └── InvalidOffset           400  close 4400   invalid_offset
+    │   ├── Unauthorized                401  close 4401   unauthorized
+    │   ├── Forbidden                   403  close 4403   forbidden
+    │   ├── NotFound                    404  close 4404   not_found
+    │   │   ├── GenerationNotFound      404               generation_not_found
+    │   │   ├── SessionNotFound         404               session_not_found
+    │   │   └── UnknownOffset           404  close 4404   unknown_offset
+    │   ├── Conflict                    409  close 4409   conflict
+    │   ├── OffsetGone                  410  close 4410   offset_gone (rebuild from a snapshot)
+    │   ├── PayloadTooLarge             413  close 1009   payload_too_large
+    │   └── RateLimited                 429  close 4429   rate_limited
+    └── ServerError                     our side or a dependency failed; retrying later may work
+        └── ServiceUnavailable          503  close 1013   unavailable (Redis unreachable, shutting down)
+
+Third-party exceptions are translated at the boundary of each stage (HTTP handlers, relay connection
+handler, worker job) and never leak to clients. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+__all__ = [
+    "ClientError",
+    "Conflict",
+    "Forbidden",
+    "GenerationNotFound",
+    "InvalidOffset",
+    "InvalidRequest",
+    "InvalidSessionId",
+    "NotFound",
+    "OffsetGone",
+    "PayloadTooLarge",
+    "RateLimited",
+    "ServerError",
+    "ServiceUnavailable",
+    "SessionNotFound",
+    "TokenfanError",
+    "Unauthorized",
+    "UnknownOffset",
+]
+
+
+class TokenfanError(Exception):
+    """Root of every error tokenfan raises on purpose."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+    close_code: ClassVar[int] = 1011
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def to_body(self) -> dict[str, object]:
+        """The JSON body every HTTP error response carries (see docs/PROTOCOL.md, Errors)."""
+        return {"error": {"code": self.code, "message": self.message, "status": self.http_status}}
+
+
+class ClientError(TokenfanError):
+    code = "invalid_request"
+    http_status = 400
+    close_code = 4400
+
+
+class InvalidRequest(ClientError):
+    code = "invalid_request"
+
+
+class InvalidSessionId(InvalidRequest):
+    code = "invalid_session_id"
+
+
+class InvalidOffset(InvalidRequest):
+    code = "invalid_offset"
+
+
+class Unauthorized(ClientError):
+    code = "unauthorized"
+    http_status = 401
+    close_code = 4401
+
+
+class Forbidden(ClientError):
+    code = "forbidden"
+    http_status = 403
+    close_code = 4403
+
+
+class NotFound(ClientError):
+    code = "not_found"
+    http_status = 404
+    close_code = 4404
+
+
+class GenerationNotFound(NotFound):
+    code = "generation_not_found"
+
+
+class SessionNotFound(NotFound):
+    code = "session_not_found"
+
+
+class UnknownOffset(NotFound):
+    code = "unknown_offset"
+
+
+class Conflict(ClientError):
+    code = "conflict"
+    http_status = 409
+    close_code = 4409
+
+
+class OffsetGone(ClientError):
+    """The offset is no longer retained, or belongs to an earlier incarnation of the stream."""
+
+    code = "offset_gone"
+    http_status = 410
+    close_code = 4410
+
+
+class PayloadTooLarge(ClientError):
+    code = "payload_too_large"
+    http_status = 413
+    close_code = 1009
+
+
+class RateLimited(ClientError):
+    code = "rate_limited"
+    http_status = 429
+    close_code = 4429
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class ServerError(TokenfanError):
+    code = "internal_error"
+    http_status = 500
+    close_code = 1011
+
+
+class ServiceUnavailable(ServerError):
+    code = "unavailable"
+    http_status = 503
+    close_code = 1013

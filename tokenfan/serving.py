@@ -1,0 +1,85 @@
+"""Running our servers: bind (port 0 allowed), announce readiness, stop on SIGINT/SIGTERM.
+
+A server started with ``--ready-file PATH`` writes ``{"url": ..., "pid": ...}`` to PATH once it accepts
+connections. `tokenfan up`, the tests and the benchmarks wait on that file instead of on time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+__all__ = ["bound_url", "install_stop_signals", "serve_asgi", "write_ready_file"]
+
+
+class _Server(uvicorn.Server):
+    """uvicorn, minus its own signal handling: the process's stop signals are ours to route."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def write_ready_file(path: str | os.PathLike[str] | None, url: str, **extra: Any) -> None:
+    """Atomically publish that a server is ready at `url` (no reader ever sees a half-written file)."""
+    if path is None:
+        return
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps({"url": url, "pid": os.getpid(), **extra}))
+    tmp.replace(target)
+
+
+def bound_url(sock: socket.socket, scheme: str) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{port}"
+
+
+def install_stop_signals(stop: Callable[[], None]) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+
+
+async def serve_asgi(
+    app: Any,
+    *,
+    host: str,
+    port: int,
+    ready_file: str | None = None,
+    on_ready: Callable[[str], Awaitable[None] | None] | None = None,
+    **uvicorn_options: Any,
+) -> None:
+    """Serve an ASGI app with uvicorn until SIGINT/SIGTERM; port 0 picks a free port."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    config = uvicorn.Config(app, log_config=None, lifespan="on", **uvicorn_options)
+    server = _Server(config)
+    install_stop_signals(lambda: setattr(server, "should_exit", True))
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:
+        if task.done():
+            await task  # re-raise why start-up failed
+            return
+        await asyncio.sleep(0.01)
+    url = bound_url(sock, "http")
+    if on_ready is not None:
+        result = on_ready(url)
+        if result is not None:
+            await result
+    write_ready_file(ready_file, url)
+    await task

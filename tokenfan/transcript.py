@@ -1,0 +1,156 @@
+"""Assembling a session from its frames, with proof that nothing was missed or repeated. Pure: no I/O.
+
+`Transcript.apply` folds frames in the order received into one `GenerationTranscript` per generation and
+refuses (`TranscriptError`) anything a correct stream never produces: an offset that does not follow the
+previous one, a seq that skips or repeats, or a completed generation whose length or SHA-256 differs from
+the text assembled. A ``generation.restarted`` frame discards what that generation had produced so far.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from tokenfan.events import EventType, GenerationStatus, text_sha256
+from tokenfan.offsets import Offset, parse_offset
+
+__all__ = ["GenerationTranscript", "Transcript", "TranscriptError"]
+
+
+class TranscriptError(ValueError):
+    """The frames do not form a valid stream: a gap, a duplicate, or a failed end-of-stream check."""
+
+
+@dataclass
+class GenerationTranscript:
+    generation_id: str
+    status: GenerationStatus = GenerationStatus.QUEUED
+    content: list[str] = field(default_factory=list)
+    reasoning: list[str] = field(default_factory=list)
+    tool_calls: dict[int, dict[str, str]] = field(default_factory=dict)
+    attempt: int = 0
+    last_seq: int = 0
+    finish_reason: str | None = None
+    usage: dict[str, Any] | None = None
+    error: dict[str, Any] | None = None
+    restarts: int = 0
+    other_events: list[dict[str, Any]] = field(default_factory=list)  # types without meaning here (x.*)
+
+    @property
+    def text(self) -> str:
+        return "".join(self.content)
+
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning)
+
+    def _discard_output(self) -> None:
+        self.content.clear()
+        self.reasoning.clear()
+        self.tool_calls.clear()
+
+
+class Transcript:
+    """A session as assembled from frames. Feed it every frame, in order."""
+
+    def __init__(self) -> None:
+        self.generations: dict[str, GenerationTranscript] = {}
+        self.last_offset: Offset | None = None
+        self.frames = 0
+
+    def apply(self, frame: dict[str, Any]) -> GenerationTranscript | None:
+        if frame["type"] == "snapshot":
+            self._apply_snapshot(frame)
+            return None
+        self._check_offset(frame)
+        generation = self.generations.setdefault(
+            frame["generation_id"], GenerationTranscript(frame["generation_id"])
+        )
+        self._check_seq(generation, frame)
+        self.frames += 1
+        try:
+            kind = EventType(frame["type"])
+        except ValueError:  # a type this client does not know (a hook's x.* event, a newer one): keep it
+            generation.other_events.append(frame)
+            return generation
+        if kind is EventType.DELTA:
+            self._apply_delta(generation, frame)
+        elif kind is EventType.GENERATION_STARTED:
+            generation.status = GenerationStatus.RUNNING
+            generation.attempt = int(frame.get("attempt", 1))
+        elif kind is EventType.GENERATION_RESTARTED:
+            generation._discard_output()
+            generation.restarts += 1
+        elif kind is EventType.GENERATION_COMPLETED:
+            self._complete(generation, frame)
+        elif kind is EventType.GENERATION_FAILED:
+            generation.status = GenerationStatus.FAILED
+            generation.error = frame.get("error")
+        elif kind is EventType.GENERATION_CANCELLED:
+            generation.status = GenerationStatus.CANCELLED
+        return generation
+
+    def _apply_snapshot(self, frame: dict[str, Any]) -> None:
+        """A snapshot replaces the state of each generation it lists, as of its offset."""
+        if frame.get("offset"):
+            self._check_offset(frame)
+        for view in frame.get("generations", ()):
+            generation = GenerationTranscript(view["generation_id"])
+            generation.status = GenerationStatus(view["status"])
+            generation.content = [view.get("text", "")] if view.get("text") else []
+            generation.attempt = int(view.get("attempt", 0))
+            generation.last_seq = int(view.get("seq", 0))
+            generation.finish_reason = view.get("finish_reason")
+            generation.usage = view.get("usage")
+            generation.error = view.get("error")
+            self.generations[generation.generation_id] = generation
+        self.frames += 1
+
+    def _check_offset(self, frame: dict[str, Any]) -> None:
+        offset = parse_offset(frame["offset"])
+        previous = self.last_offset
+        if previous is not None and offset.epoch == previous.epoch and offset.stream_id <= previous.stream_id:
+            raise TranscriptError(f"offset {offset} does not follow {previous}: a duplicate or reordering")
+        self.last_offset = offset
+
+    @staticmethod
+    def _check_seq(generation: GenerationTranscript, frame: dict[str, Any]) -> None:
+        seq = int(frame["seq"])
+        first = int(frame.get("seq_start", seq))
+        if generation.last_seq and first != generation.last_seq + 1:
+            raise TranscriptError(
+                f"{generation.generation_id}: seq {first} after {generation.last_seq}: "
+                + ("a duplicate" if first <= generation.last_seq else "a gap")
+            )
+        generation.last_seq = seq
+
+    @staticmethod
+    def _apply_delta(generation: GenerationTranscript, frame: dict[str, Any]) -> None:
+        if "content" in frame:
+            generation.content.append(frame["content"])
+        if "reasoning" in frame:
+            generation.reasoning.append(frame["reasoning"])
+        for call in frame.get("tool_calls", ()):
+            entry = generation.tool_calls.setdefault(
+                int(call["index"]), {"id": "", "name": "", "arguments": ""}
+            )
+            if call.get("id"):
+                entry["id"] = call["id"]
+            if call.get("name"):
+                entry["name"] = call["name"]
+            entry["arguments"] += call.get("arguments", "")
+
+    @staticmethod
+    def _complete(generation: GenerationTranscript, frame: dict[str, Any]) -> None:
+        text = generation.text
+        if "length" in frame and frame["length"] != len(text):
+            raise TranscriptError(
+                f"{generation.generation_id}: assembled {len(text)} characters, stream says {frame['length']}"
+            )
+        if "sha256" in frame and frame["sha256"] != text_sha256(text):
+            raise TranscriptError(
+                f"{generation.generation_id}: assembled text does not match the stream's SHA-256"
+            )
+        generation.status = GenerationStatus.COMPLETED
+        generation.finish_reason = frame.get("finish_reason")
+        generation.usage = frame.get("usage")
