@@ -1,0 +1,334 @@
+"""The stream writer: one per worker process, batching the appends of every running generation.
+
+Each running attempt holds a `GenerationStream` and adds pieces to it without waiting. One flusher task
+takes whatever is pending in all of them and writes it in one script call per Redis slot (`Store.write`):
+under light load every piece is written at once (leading edge, no added latency); under heavy load pieces
+pile up while a flush is in flight, so the next flush carries more and Redis commands per token fall.
+``flush_window`` optionally spaces flushes out further; ``max_pending_bytes`` cuts a window short.
+
+A failed flush (Redis unreachable, connection dropped mid-command) is retried with the *same* items: the
+store skips any event whose seq it already holds, so a retry can never duplicate what subscribers see.
+
+``merge=False`` (``TOKENFAN_COALESCE=false``) is the naive baseline the benchmarks compare against: one event
+per piece, and each event written by its own script call as soon as it arrives, by a task of its generation
+(in order: one call in flight per generation), with no batching across generations and no flush window.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for a str
+from typing import Any
+
+import structlog
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokenfan.errors import ServiceUnavailable
+from tokenfan.events import EventType, encode_body, event_body
+from tokenfan.offsets import Offset
+from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
+from worker.coalesce import Coalescer
+
+__all__ = ["Fenced", "GenerationStream", "StreamWriter", "WriterStats"]
+
+log = structlog.get_logger("tokenfan.worker.writer")
+
+
+class Fenced(Exception):
+    """This attempt may no longer write: another attempt took the generation over, or it already ended."""
+
+
+@dataclass(slots=True)
+class WriterStats:
+    flushes: int = 0
+    items: int = 0
+    events: int = 0
+    pieces: int = 0
+    retries: int = 0
+
+
+class GenerationStream:
+    """The write handle of one running attempt. Adding never blocks; `finish` waits until durable."""
+
+    def __init__(
+        self, writer: StreamWriter, session_id: str, generation_id: str, attempt: int, last_seq: int
+    ):
+        self.writer = writer
+        self.session_id = session_id
+        self.generation_id = generation_id
+        self.attempt = attempt
+        self.next_seq = last_seq + 1
+        self.coalescer = Coalescer(max_event_bytes=writer.max_event_bytes, merge=writer.merge)
+        self.cancel_requested = ""
+        self.fenced = False
+        self.last_offset: Offset | None = None
+        self.text_parts: list[str] = []
+        self.reasoning_parts: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self._tool_calls_changed = False
+        self.pieces = 0
+        self.on_cancel: Callable[[], object] | None = None
+        self.unwatched_limit: float | None = None  # cancel after this many seconds without a subscriber
+        self.unwatched_since: float | None = None
+        self._finish: Finish | None = None
+        self._finish_sent = False
+        self._done: asyncio.Future[WriteResult] | None = None
+        self._error: BaseException | None = None
+        self._writing: asyncio.Task[None] | None = None  # merge=False: this generation's own writer
+        self._delta_prefix = _delta_prefix(session_id, generation_id)
+
+    @property
+    def has_output(self) -> bool:
+        """Whether any delta was produced by this attempt (after that, retrying upstream would duplicate)."""
+        return self.pieces > 0
+
+    def add_event(self, event_type: EventType | str, **fields: Any) -> None:
+        self._check()
+        self.coalescer.add_event(event_type, **fields)
+        self.writer.wake(self)
+
+    def add_content(self, text: str) -> None:
+        if self._error is not None or self.fenced:
+            self._check()
+        self.pieces += 1
+        self.text_parts.append(text)
+        self.coalescer.add_content(text)
+        self.writer.wake(self)
+
+    def add_reasoning(self, text: str) -> None:
+        self._check()
+        self.pieces += 1
+        self.reasoning_parts.append(text)
+        self.coalescer.add_reasoning(text)
+        self.writer.wake(self)
+
+    def add_tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> None:
+        self._check()
+        self.pieces += 1
+        call = self.tool_calls.setdefault(index, {"index": index, "id": "", "name": "", "arguments": ""})
+        if call_id:
+            call["id"] = call_id
+        if name:
+            call["name"] = name
+        call["arguments"] += arguments
+        self._tool_calls_changed = True
+        self.coalescer.add_tool_call(index, call_id=call_id, name=name, arguments=arguments)
+        self.writer.wake(self)
+
+    async def finish(self, event_type: EventType, finish: Finish, **fields: Any) -> WriteResult:
+        """Append the terminal event and end the generation; returns once Redis holds both."""
+        self._check()
+        self.coalescer.add_event(event_type, **fields)
+        self._finish = finish
+        self._done = asyncio.get_running_loop().create_future()
+        self.writer.wake(self, urgent=True)
+        try:
+            return await self._done
+        finally:
+            self.writer.close_stream(self)
+
+    def request_cancel(self, reason: str) -> None:
+        """Called when cancellation is asked for (pub/sub, a write result, or the lease heartbeat)."""
+        if not self.cancel_requested:
+            self.cancel_requested = reason
+            if self.on_cancel is not None:
+                self.on_cancel()
+
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+    def reasoning(self) -> str:
+        return "".join(self.reasoning_parts)
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.fenced:
+            raise Fenced(f"attempt {self.attempt} of {self.generation_id} was fenced")
+
+    # --- called by the writer
+
+    def _take(self, *, one: bool = False) -> WriteItem | None:
+        """What to write next: everything pending, or only the oldest event (``one``). The finish rides
+        with the last event."""
+        if one:
+            first = self.coalescer.pop_first()
+            pending = [first] if first is not None else []
+        else:
+            pending = self.coalescer.drain()
+        finish = None
+        if self._finish is not None and not self._finish_sent and not self.coalescer:
+            finish = self._finish
+        if not pending and finish is None:
+            return None
+        events = []
+        prefix = self._delta_prefix
+        for event in pending:
+            fields = event.fields
+            content = fields.get("content")
+            if prefix and event.type is EventType.DELTA and len(fields) == 1 and type(content) is str:
+                # The common case, encoded without building the body dict: byte for byte what
+                # encode_body(event_body(...)) gives (checked once per generation by `_delta_prefix`).
+                body = f'{prefix}{self.next_seq},"content":{encode_basestring(content)}}}'
+            else:
+                body = encode_body(
+                    event_body(
+                        event.type,
+                        session_id=self.session_id,
+                        generation_id=self.generation_id,
+                        seq=self.next_seq,
+                        **fields,
+                    )
+                )
+            events.append(EventWrite(self.next_seq, body, event.text, event.reasoning))
+            self.next_seq += 1
+        if finish is not None:
+            self._finish_sent = True
+        tool_calls = ""
+        if self._tool_calls_changed:
+            tool_calls = json.dumps([self.tool_calls[i] for i in sorted(self.tool_calls)], ensure_ascii=False)
+            self._tool_calls_changed = False
+        return WriteItem(self.session_id, self.generation_id, self.attempt, events, finish, tool_calls)
+
+    def _apply(self, item: WriteItem, result: WriteResult) -> None:
+        if result.last_offset is not None:
+            self.last_offset = result.last_offset
+        if result.cancel_requested:
+            self.request_cancel(result.cancel_requested)
+        if result.outcome is WriteOutcome.FENCED:
+            self.fenced = True
+            self._fail(Fenced(f"attempt {self.attempt} of {self.generation_id} was fenced ({result.status})"))
+        elif result.outcome is WriteOutcome.GAP:
+            self._fail(RuntimeError(f"seq gap writing {self.generation_id}: a bug in the writer"))
+        elif item.finish is not None and self._done is not None and not self._done.done():
+            self._done.set_result(result)
+
+    def _fail(self, error: BaseException) -> None:
+        self._error = error
+        if self._done is not None and not self._done.done():
+            self._done.set_exception(error)
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+
+def _delta_prefix(session_id: str, generation_id: str) -> str:
+    """The encoded body of a content-only delta up to its seq, or '' when the encoder does not lay such a
+    body out as expected (then every event takes the general path)."""
+    sample = encode_body(
+        event_body(EventType.DELTA, session_id=session_id, generation_id=generation_id, seq=0, content="")
+    )
+    tail = '"seq":0,"content":""}'
+    return sample[: -len(tail) + len('"seq":')] if sample.endswith(tail) else ""
+
+
+class StreamWriter:
+    """Owns the flusher task. `open` a stream per attempt; run `run()` as a task for the process's life."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        flush_window: float = 0.0,
+        max_pending_bytes: int = 65_536,
+        max_event_bytes: int = 16_384,
+        merge: bool = True,
+        retry_seconds: float = 30.0,
+    ) -> None:
+        self.store = store
+        self.flush_window = flush_window
+        self.max_pending_bytes = max_pending_bytes
+        self.max_event_bytes = max_event_bytes
+        self.merge = merge
+        self.retry_seconds = retry_seconds
+        self.stats = WriterStats()
+        self.streams: dict[str, GenerationStream] = {}
+        self._dirty: dict[GenerationStream, None] = {}  # an ordered set: flush in arrival order
+        self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._last_flush = -1e9
+
+    def open(self, session_id: str, generation_id: str, attempt: int, last_seq: int) -> GenerationStream:
+        stream = GenerationStream(self, session_id, generation_id, attempt, last_seq)
+        self.streams[generation_id] = stream
+        return stream
+
+    def close_stream(self, stream: GenerationStream) -> None:
+        if self.streams.get(stream.generation_id) is stream:
+            del self.streams[stream.generation_id]
+
+    def wake(self, stream: GenerationStream, *, urgent: bool = False) -> None:
+        if not self.merge:
+            if stream._writing is None:
+                stream._writing = asyncio.get_running_loop().create_task(self._write_alone(stream))
+            return
+        self._dirty[stream] = None
+        self._wake.set()
+        if urgent or stream.coalescer.pending_bytes >= self.max_pending_bytes:
+            self._urgent.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            delay = self._last_flush + self.flush_window - loop.time()
+            if delay > 0 and not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), delay)
+            self._wake.clear()
+            self._urgent.clear()
+            batch = self._collect()
+            if batch:
+                self._last_flush = loop.time()
+                await self._flush(batch)
+
+    def _collect(self) -> list[tuple[GenerationStream, WriteItem]]:
+        dirty, self._dirty = self._dirty, {}
+        batch = []
+        for stream in dirty:
+            if stream.fenced or stream._error is not None:
+                continue
+            item = stream._take()
+            if item is not None:
+                batch.append((stream, item))
+        return batch
+
+    async def _write_alone(self, stream: GenerationStream) -> None:
+        """merge=False: write this generation's events one script call each, oldest first, until none is
+        left (the next piece starts a new task)."""
+        try:
+            while not stream.fenced and stream._error is None:
+                item = stream._take(one=True)
+                if item is None:
+                    return
+                await self._flush([(stream, item)])
+        finally:
+            stream._writing = None
+
+    async def _flush(self, batch: list[tuple[GenerationStream, WriteItem]]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.retry_seconds
+        backoff = 0.02
+        while True:
+            try:
+                results = await self.store.write([item for _, item in batch])
+                break
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                self.stats.retries += 1
+                if loop.time() + backoff > deadline:
+                    log.error("write_abandoned", error=str(exc), generations=len(batch))
+                    for stream, _ in batch:
+                        stream._fail(ServiceUnavailable(f"Redis unreachable for {self.retry_seconds:.0f}s"))
+                    return
+                log.warning("write_retry", error=str(exc), backoff_s=backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 1.0)
+        self.stats.flushes += 1
+        self.stats.items += len(batch)
+        for (stream, item), result in zip(batch, results, strict=True):
+            self.stats.events += len(item.events)
+            stream._apply(item, result)
