@@ -1,0 +1,1 @@
+"""The HTTP request API (FastAPI): accept generations, report them, serve SSE."""

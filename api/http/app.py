@@ -1,0 +1,146 @@
+"""The request API application: its services, middleware and lifespan (routes are in `api.http.routes`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import structlog
+from arq.connections import ArqRedis
+from fastapi import Depends, FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.docs import get_swagger_ui_html
+from redis.asyncio import Redis
+from starlette.responses import HTMLResponse, JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from api.http.errors import install_error_handlers
+from api.http.limits import BodySizeLimit
+from api.http.routes import router
+from api.http.security import caller
+from api.relay.feed import LiveBus
+from api.relay.presence import publish_presence
+from tokenfan.auth import Authenticator
+from tokenfan.queue import create_queue
+from tokenfan.settings import Settings
+from tokenfan.store import Store, redis_client
+
+__all__ = ["Services", "create_app"]
+
+log = structlog.get_logger("tokenfan.api")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    auth: Authenticator
+    redis: Redis
+    store: Store
+    queue: ArqRedis
+    bus: LiveBus
+
+
+class AccessLog:
+    """One structured log event per request (plain ASGI: it must not buffer streamed responses).
+    The query string is left out: it may hold a token."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, record_status)
+        finally:
+            log.info(
+                "http_request",
+                method=scope["method"],
+                path=scope["path"],
+                status=status,
+                duration_ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """The ASGI app. Raises SettingsError when security is not configured (see docs/SECURITY.md);
+    Redis and the queue are opened by its lifespan, so it can be built without I/O."""
+    auth = Authenticator.from_settings(settings)
+    if settings.insecure_dev_mode:
+        log.warning("insecure_dev_mode", detail="every endpoint is open to anyone, from any origin")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = redis_client(settings.redis_url.reveal())
+        store = Store(
+            redis,
+            session_ttl_seconds=settings.session_ttl_seconds,
+            stream_max_length=settings.stream_max_length,
+        )
+        queue = await create_queue(settings.redis_url.reveal())
+        bus = LiveBus(
+            redis,
+            store,
+            page_size=settings.relay_catchup_page_size,
+            linger_seconds=settings.feed_linger_seconds,
+        )
+        bus.start()
+        presence = asyncio.create_task(
+            publish_presence(bus, store, interval=settings.presence_interval_seconds)
+        )
+        app.state.services = Services(settings, auth, redis, store, queue, bus)
+        try:
+            yield
+        finally:
+            presence.cancel()
+            await bus.close()
+            await queue.aclose()
+            await redis.aclose()
+
+    # The schema and the docs page need a credential too, unless in development mode.
+    open_docs = settings.insecure_dev_mode
+    app = FastAPI(
+        title="tokenfan request API",
+        version="1",
+        lifespan=lifespan,
+        docs_url="/docs" if open_docs else None,
+        openapi_url="/openapi.json" if open_docs else None,
+    )
+    app.include_router(router)
+    if not open_docs:
+
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(caller)])
+        async def openapi() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
+        @app.get("/docs", include_in_schema=False, dependencies=[Depends(caller)])
+        async def docs() -> HTMLResponse:
+            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+    install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    origins = ["*"] if settings.insecure_dev_mode and not settings.origins else settings.origins
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
+            expose_headers=["Location", "Idempotent-Replayed", "Retry-After"],
+            max_age=600,
+        )
+    app.add_middleware(AccessLog)
+    return app

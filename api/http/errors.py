@@ -1,0 +1,104 @@
+"""Every HTTP error leaves as ``{"error": {"code", "message", "status", "details"?}}`` (docs/PROTOCOL.md)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tokenfan.errors import InvalidRequest, RateLimited, ServiceUnavailable, TokenfanError, Unauthorized
+
+__all__ = ["error_response", "install_error_handlers"]
+
+log = structlog.get_logger("tokenfan.api")
+
+_PATH_PARAMETER_CODES = {"session_id": "invalid_session_id", "generation_id": "invalid_generation_id"}
+_HTTP_CODES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {"code": code, "message": message, "status": status}
+    if details:
+        body["details"] = details
+    return JSONResponse({"error": body}, status_code=status, headers=headers)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    for error in errors:
+        location = tuple(error.get("loc", ()))
+        if location[:1] == ("path",) and len(location) > 1 and location[1] in _PATH_PARAMETER_CODES:
+            name = str(location[1])
+            return error_response(400, _PATH_PARAMETER_CODES[name], f"{name} is malformed: {error['msg']}")
+        if error.get("type") == "json_invalid":
+            return error_response(400, "invalid_json", "the request body is not valid JSON")
+    details = [
+        {
+            "location": [str(part) for part in error.get("loc", ())],
+            "message": error.get("msg", ""),
+            "type": error.get("type", ""),
+        }
+        for error in errors[:20]
+    ]
+    return error_response(422, "validation_error", "the request body does not match the schema", details)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    async def on_tokenfan_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, TokenfanError)
+        headers: dict[str, str] = {}
+        if isinstance(exc, ServiceUnavailable):
+            log.warning("unavailable", path=request.url.path, error=exc.message)
+        elif isinstance(exc, Unauthorized):
+            headers["WWW-Authenticate"] = "Bearer"
+        elif isinstance(exc, RateLimited):
+            headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
+        return error_response(exc.http_status, exc.code, exc.message, headers=headers or None)
+
+    async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_response(exc)
+
+    async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, StarletteHTTPException)
+        code = _HTTP_CODES.get(
+            exc.status_code, InvalidRequest.code if exc.status_code < 500 else "internal_error"
+        )
+        headers = dict(exc.headers) if exc.headers else None
+        return error_response(exc.status_code, code, str(exc.detail), headers=headers)
+
+    async def on_redis_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("redis_error", path=request.url.path, error=str(exc))
+        return error_response(
+            503,
+            ServiceUnavailable.code,
+            "storage is unreachable; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+
+    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled_error", path=request.url.path)
+        return error_response(500, "internal_error", "internal error")
+
+    app.add_exception_handler(TokenfanError, on_tokenfan_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(RedisError, on_redis_error)
+    app.add_exception_handler(Exception, on_unexpected)

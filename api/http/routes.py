@@ -1,0 +1,304 @@
+"""The request API's routes: accept generations, report their state, cancel them, mint subscriber tokens,
+serve sessions as snapshots and as Server-Sent Events.
+
+Handlers authenticate, validate, call the store, and translate outcomes into documented answers; nothing
+here talks to the upstream or formats stream events.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING, Annotated, Any
+
+import structlog
+from fastapi import APIRouter, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.responses import JSONResponse
+
+from api.http.schemas import (
+    CancelResult,
+    ErrorResponse,
+    GenerationAccepted,
+    GenerationLinks,
+    GenerationRequest,
+    GenerationView,
+    SessionView,
+    TokenGrant,
+)
+from api.http.security import Caller
+from api.http.sse import SseSubscriber, event_stream
+from tokenfan.errors import (
+    Conflict,
+    GenerationNotFound,
+    InvalidRequest,
+    PayloadTooLarge,
+    RateLimited,
+    SessionNotFound,
+)
+from tokenfan.events import EventType, GenerationStatus, encode_body, event_body
+from tokenfan.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN, new_generation_id
+from tokenfan.offsets import parse_offset
+from tokenfan.queue import enqueue_generation
+from tokenfan.settings import Settings
+from tokenfan.store import AcceptOutcome, EventWrite, Finish, GenerationRecord, WriteItem, WriteOutcome
+
+if TYPE_CHECKING:
+    from api.http.app import Services
+
+__all__ = ["router"]
+
+log = structlog.get_logger("tokenfan.api")
+
+SessionId = Annotated[
+    str, Path(pattern=SESSION_ID_PATTERN, max_length=128, description="1-128 of A-Z a-z 0-9 . _ -")
+]
+GenerationId = Annotated[str, Path(pattern=GENERATION_ID_PATTERN, max_length=30)]
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        pattern=r"^[A-Za-z0-9._:-]{1,128}$",
+        description="Retrying a POST with the same key returns the first generation instead of a second.",
+    ),
+]
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)
+}
+
+
+def _services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+def _view(record: GenerationRecord) -> GenerationView:
+    return GenerationView.model_validate(record.as_json())
+
+
+def _links(settings: Settings, session_id: str, generation_id: str) -> GenerationLinks:
+    relay = settings.public_relay_url
+    return GenerationLinks(
+        self=f"/v1/generations/{generation_id}",
+        session=f"/v1/sessions/{session_id}",
+        events=f"/v1/sessions/{session_id}/events",
+        stream=f"{relay.rstrip('/')}/v1/sessions/{session_id}/stream" if relay else None,
+    )
+
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/sessions/{session_id}/generations",
+    status_code=202,
+    response_model=GenerationAccepted,
+    responses=_ERRORS,
+    summary="Accept a generation; it runs after the session's earlier ones",
+)
+async def create_generation(
+    session_id: SessionId,
+    body: GenerationRequest,
+    request: Request,
+    response: Response,
+    principal: Caller,
+    idempotency_key: IdempotencyKey = None,
+) -> GenerationAccepted:
+    principal.require_service()
+    services = _services(request)
+    wait = await services.store.rate_limit(principal.name, services.settings.rate_limit_per_minute)
+    if wait:
+        raise RateLimited(
+            f"at most {services.settings.rate_limit_per_minute} generations a minute", retry_after=wait
+        )
+    if len(body.messages) > services.settings.max_messages:
+        raise PayloadTooLarge(f"at most {services.settings.max_messages} messages per request")
+    if body.metadata is not None and len(json.dumps(body.metadata)) > services.settings.max_metadata_bytes:
+        raise PayloadTooLarge(f"metadata is limited to {services.settings.max_metadata_bytes} bytes of JSON")
+    generation_id = new_generation_id()
+    upstream_request = body.model_dump(exclude_none=True, exclude={"policy"})
+    # The job first: if this process dies right after accepting, the generation still has a job. A job
+    # that finds its generation missing or not yet at the head of its queue does nothing.
+    await enqueue_generation(services.queue, session_id, generation_id)
+    result = await services.store.accept(
+        session_id,
+        generation_id,
+        request=upstream_request,
+        model=body.model,
+        policy=body.policy,
+        idempotency_key=idempotency_key,
+    )
+    if result.outcome is AcceptOutcome.CONFLICT:
+        raise Conflict(f"session is busy with {result.generation_id} and policy is 'reject'")
+    if result.queue_position == 1:
+        # Again: the early job may have run before the generation existed. For a duplicate, its own
+        # enqueue may be what failed. arq ignores a copy of a job that is still queued or running.
+        await enqueue_generation(services.queue, session_id, result.generation_id)
+    status = GenerationStatus.QUEUED
+    if result.outcome is AcceptOutcome.DUPLICATE:
+        response.headers["Idempotent-Replayed"] = "true"
+        record = await services.store.generation(result.generation_id)
+        status = record.status if record is not None else status
+    response.headers["Location"] = f"/v1/generations/{result.generation_id}"
+    log.info(
+        "generation_accepted",
+        session_id=session_id,
+        generation_id=result.generation_id,
+        outcome=result.outcome.value,
+        queue_position=result.queue_position,
+    )
+    token, expires_at = _token(services, session_id, principal.name)
+    return GenerationAccepted(
+        generation_id=result.generation_id,
+        session_id=session_id,
+        status=status,
+        queue_position=result.queue_position,
+        links=_links(services.settings, session_id, result.generation_id),
+        token=token,
+        token_expires_at=expires_at,
+    )
+
+
+def _token(services: Services, session_id: str, minted_by: str) -> tuple[str | None, int | None]:
+    if not services.auth.signer:
+        return None, None  # development mode without token secrets: nothing to sign with, nothing checked
+    token, expires_at = services.auth.signer.mint(session_id, subject=minted_by)
+    return token, expires_at
+
+
+@router.post(
+    "/v1/sessions/{session_id}/tokens",
+    status_code=201,
+    response_model=TokenGrant,
+    responses=_ERRORS,
+    summary="Mint a short-lived token that lets its holder watch this one session",
+)
+async def create_token(session_id: SessionId, request: Request, principal: Caller) -> TokenGrant:
+    principal.require_service()
+    token, expires_at = _token(_services(request), session_id, principal.name)
+    if token is None or expires_at is None:
+        raise InvalidRequest("tokens are not configured: set TOKENFAN_TOKEN_SECRETS")
+    return TokenGrant(session_id=session_id, token=token, expires_at=expires_at)
+
+
+@router.get("/v1/generations/{generation_id}", response_model=GenerationView, responses=_ERRORS)
+async def get_generation(generation_id: GenerationId, request: Request, principal: Caller) -> GenerationView:
+    record = await _services(request).store.generation(generation_id)
+    if record is None or not (principal.is_service or principal.session_id == record.session_id):
+        # The same answer for another session's generation: a token must not reveal what exists elsewhere.
+        raise GenerationNotFound(f"no generation {generation_id} (unknown or expired)")
+    return _view(record)
+
+
+@router.post(
+    "/v1/generations/{generation_id}/cancel",
+    response_model=CancelResult,
+    responses={
+        202: {"model": CancelResult, "description": "running: its worker stops it shortly"},
+        **_ERRORS,
+    },
+    summary="Cancel a queued or running generation (a finished one is left as it is)",
+)
+async def cancel_generation(
+    generation_id: GenerationId, request: Request, response: Response, principal: Caller
+) -> CancelResult:
+    principal.require_service()
+    services = _services(request)
+    record = await services.store.generation(generation_id)
+    if record is None:
+        raise GenerationNotFound(f"no generation {generation_id} (unknown or expired)")
+    if record.status.is_terminal:
+        status = "cancelled" if record.status is GenerationStatus.CANCELLED else record.status.value
+        return CancelResult(generation_id=generation_id, status=status, cancelled=False)
+    if record.status is GenerationStatus.QUEUED and await _cancel_queued(services, record):
+        return CancelResult(generation_id=generation_id, status="cancelled", cancelled=True)
+    found = await services.store.request_cancel(record.session_id, generation_id, "requested")
+    if found is not None and found.is_terminal:  # it finished between our read and the request
+        return CancelResult(generation_id=generation_id, status=found.value, cancelled=False)
+    response.status_code = 202
+    return CancelResult(generation_id=generation_id, status="cancelling", cancelled=True)
+
+
+async def _cancel_queued(services: Services, record: GenerationRecord) -> bool:
+    """End a generation that has not started, in one step; False when it started meanwhile."""
+    body = event_body(
+        EventType.GENERATION_CANCELLED,
+        session_id=record.session_id,
+        generation_id=record.generation_id,
+        seq=record.seq + 1,
+        reason="requested",
+        usage=None,
+    )
+    item = WriteItem(
+        record.session_id,
+        record.generation_id,
+        record.attempt,
+        [EventWrite(record.seq + 1, encode_body(body))],
+        Finish(GenerationStatus.CANCELLED),
+    )
+    (result,) = await services.store.write([item])
+    if result.outcome is not WriteOutcome.OK:
+        return False
+    if result.next_generation_id is not None:
+        await enqueue_generation(services.queue, record.session_id, result.next_generation_id)
+    return True
+
+
+@router.get("/v1/sessions/{session_id}", response_model=SessionView, responses=_ERRORS)
+async def get_session(session_id: SessionId, request: Request, principal: Caller) -> SessionView:
+    principal.require_session(session_id)
+    snapshot = await _services(request).store.snapshot(session_id)
+    if snapshot is None:
+        raise SessionNotFound(f"no session {session_id} (no generation yet, or expired)")
+    return SessionView(
+        session_id=session_id,
+        offset=str(snapshot.offset) if snapshot.offset is not None else None,
+        generations=[_view(record) for record in snapshot.generations],
+    )
+
+
+@router.get(
+    "/v1/sessions/{session_id}/events",
+    responses={
+        200: {
+            "content": {"text/event-stream": {}},
+            "description": "the session's events as Server-Sent Events",
+        },
+        **_ERRORS,
+        410: {"model": ErrorResponse},
+    },
+    response_class=StreamingResponse,
+    summary="Watch a session as Server-Sent Events, resuming from Last-Event-ID or ?after=",
+)
+async def session_events(
+    session_id: SessionId,
+    request: Request,
+    principal: Caller,
+    # No max_length here: a malformed position gets the same 400 as everywhere else, from parse_offset.
+    after: Annotated[str | None, Query(description="resume after this offset")] = None,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    principal.require_session(session_id)
+    services = _services(request)
+    held = last_event_id or after  # the browser resends the original URL: its Last-Event-ID is newer
+    position = await services.store.check_resume(session_id, parse_offset(held) if held else None)
+    subscriber = SseSubscriber(position, services.settings.relay_max_buffer_bytes)
+    body = event_stream(
+        services.bus, session_id, subscriber, keepalive_seconds=services.settings.sse_keepalive_seconds
+    )
+    return StreamingResponse(
+        body,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+@router.get("/healthz", include_in_schema=False)
+async def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz", include_in_schema=False)
+async def readyz(request: Request) -> JSONResponse:
+    await _services(request).redis.ping()
+    return JSONResponse({"status": "ready"})

@@ -1,0 +1,151 @@
+"""Request and response bodies of the HTTP API (they also make its OpenAPI schema)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tokenfan.events import GenerationStatus
+
+__all__ = [
+    "CancelResult",
+    "ChatMessage",
+    "ErrorBody",
+    "ErrorResponse",
+    "GenerationAccepted",
+    "GenerationLinks",
+    "GenerationRequest",
+    "GenerationView",
+    "SessionView",
+    "TokenGrant",
+]
+
+
+class ChatMessage(BaseModel):
+    """One OpenAI chat message. Provider-specific members (e.g. ``reasoning_content``) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = Field(default=None, max_length=256)
+    tool_call_id: str | None = Field(default=None, max_length=256)
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class GenerationRequest(BaseModel):
+    """``POST /v1/sessions/{session_id}/generations``: an OpenAI chat.completions request, always streamed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=256)
+    messages: list[ChatMessage] = Field(min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    seed: int | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = Field(default=None, max_length=256)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: dict[str, Any] | None = None
+    reasoning_effort: str | None = Field(default=None, max_length=32)
+    n: Literal[1] | None = Field(default=None, description="Only 1 is supported: one generation, one stream.")
+    policy: Literal["enqueue", "reject", "interrupt"] = Field(
+        default="enqueue",
+        description="When the session is busy: `enqueue` runs this after the generations ahead of it; "
+        "`reject` answers 409 instead; `interrupt` cancels the running one and runs this right after it.",
+    )
+    metadata: dict[str, Any] | None = Field(
+        default=None, description="Yours: stored with the generation and echoed in `generation.started`."
+    )
+    cancel_when_unwatched_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=86_400,
+        description="Cancel the generation once nobody has watched its session for this long (off by default).",
+    )
+
+
+class CancelResult(BaseModel):
+    generation_id: str
+    status: str = Field(
+        description="`cancelled` (done now), `cancelling` (running: its worker stops it and appends "
+        "`generation.cancelled`), or the status it had already finished with (`completed`, `failed`, `cancelled`)."
+    )
+    cancelled: bool = Field(
+        description="true when this request cancelled it (now, or as soon as its worker notices); false when "
+        "it had already finished (a no-op)."
+    )
+
+
+class GenerationLinks(BaseModel):
+    self: str
+    session: str
+    events: str = Field(description="SSE endpoint of the session (this API).")
+    stream: str | None = Field(default=None, description="WebSocket URL of the relay, when configured.")
+
+
+class GenerationAccepted(BaseModel):
+    generation_id: str
+    session_id: str
+    status: GenerationStatus
+    queue_position: int = Field(description="1 when it runs now; n when n-1 generations are ahead of it.")
+    links: GenerationLinks
+    token: str | None = Field(
+        default=None, description="A short-lived token to watch this session (hand it to the browser)."
+    )
+    token_expires_at: int | None = Field(default=None, description="When `token` expires (unix seconds).")
+
+
+class TokenGrant(BaseModel):
+    session_id: str
+    token: str = Field(
+        description="Lets its holder watch this session (relay, SSE, snapshots) until it expires."
+    )
+    expires_at: int = Field(description="Unix seconds.")
+
+
+class GenerationView(BaseModel):
+    """Everything known about one generation now: a snapshot to rebuild from instead of replaying."""
+
+    generation_id: str
+    session_id: str
+    status: GenerationStatus
+    text: str
+    reasoning: str = Field(description="Reasoning the upstream streamed (DeepSeek/Qwen `reasoning_content`).")
+    tool_calls: list[dict[str, Any]] = Field(description="Tool calls so far: index, id, name, arguments.")
+    model: str | None
+    attempt: int
+    seq: int = Field(description="seq of this generation's newest event (0 before the first).")
+    finish_reason: str | None
+    usage: dict[str, Any] | None
+    error: dict[str, Any] | None
+    created_at_ms: int | None
+    started_at_ms: int | None
+    finished_at_ms: int | None
+    first_offset: str | None
+    last_offset: str | None = Field(description="Offset of this generation's newest event.")
+
+
+class SessionView(BaseModel):
+    session_id: str
+    offset: str | None = Field(description="Everything below is as of this offset; resume with `after=` it.")
+    generations: list[GenerationView]
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+    status: int
+    details: list[dict[str, Any]] | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

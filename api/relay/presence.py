@@ -1,0 +1,40 @@
+"""Who watches what: each relay and API process claims, in Redis, the sessions it has subscribers of.
+
+Workers read the claims to cancel generations that asked to be cancelled once nobody watches them
+(``cancel_when_unwatched_seconds``). A claim lasts three intervals, so a process that dies stops claiming
+within that time without any cleanup.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import socket
+
+import structlog
+from redis.exceptions import RedisError
+
+from api.relay.feed import LiveBus
+from tokenfan.store import Store
+
+__all__ = ["publish_presence"]
+
+log = structlog.get_logger("tokenfan.presence")
+
+
+async def publish_presence(bus: LiveBus, store: Store, *, interval: float) -> None:
+    """Run for the life of the process."""
+    owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    claimed: set[str] = set()
+    while True:
+        watched = {session_id for session_id, feed in bus.feeds.items() if feed.references > 0}
+        try:
+            if watched:
+                await store.claim_watching(sorted(watched), owner, ttl_ms=int(interval * 3000))
+            for session_id in claimed - watched:
+                await store.release_watching(session_id, owner)
+            claimed = watched
+        except RedisError as exc:
+            log.warning("presence_failed", error=str(exc))
+        await asyncio.sleep(interval)

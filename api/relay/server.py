@@ -1,0 +1,317 @@
+"""The WebSocket relay: ``/v1/sessions/{session_id}/stream[?after=<offset>]`` and ``/v1/stream``.
+
+A subscription is validated, caught up from Redis (pages, each `send` awaited, so a slow client slows only
+its own catch-up), then joined to the session's shared feed (`api.relay.feed`), which writes live frames to
+every in-sync subscriber at once. Errors close a single-session connection with the code of the
+`tokenfan.errors` class that describes them, and reach a multi-session connection as ``error`` frames
+(docs/PROTOCOL.md lists both).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from http import HTTPStatus
+from urllib.parse import parse_qs, urlsplit
+
+import structlog
+from redis.exceptions import RedisError
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+from websockets.typing import Origin
+
+from api.relay.connection import Connection
+from api.relay.feed import LiveBus
+from api.relay.frames import close_reason, control_frame
+from api.relay.presence import publish_presence
+from tokenfan.auth import Authenticator, Principal, bearer_token
+from tokenfan.errors import (
+    InvalidOffset,
+    InvalidRequest,
+    InvalidSessionId,
+    RateLimited,
+    ServiceUnavailable,
+    TokenfanError,
+)
+from tokenfan.ids import is_session_id
+from tokenfan.serving import bound_url, install_stop_signals, write_ready_file
+from tokenfan.settings import Settings
+from tokenfan.store import Store, redis_client
+
+__all__ = ["Relay", "run_relay"]
+
+log = structlog.get_logger("tokenfan.relay")
+
+_STREAM_PATH = re.compile(r"^/v1/sessions/([^/]+)/stream$")
+MULTI_SESSION_PATH = "/v1/stream"
+
+
+@dataclass
+class Relay:
+    """The relay's shared state: settings, store and live bus, one per process."""
+
+    settings: Settings
+    store: Store
+    bus: LiveBus
+    auth: Authenticator
+    connections: set[Connection] = field(default_factory=set)
+    per_address: Counter[str] = field(default_factory=Counter)
+
+    def stats(self) -> dict[str, int]:
+        feeds = self.bus.feeds.values()
+        return {
+            "connections": len(self.connections),
+            "sessions": len(self.bus.feeds),
+            "subscribers": sum(len(feed.subscribers) for feed in feeds),
+            "frames_sent": sum(feed.frames_sent for feed in feeds),
+            "largest_write_buffer_bytes": max((c.buffered() for c in self.connections), default=0),
+        }
+
+    async def handle(self, websocket: ServerConnection) -> None:
+        assert websocket.request is not None
+        multiplexed = urlsplit(websocket.request.path).path == MULTI_SESSION_PATH
+        connection = Connection(self, websocket, multiplexed=multiplexed)
+        address = _address(websocket)
+        self.connections.add(connection)
+        self.per_address[address] += 1
+        try:
+            principal = self._authenticate(connection)
+            if not multiplexed:
+                session_id, after = _parse_request(websocket.request)
+                assert principal is not None
+                principal.require_session(session_id)
+                structlog.contextvars.bind_contextvars(session_id=session_id)
+                await connection.subscribe(session_id, after)
+            await self._read(connection, principal)
+        except TokenfanError as exc:
+            await websocket.close(exc.close_code, close_reason(exc.message))
+        except RedisError as exc:
+            log.warning("relay_redis_error", error=str(exc))
+            await websocket.close(ServiceUnavailable.close_code, "storage unreachable; reconnect shortly")
+        except ConnectionClosed:
+            pass
+        finally:
+            self.connections.discard(connection)
+            self.per_address[address] -= 1
+            if not self.per_address[address]:
+                del self.per_address[address]
+            await connection.close_all()
+
+    def _authenticate(self, connection: Connection) -> Principal | None:
+        """The connection's principal. A multi-session connection may have none and send a token with
+        each subscribe message instead; it must subscribe soon, or it is closed."""
+        assert connection.websocket.request is not None
+        credential, in_url = _credential(connection.websocket.request)
+        if credential is None and connection.multiplexed:
+            if not self.auth.insecure_dev_mode:
+                _close_if_idle(connection, ANONYMOUS_IDLE_SECONDS)
+            return None
+        return self.auth.authenticate(credential, in_url=in_url)
+
+    async def _read(self, connection: Connection, principal: Principal | None) -> None:
+        """Client messages: subscribe/unsubscribe on a multi-session connection, nothing on a single one
+        (pings are answered below us). A client over its message rate is closed with 4429."""
+        bucket = _Bucket(self.settings.relay_max_messages_per_second)
+        closing: asyncio.Task[None] | None = None
+        async for message in connection.websocket:
+            if closing is not None:
+                continue  # keep reading, or the client's reply to our close would never be seen
+            if not bucket.take():
+                limit = RateLimited("too many messages: slow down")
+                closing = asyncio.create_task(connection.websocket.close(limit.close_code, limit.message))
+            elif connection.multiplexed:
+                await self._on_message(connection, principal, message)
+
+    async def _on_message(
+        self, connection: Connection, principal: Principal | None, message: str | bytes
+    ) -> None:
+        try:
+            self._authorize(principal, message)
+            await connection.handle_message(message)
+        except TokenfanError as exc:
+            session = _session_of(message)
+            extra = {"session_id": session} if session is not None else {}
+            await connection.send(control_frame("error", code=exc.close_code, reason=exc.message, **extra))
+
+    def _authorize(self, principal: Principal | None, message: str | bytes) -> None:
+        """A subscribe needs a principal allowed to watch its session: the message's own ``token``, or the
+        connection's credential. Malformed messages pass through, for the connection to explain."""
+        try:
+            request = json.loads(message)
+        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
+            return
+        if not isinstance(request, dict) or request.get("type") != "subscribe":
+            return
+        token = request.get("token")
+        if token is not None:
+            if not isinstance(token, str):
+                raise InvalidRequest("'token' must be a string")
+            principal = self.auth.authenticate(token)  # not a URL: an API key may come this way
+        elif principal is None:
+            principal = self.auth.authenticate(None)  # allowed only in development mode
+        session_id = request.get("session_id")
+        if isinstance(session_id, str):
+            principal.require_session(session_id)
+
+
+#: An anonymous multi-session connection must subscribe (with tokens) within this time.
+ANONYMOUS_IDLE_SECONDS = 10.0
+
+
+def _close_if_idle(connection: Connection, after: float) -> None:
+    def check() -> None:
+        if not connection.subscriptions:
+            asyncio.get_running_loop().create_task(
+                connection.websocket.close(4401, "no credential, no subscription")
+            )
+
+    asyncio.get_running_loop().call_later(after, check)
+
+
+def _session_of(message: str | bytes) -> str | None:
+    """The session a client message is about, if it names one (for error frames)."""
+    try:
+        request = json.loads(message)
+    except (ValueError, RecursionError):
+        return None
+    session_id = request.get("session_id") if isinstance(request, dict) else None
+    return session_id if isinstance(session_id, str) else None
+
+
+class _Bucket:
+    """A token bucket: `rate` per second, bursts of five seconds' worth."""
+
+    __slots__ = ("capacity", "level", "rate", "updated")
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self.capacity = self.level = max(1.0, rate * 5)
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.level = min(self.capacity, self.level + (now - self.updated) * self.rate)
+        self.updated = now
+        if self.level < 1:
+            return False
+        self.level -= 1
+        return True
+
+
+def _credential(request: Request) -> tuple[str | None, bool]:
+    """``Authorization: Bearer``, else ``?token=`` (browsers cannot set headers on a WebSocket); and
+    whether it came in the URL."""
+    header = bearer_token(request.headers.get("Authorization"))
+    if header is not None:
+        return header, False
+    tokens = parse_qs(urlsplit(request.path).query).get("token")
+    return (tokens[0], True) if tokens else (None, False)
+
+
+def _address(websocket: ServerConnection) -> str:
+    remote = websocket.remote_address
+    return str(remote[0]) if remote else "unknown"
+
+
+def _parse_request(request: Request | None) -> tuple[str, str | None]:
+    if request is None:
+        raise InvalidRequest("no request")
+    url = urlsplit(request.path)
+    match = _STREAM_PATH.fullmatch(url.path)
+    if match is None:
+        raise InvalidRequest("unknown path")
+    session_id = match.group(1)
+    if not is_session_id(session_id):
+        raise InvalidSessionId(
+            "session id must be 1-128 of A-Z a-z 0-9 . _ - starting with a letter or digit"
+        )
+    query = parse_qs(url.query, keep_blank_values=True)
+    unknown = set(query) - {"after", "token"}
+    if unknown:
+        raise InvalidRequest("unknown query parameter: only 'after' and 'token' are accepted")
+    values = query.get("after")
+    if values is not None and len(values) != 1:
+        raise InvalidOffset("give 'after' at most once")
+    return session_id, values[0] if values else None
+
+
+def _process_request(relay: Relay) -> object:
+    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+        path = urlsplit(request.path).path
+        if path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/stats":
+            try:
+                relay.auth.authenticate(bearer_token(request.headers.get("Authorization"))).require_service()
+            except TokenfanError as exc:
+                return connection.respond(HTTPStatus(exc.http_status), exc.message + "\n")
+            body = json.dumps(relay.stats())
+            response = connection.respond(HTTPStatus.OK, body)
+            response.headers = Headers(
+                [("Content-Type", "application/json"), ("Content-Length", str(len(body)))]
+            )
+            return response
+        if path != MULTI_SESSION_PATH and _STREAM_PATH.fullmatch(path) is None:
+            return connection.respond(HTTPStatus.NOT_FOUND, "no such endpoint\n")
+        remote = connection.remote_address
+        address = str(remote[0]) if remote else "unknown"
+        if relay.per_address[address] >= relay.settings.relay_max_connections_per_address:
+            return connection.respond(
+                HTTPStatus.TOO_MANY_REQUESTS, "too many connections from your address\n"
+            )
+        return None
+
+    return process_request
+
+
+async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str | None = None) -> None:
+    """Serve the relay until SIGINT/SIGTERM; port 0 picks a free port. Raises SettingsError when security
+    is not configured (docs/SECURITY.md)."""
+    auth = Authenticator.from_settings(settings)
+    if settings.insecure_dev_mode:
+        log.warning(
+            "insecure_dev_mode", detail="every connection is accepted without a credential, from any origin"
+        )
+    redis = redis_client(settings.redis_url.reveal())
+    store = Store(
+        redis, session_ttl_seconds=settings.session_ttl_seconds, stream_max_length=settings.stream_max_length
+    )
+    bus = LiveBus(
+        redis, store, page_size=settings.relay_catchup_page_size, linger_seconds=settings.feed_linger_seconds
+    )
+    relay = Relay(settings, store, bus, auth)
+    bus.start()
+    presence = asyncio.create_task(publish_presence(bus, store, interval=settings.presence_interval_seconds))
+    stop = asyncio.Event()
+    install_stop_signals(stop.set)
+    try:
+        async with serve(
+            relay.handle,
+            host,
+            port,
+            process_request=_process_request(relay),  # type: ignore[arg-type]
+            ping_interval=settings.relay_ping_interval_seconds,
+            ping_timeout=settings.relay_ping_timeout_seconds,
+            max_size=settings.relay_max_message_bytes,
+            max_queue=4,  # unread client messages held per connection: 4 x the largest message at most
+            # Browsers always send Origin: only allowlisted ones pass. None admits non-browser clients.
+            origins=None if settings.insecure_dev_mode else [None, *(Origin(o) for o in settings.origins)],
+            # Per-message deflate would compress every frame once per subscriber: fan-out pays for it.
+            compression=None,
+        ) as server:
+            url = bound_url(next(iter(server.sockets)), "ws")
+            log.info("relay_listening", url=url)
+            write_ready_file(ready_file, url, role="relay")
+            await stop.wait()
+    finally:
+        presence.cancel()
+        await bus.close()
+        with contextlib.suppress(Exception):
+            await redis.aclose()
