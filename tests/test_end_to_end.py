@@ -1,0 +1,271 @@
+"""The whole flow with real processes: HTTP API -> arq -> worker -> Redis Stream -> relay -> WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from tests.support import (
+    RunningStack,
+    Watcher,
+    accept,
+    assert_exact_delivery,
+    expected_text,
+    finished,
+    user_message,
+)
+from tokenfan.events import GenerationStatus
+from tokenfan.ids import new_generation_id
+from tokenfan.queue import create_queue, enqueue_generation
+from tokenfan.store import Store, redis_client
+
+
+async def test_three_subscribers_one_cut_mid_stream_all_end_with_the_upstream_text(
+    stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    body = user_message("fan this out", {"rate": 150, "tokens": 60})
+    watchers = [await Watcher(stack.relay_url, session_id).connect() for _ in range(3)]
+    generation_id = await accept(api, session_id, body)
+
+    cut = watchers[0]
+    await cut.receive_until(lambda frames: any(frame["type"] == "delta" for frame in frames))
+    seen_before_cut = len(cut.frames)
+    assert cut.connection is not None
+    cut.connection.transport.abort()  # the network drops: no closing handshake
+    await cut.connect(after=cut.last_offset)
+
+    await asyncio.gather(*(watcher.receive_until(finished(generation_id)) for watcher in watchers))
+    for watcher in watchers:
+        transcript = watcher.transcript()  # raises on any duplicate, reordering or seq gap
+        generation = transcript.generations[generation_id]
+        assert generation.status is GenerationStatus.COMPLETED
+        assert generation.text == expected_text(body)
+        await assert_exact_delivery(redis, session_id, watcher.frames)
+    # The cut really happened mid-stream: the end arrived on the second connection.
+    assert any(frame["type"] == "generation.completed" for frame in cut.frames[seen_before_cut:])
+    assert not any(frame["type"] == "generation.completed" for frame in cut.frames[:seen_before_cut])
+    for watcher in watchers:
+        await watcher.close()
+
+
+async def test_late_joiner_receives_the_whole_history(
+    stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    body = user_message("history please")
+    early = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, body)
+    await early.receive_until(finished(generation_id))
+
+    late = await Watcher(stack.relay_url, session_id).connect()
+    await late.receive_until(finished(generation_id))
+    assert late.transcript().generations[generation_id].text == expected_text(body)
+    await assert_exact_delivery(redis, session_id, late.frames)
+    await assert_exact_delivery(redis, session_id, early.frames)
+    await early.close()
+    await late.close()
+
+
+async def test_two_generations_of_one_session_run_in_order_and_never_interleave(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    first_body = user_message("first", {"rate": 400, "tokens": 40})
+    second_body = user_message("second", {"rate": 400, "tokens": 40})
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    first = await accept(api, session_id, first_body)
+    response = await api.post(f"/v1/sessions/{session_id}/generations", json=second_body)
+    assert response.json()["queue_position"] == 2
+    second = response.json()["generation_id"]
+
+    await watcher.receive_until(finished(first, second))
+    owners = [frame["generation_id"] for frame in watcher.frames]
+    assert owners == [first] * owners.count(first) + [second] * owners.count(second)
+    transcript = watcher.transcript()
+    assert transcript.generations[first].text == expected_text(first_body)
+    assert transcript.generations[second].text == expected_text(second_body)
+    first_view = (await api.get(f"/v1/generations/{first}")).json()
+    second_view = (await api.get(f"/v1/generations/{second}")).json()
+    assert second_view["started_at_ms"] >= first_view["finished_at_ms"]
+    await watcher.close()
+
+
+async def test_many_generations_queued_at_once_complete_in_acceptance_order(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    bodies = [user_message(f"prompt {n}", {"tokens": 5}) for n in range(8)]
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    generation_ids = list(await asyncio.gather(*(accept(api, session_id, body) for body in bodies)))
+    await watcher.receive_until(finished(*generation_ids))
+    started = [frame["generation_id"] for frame in watcher.frames if frame["type"] == "generation.started"]
+    positions = [
+        (await api.get(f"/v1/generations/{generation_id}")).json()["created_at_ms"]
+        for generation_id in started
+    ]
+    assert sorted(started) == sorted(generation_ids)
+    assert positions == sorted(positions)  # they ran in the order they were accepted
+    await watcher.close()
+
+
+async def test_an_upstream_client_error_fails_the_generation_and_the_worker_serves_the_next(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    broken = user_message("bad request", {"status": 400})
+    healthy = user_message("after the failure")
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    failed_id = await accept(api, session_id, broken)
+    next_id = await accept(api, session_id, healthy)
+    await watcher.receive_until(finished(failed_id, next_id))
+    transcript = watcher.transcript()
+    failed = transcript.generations[failed_id]
+    assert failed.status is GenerationStatus.FAILED
+    assert failed.error is not None
+    assert failed.error["type"] == "upstream_rejected"
+    assert failed.error["status"] == 400
+    assert transcript.generations[next_id].text == expected_text(healthy)
+    view = (await api.get(f"/v1/generations/{failed_id}")).json()
+    assert view["status"] == "failed"
+    assert view["error"]["type"] == "upstream_rejected"
+    await watcher.close()
+
+
+async def test_a_persistent_server_error_is_retried_then_fails_as_unavailable(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    body = user_message(
+        "always 503", {"status": 503, "times": 100, "key": uuid.uuid4().hex, "retry_after": 0.05}
+    )
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, body)
+    await watcher.receive_until(finished(generation_id))
+    generation = watcher.transcript().generations[generation_id]
+    assert generation.status is GenerationStatus.FAILED
+    assert generation.error is not None
+    assert generation.error["type"] == "upstream_unavailable"
+    assert generation.error["status"] == 503
+    await watcher.close()
+
+
+async def test_a_rate_limit_before_the_first_token_is_retried_and_the_text_is_complete(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    body = user_message(
+        "busy provider", {"status": 429, "times": 1, "key": uuid.uuid4().hex, "retry_after": 0.05}
+    )
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, body)
+    await watcher.receive_until(finished(generation_id))
+    generation = watcher.transcript().generations[generation_id]
+    assert generation.status is GenerationStatus.COMPLETED
+    assert generation.text == expected_text(body)
+    await watcher.close()
+
+
+async def test_a_stream_that_drops_midway_fails_as_disconnected_keeping_what_was_shown(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    body = user_message("drop me", {"drop_after": 5})
+    healthy = user_message("and carry on")
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, body)
+    next_id = await accept(api, session_id, healthy)
+    await watcher.receive_until(finished(generation_id, next_id))
+    transcript = watcher.transcript()
+    generation = transcript.generations[generation_id]
+    assert generation.status is GenerationStatus.FAILED
+    assert generation.error is not None
+    assert generation.error["type"] == "upstream_disconnected"
+    assert generation.text == "".join(expected_text_pieces(body)[:5])
+    assert transcript.generations[next_id].status is GenerationStatus.COMPLETED
+    await watcher.close()
+
+
+async def test_an_error_inside_the_stream_fails_the_generation(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    body = user_message("error midway", {"error_after": 3})
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, body)
+    await watcher.receive_until(finished(generation_id))
+    generation = watcher.transcript().generations[generation_id]
+    assert generation.status is GenerationStatus.FAILED
+    assert generation.error is not None
+    assert generation.error["type"] == "upstream_error"
+    assert "simulated mid-stream error" in generation.error["message"]
+    await watcher.close()
+
+
+async def test_usage_comes_from_the_final_chunk_and_is_estimated_when_the_upstream_sends_none(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    with_usage = user_message("count me", {"tokens": 12})
+    without_usage = user_message("do not count me", {"usage": "none"})
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    first = await accept(api, session_id, with_usage)
+    second = await accept(api, session_id, without_usage)
+    await watcher.receive_until(finished(first, second))
+    completed = {
+        frame["generation_id"]: frame for frame in watcher.frames if frame["type"] == "generation.completed"
+    }
+    assert completed[first]["usage"]["completion_tokens"] == 12
+    assert "estimated" not in completed[first]["usage"]
+    assert completed[first]["finish_reason"] == "stop"
+    estimate = completed[second]["usage"]
+    assert estimate["estimated"] is True
+    assert estimate["tokenizer"] == "heuristic"  # the simulator's model is not an OpenAI one
+    assert estimate["completion_tokens"] > 0
+    assert estimate["total_tokens"] == estimate["prompt_tokens"] + estimate["completion_tokens"]
+    assert watcher.transcript().generations[second].status is GenerationStatus.COMPLETED
+    await watcher.close()
+
+
+def expected_text_pieces(body: dict[str, Any]) -> list[str]:
+    from tests.support import SIMULATOR
+    from tokenfan.simulator import reply_chunks
+
+    return reply_chunks(body, SIMULATOR)
+
+
+async def test_a_generation_accepted_by_an_api_that_died_right_after_still_runs(
+    stack: RunningStack, redis_server: Any, session_id: str
+) -> None:
+    # What the API does, step by step, stopping where a crash would: the job is enqueued first, the
+    # generation accepted, and the second enqueue never happens.
+    redis = redis_client(redis_server.url)
+    queue = await create_queue(redis_server.url)
+    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    body = user_message("orphaned")
+    generation_id = new_generation_id()
+    await enqueue_generation(queue, session_id, generation_id)
+    await store.accept(session_id, generation_id, request=body, model=body["model"])
+    await watcher.receive_until(finished(generation_id))
+    assert watcher.transcript().generations[generation_id].text == expected_text(body)
+    await watcher.close()
+    await queue.aclose()
+    await redis.aclose()
+
+
+async def test_a_job_that_runs_before_its_generation_is_accepted_waits_for_it(
+    stack: RunningStack, redis_server: Any, session_id: str
+) -> None:
+    redis = redis_client(redis_server.url)
+    queue = await create_queue(redis_server.url)
+    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    body = user_message("slow acceptance")
+    generation_id = new_generation_id()
+    await enqueue_generation(queue, session_id, generation_id)
+    # Wait until the worker has run the job and found nothing to do: arq recorded a first try.
+    deadline = asyncio.get_running_loop().time() + 10
+    while not await redis.exists(f"arq:retry:{generation_id}"):
+        assert asyncio.get_running_loop().time() < deadline, "the worker never ran the early job"
+        await asyncio.sleep(0.01)
+    await store.accept(session_id, generation_id, request=body, model=body["model"])
+    await watcher.receive_until(finished(generation_id))
+    assert watcher.transcript().generations[generation_id].text == expected_text(body)
+    await watcher.close()
+    await queue.aclose()
+    await redis.aclose()

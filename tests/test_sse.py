@@ -1,0 +1,231 @@
+"""Server-Sent Events (``GET /v1/sessions/{id}/events``) seen from a real HTTP client parsing the stream."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from tests.support import (
+    Closer,
+    RunningStack,
+    SseBlock,
+    SseWatcher,
+    Watcher,
+    accept,
+    assert_exact_delivery,
+    coverage,
+    expected_text,
+    finished,
+    start_frontends,
+    user_message,
+    wait_for_condition,
+)
+from tokenfan.events import GenerationStatus
+from tokenfan.keys import SessionKeys
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[Closer]:
+    """Registers clients to close at the end of the test, passed or failed."""
+    closer = Closer()
+    yield closer
+    await closer.close_all()
+
+
+@pytest.fixture(scope="module")
+def quick_api(stack: RunningStack) -> Iterator[RunningStack]:
+    """A relay and an API that send keep-alives every 0.2 s and drop an unwatched feed after 0.1 s."""
+    front = start_frontends(
+        stack, {"TOKENFAN_SSE_KEEPALIVE_SECONDS": "0.2", "TOKENFAN_FEED_LINGER_SECONDS": "0.1"}
+    )
+    yield front
+    front.stop()
+
+
+def ended(frames: list[dict[str, Any]]) -> bool:
+    return bool(frames) and frames[-1]["type"] == "generation.completed"
+
+
+async def completed_session(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> list[dict[str, Any]]:
+    """A session holding one completed generation with many frames; its frames as a live watcher got them."""
+    watcher = await opened(Watcher(stack.relay_url, session_id)).connect()
+    generation_id = await accept(api, session_id, user_message("resume me", {"tokens": 30, "rate": 400}))
+    await watcher.receive_until(finished(generation_id))
+    await watcher.close()
+    assert len(watcher.frames) >= 6
+    return watcher.frames
+
+
+async def test_a_subscriber_gets_every_event_with_id_type_and_data(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    sse = await opened(SseWatcher(stack.api_url, session_id)).connect()
+    first = await sse.next_block()
+    assert first.retry == 1000  # the reconnect delay leads the stream
+    body = user_message("stream me over SSE", {"tokens": 40, "rate": 400})
+    generation_id = await accept(api, session_id, body)
+    await sse.receive_until(finished(generation_id))
+
+    events = [block for block in sse.blocks if block.is_event]
+    for block in events:
+        frame = block.frame()
+        assert block.id is not None
+        assert block.event is not None
+        assert frame["offset"] == block.id
+        assert frame["type"] == block.event
+        assert frame["session_id"] == session_id
+    assert events[0].event == "generation.started"
+    assert events[-1].event == "generation.completed"
+    generation = sse.transcript().generations[generation_id]  # raises on a gap, duplicate or bad checksum
+    assert generation.status is GenerationStatus.COMPLETED
+    assert generation.text == expected_text(body)
+    await assert_exact_delivery(redis, session_id, sse.frames)
+    await sse.close()
+
+
+async def test_last_event_id_resumes_with_exactly_the_events_after_it(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    frames = await completed_session(opened, stack, api, session_id)
+    for cut in range(len(frames) - 1):
+        sse = await opened(
+            SseWatcher(stack.api_url, session_id, last_event_id=frames[cut]["offset"])
+        ).connect()
+        await sse.receive_until(ended)
+        assert coverage(sse.frames) == coverage(frames[cut + 1 :])
+        assert "".join(f.get("content", "") for f in sse.frames) == "".join(
+            f.get("content", "") for f in frames[cut + 1 :]
+        )
+        assert sse.frames[-1] == frames[-1]
+        await sse.close()
+
+
+async def test_after_query_parameter_resumes_with_exactly_the_events_after_it(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    frames = await completed_session(opened, stack, api, session_id)
+    for cut in (0, len(frames) // 2, len(frames) - 2):
+        sse = await opened(SseWatcher(stack.api_url, session_id, after=frames[cut]["offset"])).connect()
+        await sse.receive_until(ended)
+        assert coverage(sse.frames) == coverage(frames[cut + 1 :])
+        await sse.close()
+
+
+async def test_last_event_id_wins_over_after(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    frames = await completed_session(opened, stack, api, session_id)
+    cut = len(frames) // 2
+    sse = await opened(
+        SseWatcher(stack.api_url, session_id, after=frames[0]["offset"], last_event_id=frames[cut]["offset"])
+    ).connect()
+    await sse.receive_until(ended)
+    assert coverage(sse.frames) == coverage(frames[cut + 1 :])
+    await sse.close()
+
+
+@pytest.mark.parametrize(
+    ("after", "last_event_id"),
+    [
+        (None, "not-an-offset"),
+        (None, "ABC:1-0"),
+        (None, "abc:1-0-0"),
+        (None, "9" * 70),
+        ("not-an-offset", None),
+        ("9" * 70, None),
+    ],
+    ids=[
+        "header-garbage",
+        "header-uppercase-epoch",
+        "header-extra-part",
+        "header-too-long",
+        "query",
+        "query-too-long",
+    ],
+)
+async def test_a_malformed_position_is_refused_with_invalid_offset(
+    opened: Closer, stack: RunningStack, session_id: str, after: str | None, last_event_id: str | None
+) -> None:
+    sse = opened(SseWatcher(stack.api_url, session_id, after=after, last_event_id=last_event_id))
+    status, body = await sse.refusal()
+    await sse.close()
+    assert status == 400
+    assert body["error"]["code"] == "invalid_offset"
+    assert body["error"]["status"] == 400
+    assert body["error"]["message"]
+
+
+async def test_an_offset_of_another_incarnation_is_gone(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    frames = await completed_session(opened, stack, api, session_id)
+    epoch, entry_id = str(frames[0]["offset"]).split(":")
+    other_epoch = "zz" + epoch[2:] if not epoch.startswith("zz") else "yy" + epoch[2:]
+    sse = opened(SseWatcher(stack.api_url, session_id, last_event_id=f"{other_epoch}:{entry_id}"))
+    status, body = await sse.refusal()
+    await sse.close()
+    assert (status, body["error"]["code"], body["error"]["status"]) == (410, "offset_gone", 410)
+
+
+async def test_an_offset_naming_no_event_is_unknown(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    frames = await completed_session(opened, stack, api, session_id)
+    epoch, entry_id = str(frames[-1]["offset"]).split(":")
+    milliseconds, sequence = entry_id.split("-")
+    for offset in (f"{epoch}:{milliseconds}-{int(sequence) + 7}", f"{epoch}:{int(milliseconds) + 10_000}-0"):
+        sse = opened(SseWatcher(stack.api_url, session_id, last_event_id=offset))
+        status, body = await sse.refusal()
+        await sse.close()
+        assert (offset, status, body["error"]["code"]) == (offset, 404, "unknown_offset")
+
+
+async def test_a_quiet_stream_gets_keep_alive_comments(
+    opened: Closer, quick_api: RunningStack, session_id: str
+) -> None:
+    sse = await opened(SseWatcher(quick_api.api_url, session_id)).connect()
+
+    def keep_alives(blocks: list[SseBlock]) -> int:
+        return sum("keep-alive" in block.comments for block in blocks)
+
+    await sse.receive_blocks_until(lambda blocks: keep_alives(blocks) >= 2, timeout=5)
+    assert not sse.frames  # comments only: nothing an EventSource would dispatch
+    await sse.close()
+
+
+async def test_sse_and_websocket_subscribers_share_one_reader_per_process(
+    opened: Closer, stack: RunningStack, quick_api: RunningStack, redis: Redis, session_id: str
+) -> None:
+    channel = SessionKeys(session_id).live
+
+    async def subscribers() -> int:
+        reply = await redis.pubsub_numsub(channel)
+        return int(reply[0][1])
+
+    sse_clients = [await opened(SseWatcher(quick_api.api_url, session_id)).connect() for _ in range(2)]
+    watcher = await opened(Watcher(quick_api.relay_url, session_id)).connect()
+    async with httpx.AsyncClient(base_url=quick_api.api_url, timeout=10) as client:
+        body = user_message("shared reader", {"tokens": 20})
+        generation_id = await accept(client, session_id, body)
+    # Every client received the generation live, so every one of them is subscribed right now.
+    await watcher.receive_until(finished(generation_id))
+    for sse in sse_clients:
+        await sse.receive_until(finished(generation_id))
+        assert sse.transcript().generations[generation_id].text == expected_text(body)
+    assert watcher.transcript().generations[generation_id].text == expected_text(body)
+    assert await subscribers() == 2  # the API process and the relay process, once each
+
+    for sse in sse_clients:
+        await sse.close()
+    await watcher.close()
+
+    async def unsubscribed() -> bool:
+        return await subscribers() == 0
+
+    await wait_for_condition(unsubscribed, timeout=10)

@@ -1,0 +1,70 @@
+"""`tokenfan up`, the README's first command: from nothing to a working system, and back to nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import socket
+import sys
+
+import httpx
+
+from tests.support import Watcher, accept, expected_text, finished, user_message
+from tokenfan.events import GenerationStatus
+
+
+def port_open(url: str) -> bool:
+    host, port = re.sub(r"^\w+://", "", url).split("/")[0].rsplit(":", 1)
+    with socket.socket() as probe:
+        probe.settimeout(0.5)
+        return probe.connect_ex((host, int(port))) == 0
+
+
+async def test_up_serves_a_generation_end_to_end_and_ctrl_c_stops_everything() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "OPENAI_", "TOKENFAN_"))}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tokenfan", "up", "--api-port", "0", "--relay-port", "0",
+        env={**env, "TOKENFAN_LOG_LEVEL": "warning"},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert process.stdout is not None
+    banner: list[str] = []
+    async with asyncio.timeout(60):
+        while not any("Ctrl-C stops everything" in line for line in banner):
+            banner.append((await process.stdout.readline()).decode())
+    text = "".join(banner)
+    api_url = re.search(r"request API\s+(http://\S+)", text)
+    relay_url = re.search(r"relay\s+(ws://\S+)", text)
+    redis_url = re.search(r"Redis\s+(redis://\S+)", text)
+    assert api_url, text
+    assert relay_url, text
+    assert redis_url, text
+    key = re.search(r"API key\s+(tfk_\S+)", text)
+    assert key, text
+    assert "embedded Valkey" in text
+    assert "built-in simulator" in text
+    assert "curl -s -X POST" in text
+
+    body = user_message("hello from the README")
+    async with httpx.AsyncClient(base_url=api_url.group(1)) as anonymous:
+        refused = await anonymous.post("/v1/sessions/readme/generations", json=body)
+    assert refused.status_code == 401  # secure by default, even for the demo
+    watcher = await Watcher(relay_url.group(1), "readme").connect(credential=key.group(1))
+    headers = {"Authorization": f"Bearer {key.group(1)}"}
+    async with httpx.AsyncClient(base_url=api_url.group(1), headers=headers) as api:
+        generation_id = await accept(api, "readme", body)
+    await watcher.receive_until(finished(generation_id), timeout=30)
+    generation = watcher.transcript().generations[generation_id]
+    assert generation.status is GenerationStatus.COMPLETED
+    # `up` runs its simulator at 30 tokens/s with the same default reply as the test stack's.
+    assert generation.text == expected_text(body)
+    await watcher.close()
+
+    process.send_signal(signal.SIGINT)
+    async with asyncio.timeout(30):
+        assert await process.wait() == 0
+    for url in (api_url.group(1), relay_url.group(1), redis_url.group(1)):
+        assert not port_open(url), f"{url} still answers after Ctrl-C"
