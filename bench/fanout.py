@@ -1,0 +1,1018 @@
+"""Fan-out through one relay: deliveries, latency and cost per frame, beside raw broadcast and a naive relay.
+
+    ./dev bench fanout [--runs 3] [--seconds 5] [--clients 3] [--quick]
+    python -m bench.fanout ...
+
+One relay process (`tokenfan relay`) against an embedded Valkey. A producer in this process appends deltas to
+session streams through the real write path (`Store.write`, a started generation) at a fixed token rate; each
+delta's content starts with its append time, so subscribers measure latency from append to receipt. The
+subscribers are lean WebSocket clients (`bench.fanout_client`) spread over ``--clients`` processes.
+
+In the same run, two references with the same subscribers and frame sizes:
+* raw broadcast (`bench.raw_broadcast`): `websockets.broadcast` of pre-encoded frames, no Redis: what one
+  core can push through `websockets`;
+* a naive relay (`bench.naive_relay`): one ``XREAD BLOCK`` loop per subscriber.
+
+Reported per scenario (medians of ``--runs``): token deliveries/s, frames/s, latency p50/p99, relay CPU-µs
+per delivered frame and raw broadcast's, relay RSS, Redis commands per frame, each process's CPU; the
+highest sustained token deliveries/s of the relay and of the naive relay; catch-up times. Every process
+shares the machine's cores, so each figure comes with the CPU each process used.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import argparse
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import resource
+import subprocess
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from redis.asyncio import Redis
+
+from bench.fanout_client import ClientConfig, LatencyHistogram, run_client, token_content
+from bench.harness import cpu_seconds, median, rss_bytes, save
+from tokenfan.embedded_redis import EmbeddedRedis
+from tokenfan.events import EventType, encode_body, event_body
+from tokenfan.ids import new_generation_id
+from tokenfan.processes import ChildProcess
+from tokenfan.store import EventWrite, StartOutcome, Store, WriteItem
+
+ROOT = Path(__file__).resolve().parent.parent
+LOGS = Path(tempfile.mkdtemp(prefix="tokenfan-fanout-"))
+#: A run counts as sustained (it keeps up) when subscribers received this share of the tokens appended in
+#: the window …
+SUSTAINED_SHARE = 0.97
+#: … their latency did not grow by more than this over the window (ms per second) …
+SUSTAINED_LAG_GROWTH_MS_PER_S = 50.0
+#: … p99 latency stayed below this (ms), and no subscriber was sent a slow-consumer snapshot.
+SUSTAINED_P99_MS = 1000.0
+
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
+
+
+def machine_busy() -> float:
+    """CPU seconds every process of the machine (and interrupt handling) has used so far, all cores."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
+    return (user + nice + system + irq + softirq) / _TICKS
+
+
+async def wait_until_quiet(seconds: float = 10.0, threshold: float = 0.25) -> float:
+    """Wait (at most `seconds`) until the machine is nearly idle before a measurement: the cores are shared
+    with whatever else runs here. Returns the busy share (cores) last seen."""
+    deadline = time.monotonic() + seconds
+    while True:
+        before = machine_busy()
+        await asyncio.sleep(0.5)
+        busy = (machine_busy() - before) / 0.5
+        if busy < threshold or time.monotonic() > deadline:
+            if busy >= threshold:
+                log(f"  the machine is busy ({busy:.2f} cores used by other processes); measuring anyway")
+            return busy
+        log(f"  waiting for the machine to quieten ({busy:.2f} cores busy)")
+        await asyncio.sleep(1.0)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --- processes
+
+
+def child_env(redis_url: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENFAN_", "OPENAI_"))}
+    env.update(
+        REDIS_URL=redis_url,
+        TOKENFAN_LOG_LEVEL="warning",
+        TOKENFAN_LOG_FORMAT="json",
+        # Measure the data path: authentication happens once per connection (as in bench/harness.py).
+        TOKENFAN_INSECURE_DEV_MODE="true",
+        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    )
+    return env
+
+
+class BenchServer:
+    """A server of ours as a child process (the relay, or a bench module), ready when it writes its URL."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str], cwd: Path = ROOT) -> None:
+        self.name = name
+        self.cwd = cwd
+        self.ready_file = LOGS / f"{name}.ready"
+        self.command = [*command, "--ready-file", str(self.ready_file)]
+        self.env = env
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    def start(self, timeout: float = 30.0) -> BenchServer:
+        self.ready_file.unlink(missing_ok=True)
+        with (LOGS / f"{self.name}.log").open("ab") as stderr:
+            self.process = subprocess.Popen(
+                self.command, env=self.env, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=stderr,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while not self.ready_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start; see {LOGS / (self.name + '.log')}")
+            time.sleep(0.02)
+        self.url = str(json.loads(self.ready_file.read_text())["url"])
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def http(self) -> str:
+        return self.url.replace("ws://", "http://", 1)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+#: Where the relay's code is imported from (``--relay-code``): this checkout, or another copy of it.
+RELAY_CODE = ROOT
+
+
+def relay_server(redis_url: str, name: str = "relay") -> BenchServer:
+    child = ChildProcess("relay", ["--port", "0"])  # only for its command line: python -m tokenfan relay
+    command = [sys.executable, "-m", "tokenfan", child.role, *child.args]
+    env = child_env(redis_url)
+    env["PYTHONPATH"] = os.pathsep.join([str(RELAY_CODE), env["PYTHONPATH"]])
+    return BenchServer(name, command, env, cwd=RELAY_CODE)
+
+
+def module_server(module: str, args: list[str], redis_url: str) -> BenchServer:
+    return BenchServer(module.rsplit(".", 1)[-1], [sys.executable, "-m", module, *args], child_env(redis_url))
+
+
+class LoadGenerator:
+    """Subscriber processes (`bench.fanout_client`), kept for the whole benchmark, connected per run."""
+
+    def __init__(self, processes: int, max_seconds: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self.pipes: list[Connection] = []
+        self.processes: list[BaseProcess] = []
+        for _ in range(processes):
+            parent, child = context.Pipe()
+            process = context.Process(target=run_client, args=(child, max_seconds), daemon=True)
+            process.start()
+            self.pipes.append(parent)
+            self.processes.append(process)
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes if p.pid is not None]
+
+    async def _ask(self, pipe: Connection, command: tuple[Any, ...], wait: float) -> Any:
+        pipe.send(command)
+
+        def receive() -> Any:
+            if not pipe.poll(wait):
+                raise TimeoutError(f"load generator did not answer {command[0]!r} within {wait}s")
+            return pipe.recv()
+
+        return await asyncio.to_thread(receive)
+
+    def _config(self, host: str, port: int, paths: list[str], n: int) -> ClientConfig:
+        # Process n connects from 127.<10+n>.x.y, with handshakes in flight shared out under the backlog.
+        return ClientConfig(host, port, paths, 10 + n, connect_concurrency=max(8, 90 // len(self.pipes)))
+
+    def _split(self, paths: list[str]) -> list[list[str]]:
+        return [paths[i :: len(self.pipes)] for i in range(len(self.pipes))]
+
+    async def connect(self, url: str, paths: list[str]) -> int:
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        assert parts.port is not None
+        replies = await asyncio.gather(
+            *(
+                self._ask(pipe, ("connect", self._config(parts.hostname, parts.port, share, n)), 120)
+                for n, (pipe, share) in enumerate(zip(self.pipes, self._split(paths), strict=True))
+            )
+        )
+        failed = sum(reply[2] for reply in replies)
+        errors = [reply[3] for reply in replies if reply[3]]
+        if errors:
+            log(f"  {failed} of {len(paths)} connections failed; failed attempts per process: {errors}")
+        if failed == len(paths):
+            raise RuntimeError(f"no subscriber could connect to {url}")
+        return sum(reply[1] for reply in replies)
+
+    def window(self, start_ns: int, end_ns: int) -> None:
+        for pipe in self.pipes:
+            pipe.send(("window", start_ns, end_ns))
+
+    async def report(self) -> list[dict[str, Any]]:
+        replies = await asyncio.gather(*(self._ask(pipe, ("report",), 60) for pipe in self.pipes))
+        return [reply[1] for reply in replies]
+
+    async def disconnect(self) -> None:
+        await asyncio.gather(*(self._ask(pipe, ("disconnect",), 60) for pipe in self.pipes))
+
+    async def catch_up(self, url: str, paths: list[str], tokens: int, seconds: float) -> list[dict[str, Any]]:
+        parts = urlsplit(url)
+        assert parts.hostname is not None
+        assert parts.port is not None
+        shares = [share for share in self._split(paths) if share]
+        replies = await asyncio.gather(
+            *(
+                self._ask(
+                    pipe,
+                    ("catchup", self._config(parts.hostname, parts.port, share, n), tokens, seconds),
+                    seconds + 30,
+                )
+                for n, (pipe, share) in enumerate(zip(self.pipes, shares, strict=False))
+            )
+        )
+        return [reply[1] for reply in replies]
+
+    def close(self) -> None:
+        for pipe in self.pipes:
+            with contextlib.suppress(OSError):
+                pipe.send(("exit",))
+        for process in self.processes:
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join(timeout=5)
+
+
+# --- the producer
+
+
+@dataclass
+class Stream:
+    session_id: str
+    generation_id: str
+    attempt: int
+    seq: int = 0
+    prefix: str = ""
+
+    def body(self, seq: int, content: str) -> str:
+        return f'{self.prefix}{seq},"content":"{content}"}}'
+
+
+class Producer:
+    """Appends deltas through `Store.write` at a fixed token rate per session; records what it appended."""
+
+    def __init__(self, redis_url: str) -> None:
+        self.redis = Redis.from_url(redis_url, client_name="bench-producer")
+        self.store = Store(self.redis, session_ttl_seconds=3600, stream_max_length=100_000)
+        self.write_calls = 0
+
+    async def open(self, session_ids: list[str]) -> list[Stream]:
+        async def one(session_id: str) -> Stream:
+            generation_id = new_generation_id()
+            await self.store.accept(session_id, generation_id, request={"bench": True}, model="bench")
+            start = await self.store.start(session_id, generation_id)
+            assert start.outcome is StartOutcome.STARTED, start
+            stream = Stream(session_id, generation_id, start.attempt)
+            sample = encode_body(
+                event_body(
+                    EventType.DELTA, session_id=session_id, generation_id=generation_id, seq=7, content="c"
+                )
+            )
+            stream.prefix = sample[: sample.index('"seq":') + 6]
+            assert stream.body(7, "c") == sample  # the very bytes the worker would write
+            return stream
+
+        streams: list[Stream] = []
+        for at in range(0, len(session_ids), 100):
+            streams += await asyncio.gather(*(one(s) for s in session_ids[at : at + 100]))
+        return streams
+
+    async def write(self, streams: list[Stream], counts: list[int]) -> int:
+        """Append counts[i] deltas to streams[i], all in one WRITE call; returns the append time (ns)."""
+        now = time.time_ns()
+        content = token_content(now)
+        items = []
+        for stream, count in zip(streams, counts, strict=True):
+            events = []
+            for _ in range(count):
+                stream.seq += 1
+                events.append(EventWrite(stream.seq, stream.body(stream.seq, content), content))
+            items.append(WriteItem(stream.session_id, stream.generation_id, stream.attempt, events))
+        await self.store.write(items)
+        self.write_calls += 1
+        return now
+
+    async def run(self, streams: list[Stream], rate: float, start_ns: int, window: tuple[int, int]) -> int:
+        """Append `rate` tokens/s to each stream from `start_ns` until the window ends, deltas spread evenly
+        over time (round robin over streams); returns how many were appended inside the window."""
+        total_rate = rate * len(streams)
+        cursor = appended = in_window = 0
+        await asyncio.sleep(max(0.0, (start_ns - time.time_ns()) / 1e9))
+        while True:
+            now = time.time_ns()
+            if now >= window[1]:
+                return in_window
+            due = int((now - start_ns) / 1e9 * total_rate) - appended
+            if due <= 0:
+                await asyncio.sleep(max(0.0005, (appended + 1) / total_rate - (now - start_ns) / 1e9))
+                continue
+            counts: dict[int, int] = {}
+            for k in range(due):
+                index = (cursor + k) % len(streams)
+                counts[index] = counts.get(index, 0) + 1
+            cursor = (cursor + due) % len(streams)
+            sent_at = await self.write([streams[i] for i in counts], list(counts.values()))
+            appended += due
+            if window[0] <= sent_at < window[1]:
+                in_window += due
+
+    async def backlog(self, stream: Stream, events: int, batch: int = 250) -> str:
+        """Append `events` deltas at full speed; returns the offset before them (a resume point)."""
+        first = await self.store.write([WriteItem(stream.session_id, stream.generation_id, stream.attempt)])
+        offset = first[0].last_offset
+        if offset is None:
+            await self.write([stream], [1])
+            offset = (
+                await self.store.write([WriteItem(stream.session_id, stream.generation_id, stream.attempt)])
+            )[0].last_offset
+        assert offset is not None
+        for done in range(0, events, batch):
+            await self.write([stream], [min(batch, events - done)])
+        return str(offset)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+# --- measuring one run
+
+
+@dataclass
+class Target:
+    """What the subscribers connect to, and how to read its counters."""
+
+    kind: str  # relay | raw | naive
+    server: BenchServer
+    http: httpx.AsyncClient = field(default_factory=lambda: httpx.AsyncClient(timeout=30))
+
+    async def stats(self) -> dict[str, Any]:
+        if self.kind == "naive":
+            return {}
+        response = await self.http.get(f"{self.server.http}/stats")
+        return dict(response.json())
+
+    async def wait_for(self, key: str, value: int, seconds: float = 60.0) -> None:
+        if self.kind == "naive":
+            await asyncio.sleep(0.5)
+            return
+        deadline = time.monotonic() + seconds
+        while (await self.stats()).get(key) != value:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.kind}: {key} never reached {value}: {await self.stats()}")
+            await asyncio.sleep(0.1)
+
+
+@dataclass
+class Bench:
+    redis: EmbeddedRedis
+    control: Redis
+    producer: Producer
+    load: LoadGenerator
+    raw: Target
+    naive: Target
+    seconds: float
+    warmup: float
+    runs: int
+    tag: int = 0
+
+    def session_ids(self, count: int) -> list[str]:
+        self.tag += 1
+        return [f"fan-{self.tag}-{n}" for n in range(count)]
+
+    async def redis_counters(self) -> dict[str, Any]:
+        stats = await self.control.info("commandstats")
+        calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+        clients: dict[str, tuple[int, int]] = {}
+        for client in await self.control.client_list():
+            if not client.get("name", "").startswith("bench-"):  # the relay's, or the naive relay's
+                clients[client["id"]] = (int(client.get("tot-cmds", 0)), int(client.get("tot-net-out", 0)))
+        return {"calls": calls, "clients": clients}
+
+    def cpu(self, target: Target) -> dict[str, tuple[float, float]]:
+        usage = {
+            target.kind: cpu_times(target.server.pid),
+            "redis": cpu_times(self.redis_pid),
+            "producer": cpu_times(os.getpid()),
+        }
+        for n, pid in enumerate(self.load.pids):
+            usage[f"loadgen-{n}"] = cpu_times(pid)
+        return usage
+
+    @property
+    def redis_pid(self) -> int:
+        assert self.redis.process is not None
+        return self.redis.process.pid
+
+    async def sample(self, target: Target) -> dict[str, Any]:
+        sample: dict[str, Any] = {
+            "at": time.time_ns(),
+            "cpu": self.cpu(target),
+            "machine": machine_busy(),
+            "write_calls": self.producer.write_calls,
+        }
+        sample["stats"] = await target.stats()
+        sample["redis"] = await self.redis_counters()
+        return sample
+
+    async def run(
+        self,
+        target: Target,
+        sessions: int,
+        per_session: int,
+        drive: Callable[[list[str], int, tuple[int, int]], Awaitable[int]],
+    ) -> dict[str, Any]:
+        """Connect per_session subscribers to each of `sessions` sessions, drive traffic, measure a window."""
+        session_ids = self.session_ids(sessions)
+        paths = [f"/v1/sessions/{sid}/stream" for sid in session_ids for _ in range(per_session)]
+        subscribers = len(paths)
+        rss_idle = rss_bytes(target.server.pid)
+        setup = drive(session_ids, 0, (0, 0))  # prepares sessions (the producer's accept + start), no traffic
+        await setup
+        connected = await self.load.connect(target.server.url, paths)
+        await target.wait_for("subscribers" if target.kind == "relay" else "connections", connected)
+        rss_connected = rss_bytes(target.server.pid)
+        await wait_until_quiet()
+        start_ns = time.time_ns() + 200_000_000
+        window = (start_ns + int(self.warmup * 1e9), start_ns + int((self.warmup + self.seconds) * 1e9))
+        self.load.window(*window)
+
+        async def sampled() -> tuple[dict[str, Any], dict[str, Any]]:
+            await asyncio.sleep(max(0.0, (window[0] - time.time_ns()) / 1e9))
+            before = await self.sample(target)
+            await asyncio.sleep(max(0.0, (window[1] - time.time_ns()) / 1e9))
+            return before, await self.sample(target)
+
+        sampler = asyncio.create_task(sampled())
+        appended = await drive(session_ids, start_ns, window)
+        before, after = await sampler
+        rss_end = rss_bytes(target.server.pid)
+        await asyncio.sleep(1.0)  # let in-flight frames land before the counters are read
+        reports = await self.load.report()
+        await self.load.disconnect()
+        await target.wait_for("connections", 0)
+        return summarize(
+            target.kind,
+            subscribers=subscribers,
+            connected=connected,
+            sessions=sessions,
+            appended=appended,
+            per_session=per_session,
+            before=before,
+            after=after,
+            reports=reports,
+            rss=(rss_idle, rss_connected, rss_end),
+        )
+
+    # --- drivers
+
+    def produce(self, rate: float, streams_out: list[int] | None = None) -> Callable[..., Awaitable[int]]:
+        prepared: dict[str, list[Stream]] = {}
+
+        async def drive(session_ids: list[str], start_ns: int, window: tuple[int, int]) -> int:
+            key = session_ids[0]
+            if not start_ns:
+                prepared[key] = await self.producer.open(session_ids)
+                return 0
+            return await self.producer.run(prepared.pop(key), rate, start_ns, window)
+
+        return drive
+
+    def broadcast(self, rate: float, frame_bytes: int) -> Callable[..., Awaitable[int]]:
+        async def drive(session_ids: list[str], start_ns: int, window: tuple[int, int]) -> int:
+            if not start_ns:
+                return 0
+            await asyncio.sleep(max(0.0, (start_ns - time.time_ns()) / 1e9))
+            seconds = (window[1] - time.time_ns()) / 1e9
+            await self.raw.http.get(
+                f"{self.raw.server.http}/start",
+                params={"rate": rate, "seconds": seconds, "frame_bytes": frame_bytes},
+            )
+            await asyncio.sleep(max(0.0, (window[1] - time.time_ns()) / 1e9) + 0.05)
+            return int(rate * self.seconds) * len(session_ids)
+
+        return drive
+
+
+def summarize(
+    kind: str,
+    *,
+    subscribers: int,
+    connected: int,
+    sessions: int,
+    appended: int,
+    per_session: int,
+    before: dict[str, Any],
+    after: dict[str, Any],
+    reports: list[dict[str, Any]],
+    rss: tuple[int, int, int],
+) -> dict[str, Any]:
+    seconds = (after["at"] - before["at"]) / 1e9
+    frames = sum(r["frames"] for r in reports)
+    tokens = sum(r["tokens"] for r in reports)
+    hist = LatencyHistogram()
+    for report in reports:
+        hist.merge(report["hist"])
+    series: dict[int, list[int]] = {}
+    for report in reports:
+        for second, (count, total, worst) in report["series"].items():
+            row = series.setdefault(int(second), [0, 0, 0])
+            row[0] += count
+            row[1] += total
+            row[2] = max(row[2], worst)
+    mean_by_second = [series[s][1] / series[s][0] / 1000 for s in sorted(series) if series[s][0]]
+    user_sys = {
+        name: (round(u - before["cpu"][name][0], 3), round(s - before["cpu"][name][1], 3))
+        for name, (u, s) in after["cpu"].items()
+    }
+    cpu = {name: round(u + s, 3) for name, (u, s) in user_sys.items()}
+    foreign = (after["machine"] - before["machine"] - sum(cpu.values())) / seconds
+    server_cpu = cpu[kind]
+    loadgen_cpu = sum(v for name, v in cpu.items() if name.startswith("loadgen"))
+    calls_before, calls_after = before["redis"]["calls"], after["redis"]["calls"]
+    calls = {
+        name: n - calls_before.get(name, 0)
+        for name, n in calls_after.items()
+        if n - calls_before.get(name, 0)
+    }
+    producer_calls = after["write_calls"] - before["write_calls"]
+    server_cmds = server_bytes = 0
+    for client_id, (cmds, out) in after["redis"]["clients"].items():
+        was = before["redis"]["clients"].get(client_id, (0, 0))
+        server_cmds += cmds - was[0]
+        server_bytes += out - was[1]
+    result: dict[str, Any] = {
+        "kind": kind,
+        "sessions": sessions,
+        "subscribers": subscribers,
+        "connected": connected,
+        "seconds": round(seconds, 3),
+        "frames": frames,
+        "frames_per_second": frames / seconds,
+        "token_deliveries_per_second": tokens / seconds,
+        "tokens_per_frame": tokens / frames if frames else float("nan"),
+        "frame_bytes": sum(r["bytes"] for r in reports) / frames if frames else float("nan"),
+        "latency_ms_p50": hist.percentile_ms(50),
+        "latency_ms_p99": hist.percentile_ms(99),
+        "latency_ms_max": hist.percentile_ms(100),
+        "lag_growth_ms_per_second": (
+            (mean_by_second[-1] - mean_by_second[0]) / (len(mean_by_second) - 1)
+            if len(mean_by_second) > 1
+            else 0.0
+        ),
+        "mean_latency_ms_by_second": [round(v, 2) for v in mean_by_second],
+        "snapshots": sum(r["snapshots"] for r in reports),
+        "closes": {code: n for r in reports for code, n in r["closes"].items()},
+        "cpu_seconds": cpu,
+        "cpu_user_sys_seconds": user_sys,
+        "server_user_share": user_sys[kind][0] / server_cpu if server_cpu else float("nan"),
+        "other_processes_cpu_share": round(foreign, 3),
+        "cpu_share_of_one_core": {name: round(v / seconds, 3) for name, v in cpu.items()},
+        "loadgen_cpu_share_of_one_core": round(loadgen_cpu / seconds, 3),
+        "machine_cpu_share": round(sum(cpu.values()) / seconds / (os.cpu_count() or 1), 3),
+        "server_cpu_us_per_frame": server_cpu / frames * 1e6 if frames else float("nan"),
+        "loadgen_cpu_us_per_frame": loadgen_cpu / frames * 1e6 if frames else float("nan"),
+        "server_rss_mb": rss[2] / 2**20,
+        "server_rss_idle_mb": rss[0] / 2**20,
+        "server_rss_per_connection_kb": (rss[1] - rss[0]) / max(connected, 1) / 1024,
+        "redis_calls": calls,
+    }
+    if kind in ("relay", "naive"):
+        expected = appended * per_session
+        result.update(
+            tokens_appended=appended,
+            delivered_share=tokens / expected if expected else float("nan"),
+            server_redis_commands=server_cmds,
+            server_redis_commands_per_frame=server_cmds / frames if frames else float("nan"),
+            redis_bytes_to_server_per_frame=server_bytes / frames if frames else float("nan"),
+            server_script_reads=calls.get("evalsha", 0) - producer_calls,
+            server_commands_by_name=relay_side(calls, producer_calls),
+            producer_commands_per_token=(
+                producer_calls + sum(calls.get(c, 0) for c in _WRITE_SCRIPT_COMMANDS)
+            )
+            / appended
+            if appended
+            else float("nan"),
+            producer_write_calls=producer_calls,
+            producer_cpu_us_per_token=cpu["producer"] / appended * 1e6 if appended else float("nan"),
+            redis_cpu_us_per_token=cpu["redis"] / appended * 1e6 if appended else float("nan"),
+        )
+        result["sustained"] = bool(
+            result["delivered_share"] >= SUSTAINED_SHARE
+            and result["lag_growth_ms_per_second"] < SUSTAINED_LAG_GROWTH_MS_PER_S
+            and result["latency_ms_p99"] < SUSTAINED_P99_MS
+            and result["snapshots"] == 0
+            and connected == subscribers
+        )
+    if kind == "relay":
+        stats_before, stats_after = before["stats"], after["stats"]
+        result["relay_frames_sent"] = stats_after["frames_sent"] - stats_before["frames_sent"]
+    return result
+
+
+#: Commands the WRITE script runs (the producer's); everything else in the window is the relay's (its reads,
+#: pub/sub, presence) or the benchmark's own INFO / CLIENT LIST.
+_WRITE_SCRIPT_COMMANDS = ("xadd", "publish", "append", "hset", "hget", "hdel", "expire", "lindex", "lrem")
+_BENCH_COMMANDS = ("info", "client|list")
+
+
+def relay_side(calls: dict[str, int], producer_calls: int) -> dict[str, int]:
+    """Commandstats deltas that are not the producer's writes: the relay's reads, pub/sub and presence."""
+    side = {
+        name: n
+        for name, n in calls.items()
+        if name not in _WRITE_SCRIPT_COMMANDS + _BENCH_COMMANDS + ("evalsha",)
+    }
+    if calls.get("evalsha", 0) > producer_calls:
+        side["evalsha"] = calls["evalsha"] - producer_calls
+    return side
+
+
+def medians(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every numeric figure over runs (booleans: all runs)."""
+    summary: dict[str, Any] = {}
+    for key, value in runs[0].items():
+        if isinstance(value, bool):
+            summary[key] = all(run[key] for run in runs)
+        elif isinstance(value, int | float):
+            summary[key] = median([run[key] for run in runs])
+        elif key == "cpu_share_of_one_core":
+            summary[key] = {name: median([run[key][name] for run in runs]) for name in value}
+        elif isinstance(value, str):
+            summary[key] = value
+    return summary
+
+
+def line(kind: str, run: dict[str, Any]) -> str:
+    busiest = max(run["cpu_share_of_one_core"].items(), key=lambda item: item[1])
+    return (
+        f"  {kind:<5} {run['subscribers']:>5} subs: {run['token_deliveries_per_second']:>10,.0f} tok/s "
+        f"{run['frames_per_second']:>9,.0f} frames/s  p50 {run['latency_ms_p50']:6.1f} ms  "
+        f"p99 {run['latency_ms_p99']:7.1f} ms  {run['server_cpu_us_per_frame']:5.2f} µs/frame  "
+        f"busiest {busiest[0]} {busiest[1]:.2f}"
+    )
+
+
+# --- scenarios
+
+
+@dataclass
+class Scenario:
+    name: str
+    sessions: int
+    per_session: int
+    rate: float  # tokens per second per session
+
+    @property
+    def subscribers(self) -> int:
+        return self.sessions * self.per_session
+
+
+async def relay_vs_raw(bench: Bench, scenario: Scenario) -> dict[str, Any]:
+    """`runs` paired runs, each on a fresh relay process: the relay, then raw broadcast at the same rate and
+    frame size."""
+    relay_runs: list[dict[str, Any]] = []
+    raw_runs: list[dict[str, Any]] = []
+    log(
+        f"{scenario.name}: {scenario.sessions} session(s) x {scenario.per_session}, {scenario.rate:g} tok/s each"
+    )
+    for _ in range(bench.runs):
+        server = relay_server(bench.redis.url).start()
+        try:
+            target = Target("relay", server)
+            run = await bench.run(
+                target, scenario.sessions, scenario.per_session, bench.produce(scenario.rate)
+            )
+            await target.http.aclose()
+        finally:
+            server.stop()
+        relay_runs.append(run)
+        log(line("relay", run))
+        frame_bytes = int(run["frame_bytes"]) if run["frames"] else 200
+        raw = await bench.run(
+            bench.raw, scenario.sessions, scenario.per_session, bench.broadcast(scenario.rate, frame_bytes)
+        )
+        raw_runs.append(raw)
+        log(line("raw", raw))
+    relay, raw = medians(relay_runs), medians(raw_runs)
+    ratios = [
+        r["server_cpu_us_per_frame"] / b["server_cpu_us_per_frame"]
+        for r, b in zip(relay_runs, raw_runs, strict=True)
+    ]
+    return {
+        "scenario": scenario.__dict__,
+        "relay": relay,
+        "raw_broadcast": raw,
+        "relay_cpu_per_frame_vs_raw": median(ratios),
+        "runs": {"relay": relay_runs, "raw_broadcast": raw_runs},
+    }
+
+
+async def sustained_sweep(
+    bench: Bench, kind: str, per_session: int, rates: list[float], target: Target | None = None
+) -> dict[str, Any]:
+    """Raise the token rate of one session until delivery is no longer sustained; repeat the best rate."""
+    steps: list[dict[str, Any]] = []
+    best: float | None = None
+    log(f"sustained sweep: {kind}, one session x {per_session}")
+
+    async def once(rate: float) -> dict[str, Any]:
+        if target is not None:
+            return await bench.run(target, 1, per_session, bench.produce(rate))
+        server = relay_server(bench.redis.url).start()
+        try:
+            relay = Target("relay", server)
+            run = await bench.run(relay, 1, per_session, bench.produce(rate))
+            await relay.http.aclose()
+            return run
+        finally:
+            server.stop()
+
+    failures = 0
+    for rate in rates:
+        run = await once(rate)
+        run["rate"] = rate
+        steps.append(run)
+        log(line(kind, run) + f"  @ {rate:g} tok/s  sustained={run['sustained']}")
+        if run["sustained"]:
+            best, failures = rate, 0
+        else:
+            failures += 1
+            if failures == 2:
+                break
+    repeats: list[dict[str, Any]] = []
+    if best is not None:
+        repeats = [next(s for s in steps if s.get("rate") == best)]
+        for _ in range(bench.runs - 1):
+            run = await once(best)
+            run["rate"] = best
+            repeats.append(run)
+            log(line(kind, run) + f"  @ {best:g} tok/s (repeat)  sustained={run['sustained']}")
+    summary = medians(repeats) if repeats else {}
+    return {
+        "kind": kind,
+        "subscribers": per_session,
+        "max_sustained_rate": best,
+        "max_sustained_token_deliveries_per_second": summary.get("token_deliveries_per_second", 0.0),
+        "at_max": summary,
+        "steps": steps,
+        "repeats": repeats,
+    }
+
+
+async def catch_up(bench: Bench, subscribers: int, behind: int) -> dict[str, Any]:
+    """Subscribers resuming `behind` events back, all at once, on a quiet session: from the first connection
+    attempt until the last of them has received all `behind` events."""
+    server = relay_server(bench.redis.url).start()
+    runs: list[dict[str, Any]] = []
+    try:
+        for _ in range(bench.runs):
+            (stream,) = await bench.producer.open(bench.session_ids(1))
+            offset = await bench.producer.backlog(stream, behind)
+            path = f"/v1/sessions/{stream.session_id}/stream?after={offset}"
+            await wait_until_quiet()
+            relay_cpu, redis_cpu = cpu_seconds(server.pid), cpu_seconds(bench.redis_pid)
+            reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
+            relay_cpu = cpu_seconds(server.pid) - relay_cpu
+            redis_cpu = cpu_seconds(bench.redis_pid) - redis_cpu
+            started = min(r["started_ns"] for r in reports)
+            finished = [r["started_ns"] + ms * 1e6 for r in reports for ms in r["done_ms"]]
+            each = [ms for r in reports for ms in r["done_ms"]]
+            run = {
+                "all_done_ms": (max(finished) - started) / 1e6 if finished else float("nan"),
+                "each_ms_p50": median(each),
+                "each_ms_max": max(each) if each else float("nan"),
+                "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
+                "relay_cpu_seconds": relay_cpu,
+                "redis_cpu_seconds": redis_cpu,
+                "relay_cpu_us_per_event_delivered": relay_cpu / (subscribers * behind) * 1e6,
+            }
+            runs.append(run)
+            log(
+                f"  catch-up {subscribers} x {behind} behind: all done in {run['all_done_ms']:.0f} ms "
+                f"(each: median {run['each_ms_p50']:.0f} ms), relay CPU {relay_cpu:.2f} s, Redis {redis_cpu:.2f} s"
+            )
+    finally:
+        server.stop()
+    summary = {key: median([run[key] for run in runs]) for key in runs[0]}
+    return {"subscribers": subscribers, "events_behind": behind, **summary, "runs": runs}
+
+
+# --- main
+
+
+def targets(result: dict[str, Any]) -> dict[str, Any]:
+    """The four targets, met or missed, and by how much."""
+    out: dict[str, Any] = {}
+    scenarios = {s["scenario"]["name"]: s for s in result["scenarios"]}
+    ratios = {name: s["relay_cpu_per_frame_vs_raw"] for name, s in scenarios.items()}
+    kept_up = [ratios[name] for name, s in scenarios.items() if s["relay"]["sustained"]]
+    worst = max(kept_up) if kept_up else float("nan")
+    out["relay_cost_within_1.5x_raw"] = {
+        "met": worst <= 1.5,
+        "worst_ratio_where_the_relay_kept_up": worst,
+        "ratios": ratios,
+    }
+    one = scenarios.get("one-session-1000")
+    if one is not None:
+        relay = one["relay"]
+        out["1000_subscribers_200_tok_s_p99_under_25ms"] = {
+            "met": bool(relay["latency_ms_p99"] < 25 and relay["sustained"]),
+            "p99_ms": relay["latency_ms_p99"],
+            "token_deliveries_per_second": relay["token_deliveries_per_second"],
+            "delivered_share": relay["delivered_share"],
+            "lag_growth_ms_per_second": relay["lag_growth_ms_per_second"],
+        }
+    sweeps = result.get("sustained", {})
+    relay_max = max(
+        (s["max_sustained_token_deliveries_per_second"] for s in sweeps.get("relay", [])), default=0.0
+    )
+    naive_max = max(
+        (s["max_sustained_token_deliveries_per_second"] for s in sweeps.get("naive", [])), default=0.0
+    )
+    if relay_max and naive_max:
+        out["10x_naive_sustained"] = {
+            "met": relay_max >= 10 * naive_max,
+            "relay": relay_max,
+            "naive": naive_max,
+            "ratio": relay_max / naive_max,
+        }
+    five = scenarios.get("one-session-5000")
+    if five is not None:
+        rss = five["relay"]["server_rss_mb"]
+        out["5000_subscribers_rss_under_300MB"] = {
+            "met": rss < 300 and five["relay"]["connected"] == 5000,
+            "rss_mb": rss,
+            "per_connection_kb": five["relay"]["server_rss_per_connection_kb"],
+        }
+    return out
+
+
+async def bench_main(args: argparse.Namespace, result: dict[str, Any]) -> None:
+    """Fill `result` part by part (what was measured survives a failure later on)."""
+    quick = args.quick
+    scenarios = [
+        Scenario("one-session-100", 1, 100, args.rate),
+        Scenario("one-session-1000", 1, 1000, args.rate),
+        Scenario("one-session-5000", 1, 5000, args.rate),
+        Scenario("sessions-1000x3", 1000, 3, args.session_rate),
+        Scenario("sessions-1000x3-overload", 1000, 3, 2 * args.session_rate),
+    ]
+    if quick:
+        scenarios = [scenarios[0], scenarios[1], Scenario("sessions-200x3", 200, 3, args.session_rate)]
+    relay_rates = [200.0, 1000.0, 3000.0, 10000.0] if not quick else [200.0, 2000.0]
+    naive_rates = [6.25, 12.5, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0]
+    redis = EmbeddedRedis().start()
+    control = Redis.from_url(redis.url, client_name="bench-control")
+    load = LoadGenerator(args.clients, max_seconds=4 * 3600)
+    raw = module_server("bench.raw_broadcast", ["--port", "0"], redis.url).start()
+    naive = module_server("bench.naive_relay", ["--port", "0", "--redis-url", redis.url], redis.url).start()
+    producer = Producer(redis.url)
+    bench = Bench(
+        redis,
+        control,
+        producer,
+        load,
+        Target("raw", raw),
+        Target("naive", naive),
+        args.seconds,
+        args.warmup,
+        args.runs,
+    )
+    result.update(scenarios=[], sustained={"relay": [], "naive": []})
+    parts = set(args.parts.split(","))
+    try:
+        chosen = [
+            scenario
+            for scenario in scenarios
+            if parts & {"scenarios", "many" if scenario.sessions > 1 else "one"}
+        ]
+        result["scenarios"] = [await relay_vs_raw(bench, scenario) for scenario in chosen]
+        if "ceiling" in parts:
+            log("raw broadcast ceiling (as fast as the subscribers drain)")
+            ceiling = [
+                await bench.run(bench.raw, 1, 1000, bench.broadcast(0, 200)) for _ in range(bench.runs)
+            ]
+            for run in ceiling:
+                log(line("raw", run))
+            result["raw_broadcast_ceiling_1000"] = {"median": medians(ceiling), "runs": ceiling}
+        if "sustained" in parts:
+            result["sustained"]["relay"].append(await sustained_sweep(bench, "relay", 1000, relay_rates))
+            for subscribers in [100, 1000] if not quick else [100]:
+                result["sustained"]["naive"].append(
+                    await sustained_sweep(bench, "naive", subscribers, naive_rates, target=bench.naive)
+                )
+        if "catchup" in parts:
+            log("catch-up")
+            result["catch_up"] = [await catch_up(bench, 1, 5000), await catch_up(bench, 100, 5000)]
+    finally:
+        await producer.close()
+        await control.aclose()
+        load.close()
+        raw.stop()
+        naive.stop()
+        redis.close()
+    result["targets"] = targets(result)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs per figure; medians are reported (default 3)"
+    )
+    parser.add_argument("--seconds", type=float, default=5.0, help="measured window per run (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="traffic before the window (default 1)")
+    parser.add_argument("--clients", type=int, default=3, help="load generator processes (default 3)")
+    parser.add_argument("--rate", type=float, default=200.0, help="tokens/s of a one-session scenario")
+    parser.add_argument(
+        "--session-rate",
+        type=float,
+        default=5.0,
+        help="tokens/s per session, 1,000 sessions (default 5; the overload scenario runs twice that)",
+    )
+    parser.add_argument("--quick", action="store_true", help="smoke run: 1 run, 2 s windows, fewer scenarios")
+    parser.add_argument(
+        "--parts",
+        default="scenarios,ceiling,sustained,catchup",
+        help="what to measure, comma-separated (default: all of scenarios,ceiling,sustained,catchup; "
+        "'one' or 'many' for only the one-session or only the many-session scenarios)",
+    )
+    parser.add_argument(
+        "--relay-code",
+        type=Path,
+        default=ROOT,
+        help="run the relay from this copy of the code (e.g. an older version, for before/after)",
+    )
+    parser.add_argument("--output", help="results name (default: fanout, or fanout-quick with --quick)")
+    args = parser.parse_args()
+    global RELAY_CODE
+    RELAY_CODE = args.relay_code.resolve()
+    if args.quick:
+        args.runs, args.seconds, args.warmup = 1, 2.0, 0.5
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 5,000 sockets here, in Redis and the relay
+    if hard < 12_000:
+        log(f"open-files limit is {hard}: the 5,000-subscriber scenarios may fail")
+    command = "./dev bench fanout " + " ".join(sys.argv[1:])
+    try:
+        import uvloop
+
+        runner = asyncio.Runner(loop_factory=uvloop.new_event_loop)
+    except ImportError:  # pragma: no cover
+        runner = asyncio.Runner()
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()}
+    result: dict[str, Any] = {"command": command.strip(), "settings": settings}
+    name = args.output or ("fanout" if not args.quick else "fanout-quick")
+    try:
+        with runner:
+            runner.run(bench_main(args, result))
+    except BaseException as exc:
+        result["error"] = repr(exc)
+        print("saved what was measured before the failure:", save(name + "-partial", result))
+        raise
+    print(json.dumps(result["targets"], indent=2, default=str))
+    print("saved", save(name, result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Shared benchmark plumbing: real processes on loopback, CPU accounting from /proc, percentiles."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tokenfan.embedded_redis import EmbeddedRedis
+from tokenfan.processes import ChildProcess
+
+RESULTS = Path(__file__).parent / "results"
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    index = min(len(ordered) - 1, max(0, round(q / 100 * (len(ordered) - 1))))
+    return ordered[index]
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Stack:
+    """Embedded Valkey + simulator + relay + API + workers, each its own process."""
+
+    env_overrides: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
+    simulator_rate: float = 0.0
+    redis: EmbeddedRedis | None = None
+    children: dict[str, ChildProcess] = field(default_factory=dict)
+
+    def start(self) -> Stack:
+        self.redis = EmbeddedRedis().start()
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENFAN_", "OPENAI_"))}
+        env.update(REDIS_URL=self.redis.url, TOKENFAN_LOG_LEVEL="warning", TOKENFAN_LOG_FORMAT="json")
+        env["TOKENFAN_INSECURE_DEV_MODE"] = (
+            "true"  # measure the data path; authentication happens once per connection
+        )
+        env.update(self.env_overrides)
+        simulator = self._spawn(
+            "simulator", ["--port", "0", "--tokens-per-second", str(self.simulator_rate)], env
+        )
+        env["OPENAI_BASE_URL"] = simulator.wait_ready() + "/v1"
+        self._spawn("relay", ["--port", "0"], env).wait_ready()
+        self._spawn("api", ["--port", "0"], env).wait_ready()
+        for n in range(self.workers):
+            self._spawn("worker", [], env, name=f"worker-{n}").wait_ready()
+        return self
+
+    def _spawn(
+        self, role: str, args: list[str], env: dict[str, str], name: str | None = None
+    ) -> ChildProcess:
+        child = ChildProcess(role, args, env=env, name=name or role).start()
+        self.children[name or role] = child
+        return child
+
+    def url(self, name: str) -> str:
+        return self.children[name].url
+
+    def cpu(self) -> dict[str, float]:
+        usage = {name: cpu_seconds(child.pid) for name, child in self.children.items()}
+        if self.redis is not None and self.redis.process is not None:
+            usage["redis"] = cpu_seconds(self.redis.process.pid)
+        return usage
+
+    def stop(self) -> None:
+        for child in reversed(list(self.children.values())):
+            child.stop()
+        if self.redis is not None:
+            self.redis.close()
+
+
+@contextmanager
+def running(stack: Stack) -> Iterator[Stack]:
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+def cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {name: round(after[name] - before.get(name, 0.0), 3) for name in after}
+
+
+def save(name: str, result: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    result = {"recorded_at": time.strftime("%Y-%m-%d %H:%M:%S"), "cpus": os.cpu_count(), **result}
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path

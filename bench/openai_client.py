@@ -1,0 +1,94 @@
+"""CPU per chunk of the official openai client: typed vs generic streaming, httpx2 vs aiohttp transport.
+
+    ./dev bench openai_client [--tokens 5000] [--streams 20] [--runs 3]
+
+This decided how the worker reads the upstream (worker/upstream.py). The simulator runs in its own process;
+the figure is the CPU this process spends per chunk received (user + system, from os.times()).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import openai
+
+from bench.harness import median, save
+from tokenfan.processes import ChildProcess
+
+
+def cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+async def typed(client: openai.AsyncOpenAI, prompt: str) -> int:
+    stream = await client.chat.completions.create(
+        model="tokenfan-sim", messages=[{"role": "user", "content": prompt}], stream=True
+    )
+    return sum([1 async for _ in stream])
+
+
+async def generic(client: openai.AsyncOpenAI, prompt: str) -> int:
+    stream = await client.post(
+        "/chat/completions",
+        body={"model": "tokenfan-sim", "stream": True, "messages": [{"role": "user", "content": prompt}]},
+        cast_to=object,
+        stream=True,
+        stream_cls=openai.AsyncStream[object],
+    )
+    return sum([1 async for _ in stream])
+
+
+async def measure(
+    read: Callable[[openai.AsyncOpenAI, str], Awaitable[int]],
+    client: openai.AsyncOpenAI,
+    streams: int,
+    tokens: int,
+) -> tuple[float, float]:
+    prompt = "bench <<sim " + json.dumps({"tokens": tokens // streams}) + ">>"
+    before, started = cpu(), time.perf_counter()
+    chunks = sum(await asyncio.gather(*(read(client, f"{n} {prompt}") for n in range(streams))))
+    return (cpu() - before) / chunks * 1e6, chunks / (time.perf_counter() - started)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, default=5000)
+    parser.add_argument("--streams", type=int, default=20)
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    simulator = ChildProcess("simulator", ["--port", "0", "--tokens-per-second", "0"]).start()
+    base_url = simulator.wait_ready() + "/v1"
+    rows: dict[str, Any] = {}
+    try:
+        for transport in ("httpx2", "aiohttp"):
+            http_client = openai.DefaultAioHttpClient() if transport == "aiohttp" else None
+            client = openai.AsyncOpenAI(
+                base_url=base_url, api_key="unset", max_retries=0, http_client=http_client
+            )
+            for name, read in (("typed chat.completions.create", typed), ("generic client.post", generic)):
+                await read(client, 'warm up <<sim {"tokens": 10}>>')
+                samples = [await measure(read, client, args.streams, args.tokens) for _ in range(args.runs)]
+                rows[f"{name} / {transport}"] = {
+                    "cpu_us_per_chunk": round(median([s[0] for s in samples]), 1),
+                    "chunks_per_second": round(median([s[1] for s in samples])),
+                }
+            await client.close()
+    finally:
+        simulator.stop()
+    baseline = rows["typed chat.completions.create / httpx2"]["cpu_us_per_chunk"]
+    for row in rows.values():
+        row["cpu_vs_typed_httpx2"] = round(row["cpu_us_per_chunk"] / baseline, 3)
+    command = f"./dev bench openai_client --tokens {args.tokens} --streams {args.streams} --runs {args.runs}"
+    print(json.dumps(rows, indent=2))
+    print("saved", save("openai_client", {"command": command, "rows": rows}))
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
