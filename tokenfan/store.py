@@ -53,12 +53,13 @@ __all__ = [
 
 _COMMON_LUA = """
 local function ensure_epoch(meta, candidate, now_ms)
-  local epoch = redis.call('HGET', meta, 'epoch')
-  if not epoch then
-    epoch = candidate
-    redis.call('HSET', meta, 'epoch', epoch, 'created_ms', now_ms, 'last', '0-0')
+  -- Returns the stream's epoch and its last entry id, creating the epoch on first use.
+  local held = redis.call('HMGET', meta, 'epoch', 'last')
+  if not held[1] then
+    redis.call('HSET', meta, 'epoch', candidate, 'created_ms', now_ms, 'last', '0-0')
+    return candidate, '0-0'
   end
-  return epoch
+  return held[1], held[2] or '0-0'
 end
 """
 
@@ -201,12 +202,14 @@ for i = 1, items do
   a = first_event + count * 4
   local fin = a
   if mode == 'F' then a = a + 4 end
-  local status = redis.call('HGET', gen, 'status')
-  local current = redis.call('HGET', gen, 'attempt')
-  local last_seq = tonumber(redis.call('HGET', gen, 'seq') or '0')
+  -- One read and one write of each hash per item, whatever the number of events: at one token per event
+  -- (a slow model, a short flush window) the bookkeeping would otherwise outnumber the appends.
+  local state = redis.call('HMGET', gen, 'status', 'attempt', 'seq', 'cancel_requested')
+  local status, current = state[1], state[2]
+  local last_seq = tonumber(state[3] or '0')
   local final_seq = count > 0 and tonumber(ARGV[first_event + (count - 1) * 4]) or last_seq
   local writable = current == attempt and (status == 'running' or (mode == 'F' and status == 'queued'))
-  local cancel = redis.call('HGET', gen, 'cancel_requested') or ''
+  local cancel = state[4] or ''
   if not writable then
     local code = 'fenced'
     if mode == 'F' and current == attempt and status and last_seq >= final_seq
@@ -216,8 +219,10 @@ for i = 1, items do
     local head = redis.call('LINDEX', queue, 0) or ''
     results[i] = {code, '', '', tostring(last_seq), cancel, head, status or ''}
   else
-    local epoch = ensure_epoch(meta, candidate, now_ms)
-    local prev = redis.call('HGET', meta, 'last') or '0-0'
+    local epoch, prev = ensure_epoch(meta, candidate, now_ms)
+    local start = prev
+    local texts, reasonings = {}, {}
+    local fields = {}
     local code = 'ok'
     for j = 0, count - 1 do
       local at = first_event + j * 4
@@ -226,9 +231,9 @@ for i = 1, items do
         local body = ARGV[at + 1]
         local id = redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'e', epoch, 'p', prev, 'd', body)
         redis.call('PUBLISH', channel, epoch .. ' ' .. prev .. ' ' .. id .. ' ' .. body)
-        if ARGV[at + 2] ~= '' then redis.call('APPEND', text, ARGV[at + 2]) end
-        if ARGV[at + 3] ~= '' then redis.call('APPEND', reasoning, ARGV[at + 3]) end
-        if last_seq == 0 then redis.call('HSET', gen, 'first_offset', epoch .. ':' .. id) end
+        if ARGV[at + 2] ~= '' then texts[#texts + 1] = ARGV[at + 2] end
+        if ARGV[at + 3] ~= '' then reasonings[#reasonings + 1] = ARGV[at + 3] end
+        if last_seq == 0 then fields[#fields + 1] = 'first_offset'; fields[#fields + 1] = epoch .. ':' .. id end
         prev = id
         last_seq = seq
       elseif seq > last_seq + 1 then
@@ -236,15 +241,30 @@ for i = 1, items do
         break
       end
     end
-    redis.call('HSET', meta, 'last', prev)
-    redis.call('HSET', gen, 'seq', last_seq)
-    if tool_calls ~= '' and code == 'ok' then redis.call('HSET', gen, 'tool_calls', tool_calls) end
-    if prev ~= '0-0' then redis.call('HSET', gen, 'last_offset', epoch .. ':' .. prev) end
+    if #texts > 0 then redis.call('APPEND', text, table.concat(texts)) end
+    if #reasonings > 0 then redis.call('APPEND', reasoning, table.concat(reasonings)) end
+    if prev ~= start then redis.call('HSET', meta, 'last', prev) end
+    fields[#fields + 1] = 'seq'
+    fields[#fields + 1] = last_seq
+    if tool_calls ~= '' and code == 'ok' then
+      fields[#fields + 1] = 'tool_calls'
+      fields[#fields + 1] = tool_calls
+    end
+    if prev ~= '0-0' then
+      fields[#fields + 1] = 'last_offset'
+      fields[#fields + 1] = epoch .. ':' .. prev
+    end
     local head = ''
-    if mode == 'F' and code == 'ok' then
-      redis.call('HSET', gen, 'status', ARGV[fin], 'finish_reason', ARGV[fin + 1], 'finished_ms', now_ms)
-      if ARGV[fin + 2] ~= '' then redis.call('HSET', gen, 'usage', ARGV[fin + 2]) end
-      if ARGV[fin + 3] ~= '' then redis.call('HSET', gen, 'error', ARGV[fin + 3]) end
+    local finishing = mode == 'F' and code == 'ok'
+    if finishing then
+      for _, value in ipairs({'status', ARGV[fin], 'finish_reason', ARGV[fin + 1], 'finished_ms', now_ms}) do
+        fields[#fields + 1] = value
+      end
+      if ARGV[fin + 2] ~= '' then fields[#fields + 1] = 'usage'; fields[#fields + 1] = ARGV[fin + 2] end
+      if ARGV[fin + 3] ~= '' then fields[#fields + 1] = 'error'; fields[#fields + 1] = ARGV[fin + 3] end
+    end
+    redis.call('HSET', gen, unpack(fields))
+    if finishing then
       redis.call('HDEL', gen, 'lease_until_ms')
       redis.call('LREM', queue, 1, gid)
       head = redis.call('LINDEX', queue, 0) or ''
