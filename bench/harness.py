@@ -61,6 +61,8 @@ class Stack:
         env["TOKENFAN_INSECURE_DEV_MODE"] = (
             "true"  # measure the data path; authentication happens once per connection
         )
+        # A benchmark enqueues a burst of generations per run, far past one API key's default budget.
+        env["TOKENFAN_RATE_LIMIT_PER_MINUTE"] = "0"
         env.update(self.env_overrides)
         simulator = self._spawn(
             "simulator", ["--port", "0", "--tokens-per-second", str(self.simulator_rate)], env
