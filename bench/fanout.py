@@ -48,7 +48,15 @@ import httpx
 from redis.asyncio import Redis
 
 from bench.fanout_client import ClientConfig, LatencyHistogram, run_client, token_content
-from bench.harness import cpu_seconds, median, rss_bytes, save
+from bench.harness import (
+    cpu_seconds,
+    log,
+    machine_busy_seconds,
+    median,
+    rss_bytes,
+    save,
+    wait_until_quiet,
+)
 from tokenfan.embedded_redis import EmbeddedRedis
 from tokenfan.events import EventType, encode_body, event_body
 from tokenfan.ids import new_generation_id
@@ -73,33 +81,6 @@ def cpu_times(pid: int) -> tuple[float, float]:
     """User and system CPU seconds a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / _TICKS, int(fields[12]) / _TICKS
-
-
-def machine_busy() -> float:
-    """CPU seconds every process of the machine (and interrupt handling) has used so far, all cores."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[:7])
-    return (user + nice + system + irq + softirq) / _TICKS
-
-
-async def wait_until_quiet(seconds: float = 10.0, threshold: float = 0.25) -> float:
-    """Wait (at most `seconds`) until the machine is nearly idle before a measurement: the cores are shared
-    with whatever else runs here. Returns the busy share (cores) last seen."""
-    deadline = time.monotonic() + seconds
-    while True:
-        before = machine_busy()
-        await asyncio.sleep(0.5)
-        busy = (machine_busy() - before) / 0.5
-        if busy < threshold or time.monotonic() > deadline:
-            if busy >= threshold:
-                log(f"  the machine is busy ({busy:.2f} cores used by other processes); measuring anyway")
-            return busy
-        log(f"  waiting for the machine to quieten ({busy:.2f} cores busy)")
-        await asyncio.sleep(1.0)
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # --- processes
@@ -446,7 +427,7 @@ class Bench:
         sample: dict[str, Any] = {
             "at": time.time_ns(),
             "cpu": self.cpu(target),
-            "machine": machine_busy(),
+            "machine": machine_busy_seconds(),
             "write_calls": self.producer.write_calls,
         }
         sample["stats"] = await target.stats()
@@ -470,7 +451,7 @@ class Bench:
         connected = await self.load.connect(target.server.url, paths)
         await target.wait_for("subscribers" if target.kind == "relay" else "connections", connected)
         rss_connected = rss_bytes(target.server.pid)
-        await wait_until_quiet()
+        await wait_until_quiet(10.0)
         start_ns = time.time_ns() + 200_000_000
         window = (start_ns + int(self.warmup * 1e9), start_ns + int((self.warmup + self.seconds) * 1e9))
         self.load.window(*window)
@@ -808,7 +789,7 @@ async def catch_up(bench: Bench, subscribers: int, behind: int) -> dict[str, Any
             (stream,) = await bench.producer.open(bench.session_ids(1))
             offset = await bench.producer.backlog(stream, behind)
             path = f"/v1/sessions/{stream.session_id}/stream?after={offset}"
-            await wait_until_quiet()
+            await wait_until_quiet(10.0)
             relay_cpu, redis_cpu = cpu_seconds(server.pid), cpu_seconds(bench.redis_pid)
             reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
             relay_cpu = cpu_seconds(server.pid) - relay_cpu

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import statistics
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -12,11 +14,52 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from redis.asyncio import Redis
+
 from tokenfan.embedded_redis import EmbeddedRedis
 from tokenfan.processes import ChildProcess
 
 RESULTS = Path(__file__).parent / "results"
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of the whole machine so far, all cores, from /proc/stat."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]
+    return sum(fields) - idle, sum(fields)
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process of the machine (and interrupt handling) has used so far, all cores."""
+    return machine_jiffies()[0] / _TICKS
+
+
+async def wait_until_quiet(max_wait: float, threshold: float = 0.25) -> float:
+    """Wait (at most `max_wait` s) until the machine's other work uses under `threshold` cores, sampled over
+    1 s: the cores are shared with whatever else runs here. Returns the busy cores of the last sample."""
+    deadline = time.monotonic() + max_wait
+    cores = os.cpu_count() or 1
+    while True:
+        before = machine_jiffies()
+        await asyncio.sleep(1.0)
+        after = machine_jiffies()
+        busy = (after[0] - before[0]) / max(1, after[1] - before[1]) * cores
+        if busy < threshold or time.monotonic() > deadline:
+            if busy >= threshold:
+                log(f"machine still busy ({busy:.2f} cores in use by other processes); measuring anyway")
+            return busy
+        log(f"waiting for the machine to quieten ({busy:.2f} cores busy)")
+
+
+async def command_calls(redis: Redis) -> dict[str, int]:
+    """Calls per Redis command so far (``INFO commandstats``)."""
+    stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
 def cpu_seconds(pid: int) -> float:

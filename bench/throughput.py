@@ -22,7 +22,7 @@ import openai
 from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 
-from bench.harness import Stack, cpu_delta, median, percentile, running, save
+from bench.harness import Stack, command_calls, cpu_delta, median, percentile, running, save
 
 
 async def direct_baseline(base_url: str, sessions: int, tokens: int) -> dict[str, float]:
@@ -45,11 +45,6 @@ async def direct_baseline(base_url: str, sessions: int, tokens: int) -> dict[str
     elapsed = time.perf_counter() - started
     await client.close()
     return {"tokens_per_second": sum(counts) / elapsed, "seconds": elapsed}
-
-
-async def command_calls(redis: Redis) -> dict[str, int]:
-    stats = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
 async def pipeline_run(

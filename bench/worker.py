@@ -59,7 +59,18 @@ import httpx
 import openai
 from redis.asyncio import Redis
 
-from bench.harness import RESULTS, cpu_seconds, median, percentile, rss_bytes, save
+from bench.harness import (
+    RESULTS,
+    command_calls,
+    cpu_seconds,
+    log,
+    machine_jiffies,
+    median,
+    percentile,
+    rss_bytes,
+    save,
+    wait_until_quiet,
+)
 from tokenfan.embedded_redis import EmbeddedRedis
 from tokenfan.ids import new_generation_id
 from tokenfan.processes import ChildProcess
@@ -74,10 +85,6 @@ LOGS = Path(tempfile.mkdtemp(prefix="tokenfan-bench-worker-"))
 START_ALLOWANCE = 60.0
 #: After the window, how long the reader keeps listening for tokens sent within it.
 GRACE = 2.0
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
@@ -159,34 +166,6 @@ class BenchProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-
-
-def machine_busy() -> tuple[float, float]:
-    """(busy, total) jiffies of the whole machine, from /proc/stat."""
-    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    idle = fields[3] + fields[4]
-    return sum(fields) - idle, sum(fields)
-
-
-async def wait_quiet(max_wait: float, threshold: float = 0.25) -> float:
-    """Wait (at most `max_wait` s) until the machine's other work uses under `threshold` cores, sampled over
-    1 s: this box is shared. Returns the busy cores of the last sample."""
-    deadline = time.monotonic() + max_wait
-    cores = os.cpu_count() or 1
-    while True:
-        before = machine_busy()
-        await asyncio.sleep(1.0)
-        after = machine_busy()
-        busy = (after[0] - before[0]) / max(1, after[1] - before[1]) * cores
-        if busy < threshold or time.monotonic() > deadline:
-            if busy >= threshold:
-                log(f"machine still busy ({busy:.2f} cores in use by other processes); measuring anyway")
-            return busy
-
-
-async def command_calls(redis: Redis) -> dict[str, int]:
-    stats = await redis.info("commandstats")
-    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
 
 
 # --- one measured point
@@ -299,7 +278,7 @@ def worst_second(sends: array[int], latencies: array[int], t0: int, t1: int) -> 
 async def measure_point(
     point: Point, rate: float, seconds: float, warmup: float, tag: str, quiet_wait: float
 ) -> dict[str, Any]:
-    quiet = await wait_quiet(quiet_wait)
+    quiet = await wait_until_quiet(quiet_wait)
     n = point.generations
     tokens = int(rate * (START_ALLOWANCE + warmup + seconds + GRACE + 3))
     name = f"{tag}-{point.variant.name}-{n}"
@@ -319,7 +298,7 @@ async def measure_point(
             await http.post("/stats/reset")
             pids = stack.pids()
             calls_before = await command_calls(redis)
-            cpu_before, busy_before = stack.cpu(), machine_busy()
+            cpu_before, busy_before = stack.cpu(), machine_jiffies()
             up_before = await upstream_stats(http)
             t0 = time.time_ns()
             w0 = time.monotonic()
@@ -329,7 +308,7 @@ async def measure_point(
                 open_samples.append((await upstream_stats(http))["streams_open"])
                 rss_samples.append(rss_bytes(pids["worker"]))
             t1 = time.time_ns()
-            cpu_after, busy_after = stack.cpu(), machine_busy()
+            cpu_after, busy_after = stack.cpu(), machine_jiffies()
             calls_after = await command_calls(redis)
             up_after = await upstream_stats(http)
             window = (t1 - t0) / 1e9
