@@ -64,6 +64,7 @@ from tests.support import (
     wait_for_condition,
 )
 from tokenfan.auth import TokenSigner, new_api_key, new_token_secret
+from tokenfan.client import SessionStream
 from tokenfan.embedded_redis import EmbeddedRedis
 from tokenfan.events import GenerationStatus
 from tokenfan.ids import new_generation_id
@@ -920,3 +921,164 @@ async def test_every_component_reaches_redis_over_tls(secure: RunningStack, tls_
             await plain.ping()
     finally:
         await plain.aclose()
+
+
+# ------------------------------------------------------------------------------------------------ token expiry
+
+#: A generation that streams for about 3.2 s: longer than a short-lived token, so the token expires mid-way.
+LONG_BODY = {"tokens": 80, "rate": 25}
+
+
+def short_lived(session_id: str, seconds: float = 2.0) -> tuple[str, float]:
+    """A token for `session_id` that expires within `seconds` (minted as if issued earlier), and when."""
+    token, expires = TokenSigner(Secret(SIGNING_SECRET), TTL).mint(
+        session_id, subject="test", now=time.time() - TTL + seconds
+    )
+    SEEN_TOKENS.append(token)
+    return token, float(expires)
+
+
+def events_only(frames: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [frame for frame in frames if "offset" in frame]
+
+
+def assert_exact_once(frames: list[dict[str, Any]], generation_id: str, body: dict[str, Any]) -> None:
+    """No offset twice, offsets in order, and the generation's text exactly what the upstream produced."""
+    offsets = [frame["offset"] for frame in frames]
+    assert len(offsets) == len(set(offsets)), "a frame arrived twice"
+    assert transcript_of(frames).generations[generation_id].text == expected_text(body)
+
+
+async def test_a_stream_ends_when_its_token_does_and_resumes_with_a_fresh_one(
+    secure: RunningStack, service: httpx.AsyncClient, opened: Closer
+) -> None:
+    session_id = new_session_id()
+    token, expires = short_lived(session_id)
+    watcher = await opened(Watcher(secure.relay_url, session_id)).connect(credential=token)
+    body = user_message("outlives its token", LONG_BODY)
+    generation_id = await accept(service, session_id, body)
+    with pytest.raises(ConnectionClosed) as ended:
+        await watcher.receive_until(lambda _: False)
+    assert ended.value.rcvd is not None
+    assert ended.value.rcvd.code == 4401
+    assert "expired" in ended.value.rcvd.reason
+    assert time.time() >= expires - 0.05, "closed before the token expired"
+    assert not finished(generation_id)(watcher.frames), "the generation ended first: nothing was proven"
+    assert watcher.frames, "nothing streamed before the expiry"
+
+    await watcher.connect(after=watcher.last_offset, credential=mint(session_id))
+    await watcher.receive_until(finished(generation_id))
+    assert_exact_once(watcher.frames, generation_id, body)
+
+
+async def test_a_refreshed_token_keeps_the_stream_open_past_the_old_expiry(
+    secure: RunningStack, service: httpx.AsyncClient, opened: Closer
+) -> None:
+    session_id = new_session_id()
+    token, expires = short_lived(session_id)
+    watcher = await opened(Watcher(secure.relay_url, session_id)).connect(credential=token)
+    assert watcher.connection is not None
+    body = user_message("refreshed", LONG_BODY)
+    generation_id = await accept(service, session_id, body)
+
+    await watcher.connection.send(json.dumps({"type": "refresh", "token": mint(new_session_id())}))
+    await watcher.receive_until(lambda frames: any(f["type"] == "error" for f in frames))
+    refused = next(f for f in watcher.frames if f["type"] == "error")
+    assert refused["code"] == 4403  # another session's token extends nothing, and closes nothing
+    await watcher.connection.send(json.dumps({"type": "refresh", "token": mint(session_id)}))
+    await watcher.receive_until(lambda frames: any(f["type"] == "refreshed" for f in frames))
+    refreshed = next(f for f in watcher.frames if f["type"] == "refreshed")
+    assert refreshed["session_id"] == session_id
+    assert refreshed["expires_at"] > expires
+
+    await watcher.receive_until(finished(generation_id))
+    assert time.time() > expires, "the generation ended before the old token expired: nothing was proven"
+    assert_exact_once(events_only(watcher.frames), generation_id, body)
+
+
+async def test_a_multi_session_subscription_ends_with_its_token_and_the_others_go_on(
+    secure: RunningStack, service: httpx.AsyncClient, opened: Closer
+) -> None:
+    short_session, long_session = new_session_id(), new_session_id()
+    short_token, expires = short_lived(short_session)
+    multi = await opened(CredentialMultiWatcher(secure.relay_url)).connect_with()
+    for session_id, token in ((short_session, short_token), (long_session, mint(long_session))):
+        answer = await multi.request({"type": "subscribe", "session_id": session_id, "token": token})
+        assert answer == {"type": "subscribed", "session_id": session_id}
+    bodies = {sid: user_message(f"multi expiry {sid}", LONG_BODY) for sid in (short_session, long_session)}
+    generations = {sid: await accept(service, sid, body) for sid, body in bodies.items()}
+
+    await multi.receive_until(finished(generations[long_session]))
+    errors = [m for m in multi.messages if m["type"] == "error"]
+    assert [(e["session_id"], e["code"]) for e in errors] == [(short_session, 4401)]
+    assert time.time() >= expires - 0.05
+    cut = multi.frames(short_session)
+    assert not finished(generations[short_session])(cut), "the generation ended first: nothing was proven"
+    assert_exact_once(multi.frames(long_session), generations[long_session], bodies[long_session])
+
+    since = len(multi.messages)
+    again = await multi.request(
+        {
+            "type": "subscribe",
+            "session_id": short_session,
+            "token": mint(short_session),
+            "after": cut[-1]["offset"],
+        }
+    )
+    assert again == {"type": "subscribed", "session_id": short_session}
+    await multi.receive_until(
+        lambda _: finished(generations[short_session])(multi.frames(short_session, since))
+    )
+    assert_exact_once(
+        cut + multi.frames(short_session, since), generations[short_session], bodies[short_session]
+    )
+
+
+async def test_an_sse_stream_ends_with_its_token_and_resumes_with_a_fresh_one(
+    secure: RunningStack, service: httpx.AsyncClient, opened: Closer
+) -> None:
+    session_id = new_session_id()
+    token, expires = short_lived(session_id)
+    sse = await opened(CredentialSseWatcher(secure.api_url, session_id, headers=bearer(token))).connect()
+    body = user_message("sse outlives its token", LONG_BODY)
+    generation_id = await accept(service, session_id, body)
+    await sse.receive_until(lambda frames: any(f.get("code") == 4401 for f in frames))
+    assert sse.blocks[-1].event == "error"
+    assert time.time() >= expires - 0.05
+    with pytest.raises(AssertionError, match="ended the event stream"):
+        await sse.next_block()  # and the response ends there
+    shown = [json.loads("\n".join(b.data)) for b in sse.blocks if b.is_event and b.event != "error"]
+    assert not finished(generation_id)(shown), "the generation ended first: nothing was proven"
+
+    resumed = await opened(
+        CredentialSseWatcher(
+            secure.api_url, session_id, headers=bearer(mint(session_id)), last_event_id=shown[-1]["offset"]
+        )
+    ).connect()
+    await resumed.receive_until(finished(generation_id))
+    assert_exact_once(shown + resumed.frames, generation_id, body)
+
+
+async def test_the_client_library_outlives_short_tokens_with_a_credential_function(
+    secure: RunningStack, service: httpx.AsyncClient
+) -> None:
+    session_id = new_session_id()
+    minted: list[float] = []
+
+    def fresh_token() -> str:
+        token, expires = short_lived(session_id, 1.5)
+        minted.append(expires)
+        return token
+
+    stream = SessionStream(secure.relay_url, session_id, credential=fresh_token, max_attempts=3)
+    body = user_message("client outlives its tokens", LONG_BODY)
+    generation_id = await accept(service, session_id, body)
+    frames: list[dict[str, Any]] = []
+    async with asyncio.timeout(20):
+        async for frame in stream:
+            frames.append(frame)
+            if finished(generation_id)(frames):
+                break
+    assert len(minted) >= 2, "no token expired during the generation"
+    assert stream.connections == len(minted)  # one connection per token, each resumed where the last ended
+    assert_exact_once(frames, generation_id, body)

@@ -60,6 +60,9 @@ class Principal:
 
     name: str
     session_id: str | None = None  # None: an API key, allowed everywhere
+    #: When its credential expires (unix seconds); None: never (an API key). An open stream authorized by
+    #: a token ends when the token does, unless the client refreshes it (docs/PROTOCOL.md).
+    expires_at: float | None = None
 
     @property
     def is_service(self) -> bool:
@@ -175,7 +178,9 @@ class TokenSigner:
                 raise Unauthorized("the token has expired; ask for a new one")
             if claims.get("scope") != _SCOPE or not isinstance(claims["sub"], str):
                 raise Unauthorized("this token does not allow subscribing")
-            return Principal(name=str(claims.get("by", "token")), session_id=claims["sub"])
+            return Principal(
+                name=str(claims.get("by", "token")), session_id=claims["sub"], expires_at=float(claims["exp"])
+            )
         raise Unauthorized("invalid token")
 
 

@@ -10,13 +10,18 @@ a stream given ``api_url`` rebuilds by itself: it yields one ``snapshot`` frame 
 the session (from ``GET /v1/sessions/{id}``) and continues live after the snapshot's offset. Without
 ``api_url`` it raises `OffsetGone` / `UnknownOffset`. A refused request (bad session id, not authorized)
 raises the matching `ClientError`.
+
+A stream authorized by a session token ends when the token expires (close code 4401). Give ``credential``
+as a function that returns a fresh token (plain or ``async``) and the stream reconnects with it and resumes
+where it was, with no gap; given a string, it raises `Unauthorized` then.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import quote, urlencode
 
@@ -37,7 +42,10 @@ from tokenfan.errors import (
 )
 from tokenfan.events import decode_frame
 
-__all__ = ["SessionStream"]
+__all__ = ["Credential", "SessionStream"]
+
+#: An API key or session token, or a function returning one (called before every connection).
+Credential = str | Callable[[], str | Awaitable[str]]
 
 _FATAL_CLOSE_CODES: dict[int, type[TokenfanError]] = {
     4429: RateLimited,
@@ -62,11 +70,12 @@ class SessionStream:
         max_backoff: float = 5.0,
         max_attempts: int | None = None,
         api_url: str | None = None,
-        credential: str | None = None,
+        credential: Credential | None = None,
     ) -> None:
         self.relay_url = relay_url.rstrip("/")
         self.api_url = api_url.rstrip("/") if api_url else None
-        #: An API key or a session token, sent as ``Authorization: Bearer`` (never in the URL).
+        #: An API key or a session token, sent as ``Authorization: Bearer`` (never in the URL), or a
+        #: function returning a fresh one before each connection.
         self.credential = credential
         self.session_id = session_id
         self.offset = after
@@ -81,28 +90,39 @@ class SessionStream:
             f"?{query}" if query else ""
         )
 
+    async def _headers(self) -> dict[str, str] | None:
+        credential = self.credential
+        if callable(credential):
+            fresh = credential()
+            credential = await fresh if inspect.isawaitable(fresh) else fresh
+        return {"Authorization": f"Bearer {credential}"} if credential else None
+
     async def __aiter__(self) -> AsyncIterator[dict[str, Any]]:
         failures = 0
+        refused_fresh = False  # a credential just fetched was refused before any frame: do not loop
         while True:
             try:
-                headers = {"Authorization": f"Bearer {self.credential}"} if self.credential else None
                 async with connect(
-                    self.url(), max_size=None, compression=None, additional_headers=headers
+                    self.url(),
+                    max_size=None,
+                    compression=None,
+                    additional_headers=await self._headers(),
                 ) as websocket:
                     self.connections += 1
                     failures = 0
                     async for message in websocket:
                         frame = decode_frame(message)
                         self.offset = frame["offset"]
+                        refused_fresh = False
                         yield frame
             except ConnectionClosed as closed:
-                code = closed.rcvd.code if closed.rcvd is not None else None
-                if code in (4404, 4410) and self.api_url is not None:
+                action = self._after_close(closed, refused_fresh)
+                if action == "rebuild":
                     yield await self._rebuild()
                     continue
-                if code in _FATAL_CLOSE_CODES:
-                    reason = closed.rcvd.reason if closed.rcvd is not None else ""
-                    raise _FATAL_CLOSE_CODES[code](reason or f"closed with {code}") from None
+                if action == "now":
+                    refused_fresh = True  # the token expired: reconnect at once with a fresh one
+                    continue
             except InvalidStatus as exc:
                 if 400 <= exc.response.status_code < 500:
                     raise ClientError(
@@ -116,9 +136,22 @@ class SessionStream:
             delay = min(self.max_backoff, self.min_backoff * 2 ** min(failures - 1, 10))
             await asyncio.sleep(delay * (0.5 + random.random() / 2))
 
+    def _after_close(self, closed: ConnectionClosed, refused_fresh: bool) -> str:
+        """What to do once the relay closed the connection: ``rebuild`` from a snapshot, reconnect ``now``
+        (with a fresh credential) or after a ``backoff``; raises for a refusal that retrying cannot fix."""
+        code = closed.rcvd.code if closed.rcvd is not None else None
+        if code in (4404, 4410) and self.api_url is not None:
+            return "rebuild"
+        if code == 4401 and callable(self.credential) and not refused_fresh:
+            return "now"
+        if code in _FATAL_CLOSE_CODES:
+            reason = closed.rcvd.reason if closed.rcvd is not None else ""
+            raise _FATAL_CLOSE_CODES[code](reason or f"closed with {code}") from None
+        return "backoff"
+
     async def _rebuild(self) -> dict[str, Any]:
         """Our position is lost: take the session's snapshot and continue after its offset."""
-        headers = {"Authorization": f"Bearer {self.credential}"} if self.credential else None
+        headers = await self._headers()
         async with httpx.AsyncClient(base_url=str(self.api_url), timeout=30, headers=headers) as client:
             response = await client.get(f"/v1/sessions/{quote(self.session_id, safe='')}")
         if response.status_code == 404:

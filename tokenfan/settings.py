@@ -101,7 +101,8 @@ class Settings:
     )
     token_ttl_seconds: int = _env(
         "TOKENFAN_TOKEN_TTL_SECONDS",
-        "Lifetime of a subscriber token; it is checked when a subscription starts.",
+        "Lifetime of a subscriber token: past it, the token opens nothing, and the streams it opened end "
+        "(4401) unless the client refreshed them with a fresh token.",
         default=900,
     )
     allowed_origins: str = _env(

@@ -284,7 +284,11 @@ async def session_events(
     position = await services.store.check_resume(session_id, parse_offset(held) if held else None)
     subscriber = SseSubscriber(position, services.settings.relay_max_buffer_bytes)
     body = event_stream(
-        services.bus, session_id, subscriber, keepalive_seconds=services.settings.sse_keepalive_seconds
+        services.bus,
+        session_id,
+        subscriber,
+        keepalive_seconds=services.settings.sse_keepalive_seconds,
+        expires_at=principal.expires_at,
     )
     return StreamingResponse(
         body,

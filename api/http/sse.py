@@ -4,7 +4,8 @@ The same frames as the relay, as ``id: <offset>`` / ``event: <type>`` / ``data: 
 shared feed code (`api.relay.feed`): one reader per session per API process, however many SSE clients
 watch it. A browser's EventSource reconnects by itself and sends ``Last-Event-ID``; that header wins over
 ``?after=`` because the browser reuses the original URL. Each subscriber's queue is bounded; one that
-does not read gets the slow-consumer treatment of the relay.
+does not read gets the slow-consumer treatment of the relay. A stream opened with a session token ends
+when the token does, with an ``error`` event (4401): the page opens a new EventSource with a fresh token.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 
@@ -22,7 +24,7 @@ from websockets.asyncio.server import ServerConnection
 from api.relay.feed import LiveBus
 from api.relay.frames import frame_offset_and_type
 from api.relay.handoff import Handoff
-from tokenfan.errors import ServiceUnavailable, TokenfanError
+from tokenfan.errors import ServiceUnavailable, TokenfanError, Unauthorized
 from tokenfan.offsets import StreamId
 
 __all__ = ["SseSubscriber", "event_stream", "sse_event"]
@@ -81,13 +83,27 @@ class SseSubscriber:
         self.ended = (4410, reason)
         self.ready.set()
 
+    def expire(self) -> None:
+        """The token that opened the stream has expired: end it."""
+        self.ended = (Unauthorized.close_code, "the token has expired: reconnect with a fresh one")
+        self.ready.set()
+
 
 async def event_stream(
-    bus: LiveBus, session_id: str, subscriber: SseSubscriber, *, keepalive_seconds: float
+    bus: LiveBus,
+    session_id: str,
+    subscriber: SseSubscriber,
+    *,
+    keepalive_seconds: float,
+    expires_at: float | None = None,
 ) -> AsyncIterator[bytes]:
-    """The response body. Returning (or the client leaving) frees the subscription at once."""
+    """The response body. Returning (or the client leaving) frees the subscription at once. It ends at
+    `expires_at` (unix seconds), when the token that opened it does."""
     feed = await bus.acquire(session_id)
     task = asyncio.create_task(_guard(subscriber, feed.catch_up(subscriber, subscriber.send)))
+    expiry = None
+    if expires_at is not None:
+        expiry = asyncio.get_running_loop().call_later(max(0.0, expires_at - time.time()), subscriber.expire)
     try:
         yield b"retry: 1000\n\n"
         while True:
@@ -111,6 +127,8 @@ async def event_stream(
                 log.info("slow_consumer_recovering", session_id=session_id)
                 task = asyncio.create_task(_guard(subscriber, feed.recover(subscriber, subscriber.send)))
     finally:
+        if expiry is not None:
+            expiry.cancel()
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await task

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +25,8 @@ from websockets.protocol import State
 from api.relay.feed import SessionFeed, write_frames
 from api.relay.frames import close_reason, control_frame
 from api.relay.handoff import Handoff
-from tokenfan.errors import InvalidRequest, ServiceUnavailable, TokenfanError
+from tokenfan.auth import Principal
+from tokenfan.errors import InvalidRequest, ServiceUnavailable, TokenfanError, Unauthorized
 from tokenfan.ids import is_session_id
 from tokenfan.offsets import parse_offset
 
@@ -37,6 +39,8 @@ log = structlog.get_logger("tokenfan.relay")
 
 #: Close code of the `close` slow policy: resume from your last offset (docs/PROTOCOL.md).
 SLOW_CONSUMER_CLOSE_CODE = 4008
+#: Why a subscription authorized by a session token ends when the token does (close code or error frame 4401).
+TOKEN_EXPIRED_REASON = "the token has expired: reconnect with a fresh one and after=<your last offset>"  # noqa: S105
 #: Frames larger than this are sent as fragments of this size.
 FRAGMENT_BYTES = 16_384
 
@@ -88,6 +92,10 @@ class Connection:
         self.multiplexed = multiplexed
         self.subscriptions: dict[str, Subscription] = {}
         self.max_buffer_bytes = relay.settings.relay_max_buffer_bytes
+        #: The credential the connection was opened with (None: a multi-session connection without one).
+        self.principal: Principal | None = None
+        #: When each subscription's credential expires: the subscription ends then (close or error 4401).
+        self._expiry: dict[str, asyncio.TimerHandle] = {}
 
     def buffered(self) -> int:
         transport = self.websocket.transport
@@ -124,13 +132,53 @@ class Connection:
         return subscription
 
     async def unsubscribe(self, session_id: str) -> None:
+        self.expire_at(session_id, None)
         subscription = self.subscriptions.pop(session_id, None)
         if subscription is not None:
             await self._stop(subscription)
 
+    def expire_at(self, session_id: str, expires_at: float | None) -> None:
+        """End the subscription to `session_id` at `expires_at` (unix seconds; None: never), replacing any
+        earlier deadline. A stream must not outlive the token that authorized it."""
+        handle = self._expiry.pop(session_id, None)
+        if handle is not None:
+            handle.cancel()
+        if expires_at is not None:
+            delay = max(0.0, expires_at - time.time())
+            loop = asyncio.get_running_loop()
+            self._expiry[session_id] = loop.call_later(delay, self._on_expired, session_id)
+
+    def _on_expired(self, session_id: str) -> None:
+        self._expiry.pop(session_id, None)
+        subscription = self.subscriptions.get(session_id)
+        if subscription is not None:
+            log.info("subscription_token_expired", session_id=session_id)
+            asyncio.get_running_loop().create_task(
+                self._fail(subscription, Unauthorized.close_code, TOKEN_EXPIRED_REASON)
+            )
+
+    def refresh(self, principal: Principal, session_id: str | None) -> list[str]:
+        """Move the deadline of `session_id`'s subscription (None: of every one `principal` may watch) to
+        when `principal`'s credential expires; returns the sessions refreshed."""
+        if session_id is not None:
+            if session_id not in self.subscriptions:
+                raise InvalidRequest(f"not subscribed to {session_id}")
+            principal.require_session(session_id)
+            sessions = [session_id]
+        else:
+            sessions = [s for s in self.subscriptions if principal.session_id in (None, s)]
+            if not sessions and self.subscriptions:
+                principal.require_session(next(iter(self.subscriptions)))  # raises: another session's token
+        for session in sessions:
+            self.expire_at(session, principal.expires_at)
+        return sessions
+
     async def close_all(self) -> None:
         for session_id in list(self.subscriptions):
             await self.unsubscribe(session_id)
+        for handle in self._expiry.values():
+            handle.cancel()
+        self._expiry.clear()
 
     async def _run(self, subscription: Subscription) -> None:
         try:
@@ -158,6 +206,7 @@ class Connection:
 
     async def _fail(self, subscription: Subscription, code: int, reason: str) -> None:
         """End one subscription: the whole connection on a single-session stream, else an error frame."""
+        self.expire_at(subscription.session_id, None)
         if not self.multiplexed:
             await self.websocket.close(code, close_reason(reason))
             return

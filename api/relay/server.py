@@ -39,6 +39,7 @@ from tokenfan.errors import (
     RateLimited,
     ServiceUnavailable,
     TokenfanError,
+    Unauthorized,
 )
 from tokenfan.ids import is_session_id
 from tokenfan.serving import bound_url, install_stop_signals, write_ready_file
@@ -82,14 +83,15 @@ class Relay:
         self.connections.add(connection)
         self.per_address[address] += 1
         try:
-            principal = self._authenticate(connection)
+            principal = connection.principal = self._authenticate(connection)
             if not multiplexed:
                 session_id, after = _parse_request(websocket.request)
                 assert principal is not None
                 principal.require_session(session_id)
                 structlog.contextvars.bind_contextvars(session_id=session_id)
                 await connection.subscribe(session_id, after)
-            await self._read(connection, principal)
+                connection.expire_at(session_id, principal.expires_at)
+            await self._read(connection)
         except TokenfanError as exc:
             await websocket.close(exc.close_code, close_reason(exc.message))
         except RedisError as exc:
@@ -115,8 +117,8 @@ class Relay:
             return None
         return self.auth.authenticate(credential, in_url=in_url)
 
-    async def _read(self, connection: Connection, principal: Principal | None) -> None:
-        """Client messages: subscribe/unsubscribe on a multi-session connection, nothing on a single one
+    async def _read(self, connection: Connection) -> None:
+        """Client messages: ``refresh`` on any connection, subscribe/unsubscribe on a multi-session one
         (pings are answered below us). A client over its message rate is closed with 4429."""
         bucket = _Bucket(self.settings.relay_max_messages_per_second)
         closing: asyncio.Task[None] | None = None
@@ -126,29 +128,53 @@ class Relay:
             if not bucket.take():
                 limit = RateLimited("too many messages: slow down")
                 closing = asyncio.create_task(connection.websocket.close(limit.close_code, limit.message))
+            elif _is_refresh(message):
+                await self._on_refresh(connection, message)
             elif connection.multiplexed:
-                await self._on_message(connection, principal, message)
+                await self._on_message(connection, message)
 
-    async def _on_message(
-        self, connection: Connection, principal: Principal | None, message: str | bytes
-    ) -> None:
+    async def _on_refresh(self, connection: Connection, message: str | bytes) -> None:
+        """``{"type": "refresh", "token": …, "session_id"?: …}``: a fresh credential extends the
+        subscriptions it allows past the old one's expiry (docs/PROTOCOL.md, Token expiry)."""
         try:
-            self._authorize(principal, message)
+            request = json.loads(message)
+            token, session_id = request.get("token"), request.get("session_id")
+            if not isinstance(token, str) or not (session_id is None or isinstance(session_id, str)):
+                raise InvalidRequest("a refresh is {'type': 'refresh', 'token': '…', 'session_id'?: '…'}")
+            principal = self.auth.authenticate(token)  # not a URL: an API key may come this way
+            refreshed = connection.refresh(principal, session_id)
+            if session_id is None:
+                connection.principal = principal
+            for session in refreshed:
+                await connection.send(
+                    control_frame("refreshed", session_id=session, expires_at=principal.expires_at)
+                )
+        except TokenfanError as exc:
+            await connection.send(control_frame("error", code=exc.close_code, reason=exc.message))
+
+    async def _on_message(self, connection: Connection, message: str | bytes) -> None:
+        try:
+            principal = self._authorize(connection.principal, message)
             await connection.handle_message(message)
+            if principal is not None:
+                session_id = _session_of(message)
+                assert session_id is not None
+                connection.expire_at(session_id, principal.expires_at)
         except TokenfanError as exc:
             session = _session_of(message)
             extra = {"session_id": session} if session is not None else {}
             await connection.send(control_frame("error", code=exc.close_code, reason=exc.message, **extra))
 
-    def _authorize(self, principal: Principal | None, message: str | bytes) -> None:
+    def _authorize(self, principal: Principal | None, message: str | bytes) -> Principal | None:
         """A subscribe needs a principal allowed to watch its session: the message's own ``token``, or the
-        connection's credential. Malformed messages pass through, for the connection to explain."""
+        connection's credential; returns it (None for other messages). Malformed messages pass through,
+        for the connection to explain."""
         try:
             request = json.loads(message)
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
-            return
+            return None
         if not isinstance(request, dict) or request.get("type") != "subscribe":
-            return
+            return None
         token = request.get("token")
         if token is not None:
             if not isinstance(token, str):
@@ -156,9 +182,13 @@ class Relay:
             principal = self.auth.authenticate(token)  # not a URL: an API key may come this way
         elif principal is None:
             principal = self.auth.authenticate(None)  # allowed only in development mode
+        elif principal.expires_at is not None and principal.expires_at <= time.time():
+            raise Unauthorized("the connection's token has expired; send a fresh one with 'refresh'")
         session_id = request.get("session_id")
         if isinstance(session_id, str):
             principal.require_session(session_id)
+            return principal
+        return None
 
 
 #: An anonymous multi-session connection must subscribe (with tokens) within this time.
@@ -173,6 +203,18 @@ def _close_if_idle(connection: Connection, after: float) -> None:
             )
 
     asyncio.get_running_loop().call_later(after, check)
+
+
+def _is_refresh(message: str | bytes) -> bool:
+    """Whether a client message asks to refresh its credential (cheap: most messages are not JSON we
+    need to look at twice)."""
+    if isinstance(message, bytes) or '"refresh"' not in message:
+        return False
+    try:
+        request = json.loads(message)
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(request, dict) and request.get("type") == "refresh"
 
 
 def _session_of(message: str | bytes) -> str | None:
