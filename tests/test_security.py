@@ -21,9 +21,9 @@ import ssl
 import sys
 import time
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
@@ -175,6 +175,7 @@ def limited(secure: RunningStack) -> Iterator[RunningStack]:
             f"gamma:{GAMMA_KEY},delta:{DELTA_KEY}",
             TOKENFAN_RATE_LIMIT_PER_MINUTE="30",  # bursts of 3
             TOKENFAN_RELAY_MAX_CONNECTIONS_PER_ADDRESS="3",
+            TOKENFAN_SSE_MAX_STREAMS_PER_ADDRESS="2",
         ),
     )
     try:
@@ -702,6 +703,32 @@ async def test_connections_per_address_are_capped(limited: RunningStack, opened:
     assert (await again.subscribe(new_session_id()))["type"] == "subscribed"
 
 
+async def test_sse_streams_per_address_are_capped(limited: RunningStack, opened: Closer) -> None:
+    session_id = new_session_id()
+    held = [
+        await opened(CredentialSseWatcher(limited.api_url, session_id, headers=bearer(GAMMA_KEY))).connect()
+        for _ in range(2)
+    ]
+    for sse in held:  # each is really streaming: its first block (retry:) arrived
+        await sse.receive_blocks_until(lambda blocks: bool(blocks))
+    for headers in (bearer(GAMMA_KEY), {**bearer(GAMMA_KEY), "X-Forwarded-For": "203.0.113.9"}):
+        third = opened(CredentialSseWatcher(limited.api_url, session_id, headers=headers))
+        status, body = await third.refusal()
+        assert status == 429  # a forwarded-for header that anyone can send does not make another client
+        assert body["error"]["code"] == "rate_limited"
+    # The cap counts open streams: closing one lets the next one in.
+    await held[0].close()
+
+    async def admitted() -> bool:
+        attempt = CredentialSseWatcher(limited.api_url, session_id, headers=bearer(GAMMA_KEY))
+        try:
+            return (await attempt.open()).status_code == 200
+        finally:
+            await attempt.close()
+
+    await wait_for_condition(admitted)
+
+
 async def test_a_message_flood_is_closed_with_4429(secure: RunningStack) -> None:
     answers = 0
     async with connect(f"{secure.relay_url}/v1/stream", additional_headers=bearer(ALPHA_KEY)) as websocket:
@@ -1074,8 +1101,9 @@ async def test_the_client_library_outlives_short_tokens_with_a_credential_functi
     body = user_message("client outlives its tokens", LONG_BODY)
     generation_id = await accept(service, session_id, body)
     frames: list[dict[str, Any]] = []
-    async with asyncio.timeout(20):
-        async for frame in stream:
+    iterator = cast(AsyncGenerator[dict[str, Any], None], aiter(stream))
+    async with asyncio.timeout(20), contextlib.aclosing(iterator):  # closed here, not at a later GC
+        async for frame in iterator:
             frames.append(frame)
             if finished(generation_id)(frames):
                 break

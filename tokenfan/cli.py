@@ -103,7 +103,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         # SSE responses never end by themselves: give them a few seconds, then close them on shutdown.
         _run(
             serve_asgi(
-                app, host=args.host, port=args.port, ready_file=args.ready_file, timeout_graceful_shutdown=5
+                app,
+                host=args.host,
+                port=args.port,
+                ready_file=args.ready_file,
+                timeout_graceful_shutdown=5,
+                # The client is the TCP peer: per-address caps and the access log must not believe an
+                # X-Forwarded-For header (uvicorn would, from loopback peers), which anyone can send.
+                proxy_headers=False,
             )
         )
     elif command == "relay":

@@ -265,6 +265,11 @@ class Settings:
         "Interval of SSE keep-alive comments on a quiet stream.",
         default=15.0,
     )
+    sse_max_streams_per_address: int = _env(
+        "TOKENFAN_SSE_MAX_STREAMS_PER_ADDRESS",
+        "Open SSE streams one client address may hold on one API process (429 beyond).",
+        default=256,
+    )
     feed_linger_seconds: float = _env(
         "TOKENFAN_FEED_LINGER_SECONDS",
         "How long a session's shared reader stays subscribed after its last subscriber leaves (a client "
@@ -310,6 +315,7 @@ class Settings:
             "relay_max_buffer_bytes",
             "relay_max_subscriptions",
             "sse_keepalive_seconds",
+            "sse_max_streams_per_address",
             "presence_interval_seconds",
             "token_ttl_seconds",
             "relay_max_connections_per_address",

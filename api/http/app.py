@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import structlog
 from arq.connections import ArqRedis
@@ -41,6 +42,8 @@ class Services:
     store: Store
     queue: ArqRedis
     bus: LiveBus
+    #: Open SSE streams per client address, in this process (capped by sse_max_streams_per_address).
+    sse_streams: Counter[str] = field(default_factory=Counter)
 
 
 class AccessLog:

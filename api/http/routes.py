@@ -8,6 +8,8 @@ here talks to the upstream or formats stream events.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
 
 import structlog
@@ -280,6 +282,9 @@ async def session_events(
 ) -> StreamingResponse:
     principal.require_session(session_id)
     services = _services(request)
+    address = request.client.host if request.client else "unknown"
+    if services.sse_streams[address] >= services.settings.sse_max_streams_per_address:
+        raise RateLimited("too many open event streams from your address; close one first", retry_after=5)
     held = last_event_id or after  # the browser resends the original URL: its Last-Event-ID is newer
     position = await services.store.check_resume(session_id, parse_offset(held) if held else None)
     subscriber = SseSubscriber(position, services.settings.relay_max_buffer_bytes)
@@ -291,7 +296,7 @@ async def session_events(
         expires_at=principal.expires_at,
     )
     return StreamingResponse(
-        body,
+        _counted(body, services.sse_streams, address),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -306,3 +311,16 @@ async def healthz() -> dict[str, str]:
 async def readyz(request: Request) -> JSONResponse:
     await _services(request).redis.ping()
     return JSONResponse({"status": "ready"})
+
+
+async def _counted(body: AsyncIterator[bytes], streams: Counter[str], address: str) -> AsyncIterator[bytes]:
+    """`body`, counted among `address`'s open streams while it runs. Counted from its first step, not
+    from the request: a response that never starts (the client left at once) must not hold a place."""
+    streams[address] += 1
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        streams[address] -= 1
+        if not streams[address]:
+            del streams[address]
