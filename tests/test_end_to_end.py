@@ -7,6 +7,7 @@ import uuid
 from typing import Any
 
 import httpx
+from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
 from tests.support import (
@@ -226,6 +227,34 @@ def expected_text_pieces(body: dict[str, Any]) -> list[str]:
     from tokenfan.simulator import reply_chunks
 
     return reply_chunks(body, SIMULATOR)
+
+
+async def test_the_next_generation_runs_even_when_its_early_job_still_holds_the_job_id(
+    stack: RunningStack, redis_server: Any, session_id: str
+) -> None:
+    # The API enqueues a job before accepting. For a generation accepted behind another, that early job
+    # runs, finds it waiting and ends. If the one ahead finishes while that job is still in progress, arq
+    # refuses the hand-over (the job id is taken), and the generation must not be left queued forever.
+    redis = redis_client(redis_server.url)
+    queue = await create_queue(redis_server.url)
+    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    first_body, second_body = user_message("ahead", {"tokens": 20}), user_message("behind")
+    first, second = new_generation_id(), new_generation_id()
+    await store.accept(session_id, first, request=first_body, model=first_body["model"])
+    await enqueue_generation(queue, session_id, first)
+    await store.accept(session_id, second, request=second_body, model=second_body["model"])
+    early_job = job_key_prefix + second  # the early job of `second`, still in progress
+    await redis.set(early_job, b"in progress", px=60_000)
+
+    await watcher.receive_until(finished(first))
+    assert await store.is_queued(session_id, second)  # the hand-over was refused: the id is taken
+    await redis.delete(early_job)  # that job ends, having found its generation waiting
+    await watcher.receive_until(finished(second))
+    assert watcher.transcript().generations[second].text == expected_text(second_body)
+    await watcher.close()
+    await queue.aclose()
+    await redis.aclose()
 
 
 async def test_a_generation_accepted_by_an_api_that_died_right_after_still_runs(

@@ -3,12 +3,14 @@
 The job id is the generation id, so arq itself refuses a second copy of a job that is still queued or
 running. Only the head of a session's queue ever has a job: the API enqueues it when a generation arrives
 at an idle session, and the worker that finishes a generation enqueues the next one (`Store.write` returns
-it atomically with the finish).
+it atomically with the finish), through `hand_over`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -71,8 +73,37 @@ async def create_queue(redis_url: str) -> ArqRedis:
     )
 
 
-async def enqueue_generation(queue: ArqRedis, session_id: str, generation_id: str) -> None:
-    """Enqueue the job of one generation (a no-op when its job is already queued or running)."""
-    await queue.enqueue_job(
+async def enqueue_generation(queue: ArqRedis, session_id: str, generation_id: str) -> bool:
+    """Enqueue the job of one generation; False (and nothing done) when its job is already queued or
+    running."""
+    job = await queue.enqueue_job(
         JOB_FUNCTION, session_id, generation_id, _job_id=generation_id, _queue_name=ARQ_QUEUE
     )
+    return job is not None
+
+
+async def hand_over(
+    queue: ArqRedis,
+    session_id: str,
+    generation_id: str,
+    still_waiting: Callable[[], Awaitable[bool]],
+    *,
+    within: float = 10.0,
+) -> bool:
+    """Enqueue the job of the generation that just reached the head of its session's queue.
+
+    arq refuses a job id that is queued or running, and the job holding it may be the generation's early
+    job (the API enqueues one before accepting, in case it dies in between) which ran before its turn,
+    found the generation waiting, and is about to end without running it. Taking that refusal as "done"
+    would leave the generation queued forever. So while the generation still waits (`still_waiting`) and
+    the id is taken, try again, for at most `within` seconds. Returns whether this call enqueued it."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    delay = 0.02
+    while True:
+        if await enqueue_generation(queue, session_id, generation_id):
+            return True
+        if not await still_waiting() or loop.time() + delay > deadline:
+            return False  # the job that holds the id has started it (or will, as a deferred retry)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)

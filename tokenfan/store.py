@@ -616,6 +616,12 @@ class Store:
         value = await self.redis.get(generation_index_key(generation_id))
         return value.decode() if value is not None else None
 
+    async def is_queued(self, session_id: str, generation_id: str) -> bool:
+        """Whether the generation is accepted and has not started (nor ended) yet."""
+        pending = self.redis.hget(SessionKeys(session_id).generation(generation_id), "status")
+        status = await cast(Awaitable[bytes | None], pending)
+        return status == GenerationStatus.QUEUED.value.encode()
+
     async def generation(self, generation_id: str) -> GenerationRecord | None:
         session_id = await self.session_of(generation_id)
         if session_id is None:

@@ -22,7 +22,7 @@ from redis.exceptions import RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
 from tokenfan.keys import ARQ_QUEUE, CANCEL_CHANNEL
-from tokenfan.queue import JOB_FUNCTION, create_queue, deserialize_job, enqueue_generation, serialize_job
+from tokenfan.queue import JOB_FUNCTION, create_queue, deserialize_job, hand_over, serialize_job
 from tokenfan.serving import write_ready_file
 from tokenfan.settings import Settings
 from tokenfan.store import Store, redis_client
@@ -202,7 +202,7 @@ async def run_worker(
     queue = await create_queue(redis_url)
 
     async def enqueue(session_id: str, generation_id: str) -> None:
-        await enqueue_generation(queue, session_id, generation_id)
+        await hand_over(queue, session_id, generation_id, lambda: store.is_queued(session_id, generation_id))
 
     async def claim(generation_id: str) -> None:
         # arq counts a job abandoned only when its in-progress key expires: job timeout + 10 s by default.

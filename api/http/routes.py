@@ -40,7 +40,7 @@ from tokenfan.errors import (
 from tokenfan.events import EventType, GenerationStatus, encode_body, event_body
 from tokenfan.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN, new_generation_id
 from tokenfan.offsets import parse_offset
-from tokenfan.queue import enqueue_generation
+from tokenfan.queue import enqueue_generation, hand_over
 from tokenfan.settings import Settings
 from tokenfan.store import AcceptOutcome, EventWrite, Finish, GenerationRecord, WriteItem, WriteOutcome
 
@@ -241,8 +241,14 @@ async def _cancel_queued(services: Services, record: GenerationRecord) -> bool:
     (result,) = await services.store.write([item])
     if result.outcome is not WriteOutcome.OK:
         return False
-    if result.next_generation_id is not None:
-        await enqueue_generation(services.queue, record.session_id, result.next_generation_id)
+    next_id = result.next_generation_id
+    if next_id is not None:
+        await hand_over(
+            services.queue,
+            record.session_id,
+            next_id,
+            lambda: services.store.is_queued(record.session_id, next_id),
+        )
     return True
 
 
