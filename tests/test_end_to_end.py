@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
+import pytest
+from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
@@ -229,15 +232,26 @@ def expected_text_pieces(body: dict[str, Any]) -> list[str]:
     return reply_chunks(body, SIMULATOR)
 
 
+ApiSteps = tuple[Redis, ArqRedis, Store]
+
+
+@pytest.fixture
+async def api_steps(redis_server: Any) -> AsyncIterator[ApiSteps]:
+    """What the API uses to accept and enqueue, for tests that take its steps one at a time."""
+    redis = redis_client(redis_server.url)
+    queue = await create_queue(redis_server.url)
+    yield redis, queue, Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    await queue.aclose()
+    await redis.aclose()
+
+
 async def test_the_next_generation_runs_even_when_its_early_job_still_holds_the_job_id(
-    stack: RunningStack, redis_server: Any, session_id: str
+    stack: RunningStack, api_steps: ApiSteps, session_id: str
 ) -> None:
     # The API enqueues a job before accepting. For a generation accepted behind another, that early job
     # runs, finds it waiting and ends. If the one ahead finishes while that job is still in progress, arq
     # refuses the hand-over (the job id is taken), and the generation must not be left queued forever.
-    redis = redis_client(redis_server.url)
-    queue = await create_queue(redis_server.url)
-    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    redis, queue, store = api_steps
     watcher = await Watcher(stack.relay_url, session_id).connect()
     first_body, second_body = user_message("ahead", {"tokens": 20}), user_message("behind")
     first, second = new_generation_id(), new_generation_id()
@@ -253,18 +267,14 @@ async def test_the_next_generation_runs_even_when_its_early_job_still_holds_the_
     await watcher.receive_until(finished(second))
     assert watcher.transcript().generations[second].text == expected_text(second_body)
     await watcher.close()
-    await queue.aclose()
-    await redis.aclose()
 
 
 async def test_a_generation_accepted_by_an_api_that_died_right_after_still_runs(
-    stack: RunningStack, redis_server: Any, session_id: str
+    stack: RunningStack, api_steps: ApiSteps, session_id: str
 ) -> None:
     # What the API does, step by step, stopping where a crash would: the job is enqueued first, the
     # generation accepted, and the second enqueue never happens.
-    redis = redis_client(redis_server.url)
-    queue = await create_queue(redis_server.url)
-    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    _, queue, store = api_steps
     watcher = await Watcher(stack.relay_url, session_id).connect()
     body = user_message("orphaned")
     generation_id = new_generation_id()
@@ -273,16 +283,12 @@ async def test_a_generation_accepted_by_an_api_that_died_right_after_still_runs(
     await watcher.receive_until(finished(generation_id))
     assert watcher.transcript().generations[generation_id].text == expected_text(body)
     await watcher.close()
-    await queue.aclose()
-    await redis.aclose()
 
 
 async def test_a_job_that_runs_before_its_generation_is_accepted_waits_for_it(
-    stack: RunningStack, redis_server: Any, session_id: str
+    stack: RunningStack, api_steps: ApiSteps, session_id: str
 ) -> None:
-    redis = redis_client(redis_server.url)
-    queue = await create_queue(redis_server.url)
-    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    redis, queue, store = api_steps
     watcher = await Watcher(stack.relay_url, session_id).connect()
     body = user_message("slow acceptance")
     generation_id = new_generation_id()
@@ -296,5 +302,3 @@ async def test_a_job_that_runs_before_its_generation_is_accepted_waits_for_it(
     await watcher.receive_until(finished(generation_id))
     assert watcher.transcript().generations[generation_id].text == expected_text(body)
     await watcher.close()
-    await queue.aclose()
-    await redis.aclose()
