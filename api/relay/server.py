@@ -154,21 +154,20 @@ class Relay:
 
     async def _on_message(self, connection: Connection, message: str | bytes) -> None:
         try:
-            principal = self._authorize(connection.principal, message)
+            allowed = self._authorize(connection.principal, message)
             await connection.handle_message(message)
-            if principal is not None:
-                session_id = _session_of(message)
-                assert session_id is not None
+            if allowed is not None:
+                session_id, principal = allowed
                 connection.expire_at(session_id, principal.expires_at)
         except TokenfanError as exc:
             session = _session_of(message)
             extra = {"session_id": session} if session is not None else {}
             await connection.send(control_frame("error", code=exc.close_code, reason=exc.message, **extra))
 
-    def _authorize(self, principal: Principal | None, message: str | bytes) -> Principal | None:
+    def _authorize(self, principal: Principal | None, message: str | bytes) -> tuple[str, Principal] | None:
         """A subscribe needs a principal allowed to watch its session: the message's own ``token``, or the
-        connection's credential; returns it (None for other messages). Malformed messages pass through,
-        for the connection to explain."""
+        connection's credential; returns the session and that principal (None for other messages).
+        Malformed messages pass through, for the connection to explain."""
         try:
             request = json.loads(message)
         except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
@@ -187,7 +186,7 @@ class Relay:
         session_id = request.get("session_id")
         if isinstance(session_id, str):
             principal.require_session(session_id)
-            return principal
+            return session_id, principal
         return None
 
 
