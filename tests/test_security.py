@@ -1029,6 +1029,11 @@ async def test_a_multi_session_subscription_ends_with_its_token_and_the_others_g
     short_session, long_session = new_session_id(), new_session_id()
     short_token, expires = short_lived(short_session)
     multi = await opened(CredentialMultiWatcher(secure.relay_url)).connect_with()
+    # Watching nothing yet, a refresh only sets the connection's credential, and says so.
+    assert await multi.request({"type": "refresh", "token": mint(long_session)}) == {
+        "type": "refreshed",
+        "expires_at": pytest.approx(time.time() + TTL, abs=5),
+    }
     for session_id, token in ((short_session, short_token), (long_session, mint(long_session))):
         answer = await multi.request({"type": "subscribe", "session_id": session_id, "token": token})
         assert answer == {"type": "subscribed", "session_id": session_id}

@@ -149,6 +149,8 @@ class Relay:
                 await connection.send(
                     control_frame("refreshed", session_id=session, expires_at=principal.expires_at)
                 )
+            if not refreshed:  # a connection watching nothing yet: its credential for later subscribes
+                await connection.send(control_frame("refreshed", expires_at=principal.expires_at))
         except TokenfanError as exc:
             await connection.send(control_frame("error", code=exc.close_code, reason=exc.message))
 
