@@ -179,6 +179,19 @@ async def accept(client: httpx.AsyncClient, session_id: str, body: dict[str, Any
     return generation_id
 
 
+async def completed_session(relay_url: str, api: httpx.AsyncClient, session_id: str) -> list[dict[str, Any]]:
+    """One completed generation in `session_id`, paced so that coalescing leaves many delta frames to resume
+    between; its frames as a live single-session watcher got them."""
+    watcher = await Watcher(relay_url, session_id).connect()
+    try:
+        generation_id = await accept(api, session_id, user_message("resume me", {"tokens": 30, "rate": 400}))
+        await watcher.receive_until(finished(generation_id))
+    finally:
+        await watcher.close()
+    assert len(watcher.frames) >= 6
+    return watcher.frames
+
+
 Coverage = list[tuple[str, int]]
 
 

@@ -19,6 +19,7 @@ from tests.support import (
     Watcher,
     accept,
     assert_exact_delivery,
+    completed_session,
     coverage,
     expected_text,
     finished,
@@ -47,18 +48,6 @@ async def opened() -> AsyncIterator[Closer]:
     closer = Closer()
     yield closer
     await closer.close_all()
-
-
-async def completed_session(
-    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
-) -> list[dict[str, Any]]:
-    """One completed, paced generation in `session_id`; its frames as a single-session watcher got them."""
-    watcher = await opened(Watcher(stack.relay_url, session_id)).connect()
-    generation_id = await accept(api, session_id, user_message("history", {"tokens": 30, "rate": 400}))
-    await watcher.receive_until(finished(generation_id))
-    await watcher.close()
-    assert len(watcher.frames) >= 6
-    return watcher.frames
 
 
 def session_ended(multi: MultiWatcher, session_id: str, since: int) -> Callable[[list[dict[str, Any]]], bool]:
@@ -135,7 +124,7 @@ async def test_after_unsubscribe_no_frame_of_that_session_arrives(
 async def test_subscribe_with_after_resumes_exactly(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(opened, stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     multi = await opened(MultiWatcher(stack.relay_url)).connect()
     for cut in (0, 1, len(frames) // 2, len(frames) - 2):
         since = len(multi.messages)
@@ -207,7 +196,7 @@ async def test_a_malformed_offset_is_an_error_of_that_subscription(
 async def test_an_offset_of_another_incarnation_is_an_error_4410_of_that_subscription(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
 ) -> None:
-    frames = await completed_session(opened, stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     epoch, entry_id = str(frames[0]["offset"]).split(":")
     other_epoch = "zz" + epoch[2:] if not epoch.startswith("zz") else "yy" + epoch[2:]
     multi = await opened(MultiWatcher(stack.relay_url)).connect()

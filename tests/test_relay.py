@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from tests.support import (
     Watcher,
     accept,
     close_reason,
+    completed_session,
     coverage,
     expected_text,
     finished,
@@ -26,22 +26,10 @@ from tests.support import (
 from tokenfan.keys import SessionKeys
 
 
-async def completed_session(
-    stack: RunningStack, api: httpx.AsyncClient, session_id: str
-) -> list[dict[str, Any]]:
-    watcher = await Watcher(stack.relay_url, session_id).connect()
-    # Paced, so that coalescing leaves many delta frames to resume between.
-    generation_id = await accept(api, session_id, user_message("resume me", {"tokens": 30, "rate": 400}))
-    await watcher.receive_until(finished(generation_id))
-    await watcher.close()
-    assert len(watcher.frames) >= 6
-    return watcher.frames
-
-
 async def test_resuming_after_any_offset_yields_exactly_the_events_after_it(
     stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     for cut in range(len(frames) - 1):
         watcher = await Watcher(stack.relay_url, session_id).connect(after=str(frames[cut]["offset"]))
         await watcher.receive_until(lambda got: bool(got) and got[-1]["type"] == "generation.completed")
@@ -57,7 +45,7 @@ async def test_resuming_after_any_offset_yields_exactly_the_events_after_it(
 async def test_resuming_after_the_last_offset_waits_for_what_comes_next(
     stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     watcher = await Watcher(stack.relay_url, session_id).connect(after=str(frames[-1]["offset"]))
     body = user_message("the next one")
     generation_id = await accept(api, session_id, body)
@@ -82,7 +70,7 @@ async def test_a_subscriber_may_arrive_before_the_session_has_any_event(
 async def test_each_frame_carries_the_documented_members(
     stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     for frame in frames:
         assert {"offset", "type", "session_id", "generation_id", "seq"} <= set(frame)
         assert frame["session_id"] == session_id
@@ -113,7 +101,7 @@ async def test_malformed_requests_are_closed_with_4400(stack: RunningStack, path
 async def test_an_offset_of_another_incarnation_of_the_stream_is_gone(
     stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     epoch, entry_id = str(frames[0]["offset"]).split(":")
     other_epoch = "zz" + epoch[2:] if not epoch.startswith("zz") else "yy" + epoch[2:]
     code, reason = await close_reason(stream_url(stack.relay_url, session_id, f"{other_epoch}:{entry_id}"))
@@ -131,7 +119,7 @@ async def test_an_offset_for_a_session_that_does_not_exist_is_gone(
 async def test_an_offset_naming_no_event_is_unknown(
     stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     epoch, entry_id = str(frames[-1]["offset"]).split(":")
     milliseconds, sequence = entry_id.split("-")
     beyond = f"{epoch}:{int(milliseconds) + 10_000}-0"
@@ -145,7 +133,7 @@ async def test_an_offset_naming_no_event_is_unknown(
 async def test_an_offset_whose_events_were_trimmed_is_gone(
     stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
 ) -> None:
-    frames = await completed_session(stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     await redis.xtrim(SessionKeys(session_id).events, maxlen=2, approximate=False)
     code, _ = await close_reason(stream_url(stack.relay_url, session_id, str(frames[0]["offset"])))
     assert code == 4410
@@ -185,7 +173,7 @@ async def test_a_client_message_is_ignored_and_a_huge_one_closes_the_connection(
 async def test_an_offset_that_was_trimmed_still_resumes_when_everything_after_it_is_retained(
     stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
 ) -> None:
-    frames = await completed_session(stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     await redis.xtrim(SessionKeys(session_id).events, maxlen=2, approximate=False)
     watcher = await Watcher(stack.relay_url, session_id).connect(after=str(frames[-3]["offset"]))
     await watcher.receive_until(lambda got: bool(got) and got[-1]["type"] == "generation.completed")

@@ -17,6 +17,7 @@ from tests.support import (
     Watcher,
     accept,
     assert_exact_delivery,
+    completed_session,
     coverage,
     expected_text,
     finished,
@@ -50,18 +51,6 @@ def ended(frames: list[dict[str, Any]]) -> bool:
     return bool(frames) and frames[-1]["type"] == "generation.completed"
 
 
-async def completed_session(
-    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
-) -> list[dict[str, Any]]:
-    """A session holding one completed generation with many frames; its frames as a live watcher got them."""
-    watcher = await opened(Watcher(stack.relay_url, session_id)).connect()
-    generation_id = await accept(api, session_id, user_message("resume me", {"tokens": 30, "rate": 400}))
-    await watcher.receive_until(finished(generation_id))
-    await watcher.close()
-    assert len(watcher.frames) >= 6
-    return watcher.frames
-
-
 async def test_a_subscriber_gets_every_event_with_id_type_and_data(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
 ) -> None:
@@ -92,7 +81,7 @@ async def test_a_subscriber_gets_every_event_with_id_type_and_data(
 async def test_last_event_id_resumes_with_exactly_the_events_after_it(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(opened, stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     for cut in range(len(frames) - 1):
         sse = await opened(
             SseWatcher(stack.api_url, session_id, last_event_id=frames[cut]["offset"])
@@ -109,7 +98,7 @@ async def test_last_event_id_resumes_with_exactly_the_events_after_it(
 async def test_after_query_parameter_resumes_with_exactly_the_events_after_it(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(opened, stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     for cut in (0, len(frames) // 2, len(frames) - 2):
         sse = await opened(SseWatcher(stack.api_url, session_id, after=frames[cut]["offset"])).connect()
         await sse.receive_until(ended)
@@ -120,7 +109,7 @@ async def test_after_query_parameter_resumes_with_exactly_the_events_after_it(
 async def test_last_event_id_wins_over_after(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(opened, stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     cut = len(frames) // 2
     sse = await opened(
         SseWatcher(stack.api_url, session_id, after=frames[0]["offset"], last_event_id=frames[cut]["offset"])
@@ -164,7 +153,7 @@ async def test_a_malformed_position_is_refused_with_invalid_offset(
 async def test_an_offset_of_another_incarnation_is_gone(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(opened, stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     epoch, entry_id = str(frames[0]["offset"]).split(":")
     other_epoch = "zz" + epoch[2:] if not epoch.startswith("zz") else "yy" + epoch[2:]
     sse = opened(SseWatcher(stack.api_url, session_id, last_event_id=f"{other_epoch}:{entry_id}"))
@@ -176,7 +165,7 @@ async def test_an_offset_of_another_incarnation_is_gone(
 async def test_an_offset_naming_no_event_is_unknown(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
-    frames = await completed_session(opened, stack, api, session_id)
+    frames = await completed_session(stack.relay_url, api, session_id)
     epoch, entry_id = str(frames[-1]["offset"]).split(":")
     milliseconds, sequence = entry_id.split("-")
     for offset in (f"{epoch}:{milliseconds}-{int(sequence) + 7}", f"{epoch}:{int(milliseconds) + 10_000}-0"):
