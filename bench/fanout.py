@@ -57,10 +57,10 @@ from bench.harness import (
     save,
     wait_until_quiet,
 )
-from tokenfan.embedded_redis import EmbeddedRedis
-from tokenfan.events import EventType, encode_body, event_body
-from tokenfan.ids import new_generation_id
-from tokenfan.processes import ChildProcess
+from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.cli.processes import ChildProcess
+from tokenfan.contract.events import EventType, encode_body, event_body
+from tokenfan.contract.ids import new_generation_id
 from tokenfan.store import EventWrite, StartOutcome, Store, WriteItem
 
 ROOT = Path(__file__).resolve().parent.parent

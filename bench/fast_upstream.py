@@ -40,7 +40,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from tokenfan.serving import write_ready_file
+from tokenfan.runtime.serving import write_ready_file
 
 _DIRECTIVE = re.compile(r"<<fast (\{.*?\})>>")
 _HEAD_END = b"\r\n\r\n"

@@ -16,8 +16,8 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from tokenfan.embedded_redis import EmbeddedRedis
-from tokenfan.processes import ChildProcess
+from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.cli.processes import ChildProcess
 
 RESULTS = Path(__file__).parent / "results"
 _TICKS = os.sysconf("SC_CLK_TCK")

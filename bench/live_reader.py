@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 import hiredis
 
-from tokenfan.serving import write_ready_file
+from tokenfan.runtime.serving import write_ready_file
 
 PROBE_CHANNEL = b"tf:probe:live"
 _CONTENT = b'"content":"'

@@ -26,11 +26,11 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from api.relay.frames import frames_for
-from tokenfan.events import StreamEntry
-from tokenfan.keys import SessionKeys
-from tokenfan.offsets import StreamId, parse_offset
-from tokenfan.serving import bound_url, install_stop_signals, write_ready_file
+from api.live.frames import frames_for
+from tokenfan.contract.events import StreamEntry
+from tokenfan.contract.keys import SessionKeys
+from tokenfan.contract.offsets import StreamId, parse_offset
+from tokenfan.runtime.serving import bound_url, install_stop_signals, write_ready_file
 
 #: Entries per XREAD, as the relay's catch-up page.
 PAGE = 512

@@ -19,7 +19,7 @@ from typing import Any
 import openai
 
 from bench.harness import median, save
-from tokenfan.processes import ChildProcess
+from tokenfan.cli.processes import ChildProcess
 
 
 def cpu() -> float:

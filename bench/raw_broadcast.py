@@ -28,7 +28,7 @@ from websockets.asyncio.server import ServerConnection, broadcast, serve
 from websockets.http11 import Request, Response
 
 from bench.fanout_client import TOKEN_CHARS, token_content
-from tokenfan.serving import bound_url, install_stop_signals, write_ready_file
+from tokenfan.runtime.serving import bound_url, install_stop_signals, write_ready_file
 
 #: How much a connection may have buffered before a max-rate broadcast waits for it (bytes).
 _HIGH_WATER = 65_536

@@ -8,7 +8,7 @@ added latency, with coalescing on and off in the same run.
 
 Per measured point, a fresh stack of real processes on loopback:
 
-* an embedded Valkey (`tokenfan.embedded_redis.EmbeddedRedis`);
+* an embedded Valkey (`tokenfan.cli.embedded_redis.EmbeddedRedis`);
 * a lean streaming upstream (`bench.fast_upstream`), one chunk per token at ``--rate`` tokens/s per stream,
   each token's content being its send time;
 * ONE ``tokenfan worker --concurrency 1000`` with the variant's coalescing settings;
@@ -71,12 +71,12 @@ from bench.harness import (
     save,
     wait_until_quiet,
 )
-from tokenfan.embedded_redis import EmbeddedRedis
-from tokenfan.ids import new_generation_id
-from tokenfan.processes import ChildProcess
-from tokenfan.queue import create_queue, enqueue_generation
-from tokenfan.settings import Settings
+from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.cli.processes import ChildProcess
+from tokenfan.contract.ids import new_generation_id
+from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store, redis_client
+from tokenfan.store.jobs import create_queue, enqueue_generation
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = Path(tempfile.mkdtemp(prefix="tokenfan-bench-worker-"))

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.support import RunningStack, new_session_id
-from tokenfan.embedded_redis import EmbeddedRedis
+from tokenfan.cli.embedded_redis import EmbeddedRedis
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tokenfan.processes import ChildProcess
-from tokenfan.simulator import SimulatorConfig, reply_chunks
-from tokenfan.transcript import Transcript
+from tokenfan.cli.processes import ChildProcess
+from tokenfan.cli.simulator import SimulatorConfig, reply_chunks
+from tokenfan.client.transcript import Transcript
 
 #: The simulator every test stack runs: full speed (tests that need pacing say so per request).
 SIMULATOR = SimulatorConfig(tokens_per_second=0, reply_tokens=48)
@@ -207,7 +207,7 @@ def coverage(frames: list[dict[str, Any]]) -> Coverage:
 
 async def stream_contents(redis: Any, session_id: str) -> tuple[list[str], Coverage]:
     """Every offset the session's stream holds, and the (generation, seq) of each entry, in order."""
-    from tokenfan.keys import SessionKeys
+    from tokenfan.contract.keys import SessionKeys
 
     offsets, covered = [], []
     for entry_id, fields in await redis.xrange(SessionKeys(session_id).events):
@@ -501,7 +501,7 @@ def bearer(credential: str) -> dict[str, str]:
 #: A simulator that, unlike the CLI's, demands an upstream key: its own environment's OPENAI_API_KEY.
 _KEYED_SIMULATOR = """\
 import asyncio, os, sys
-from tokenfan.simulator import SimulatorConfig, serve
+from tokenfan.cli.simulator import SimulatorConfig, serve
 config = SimulatorConfig(tokens_per_second=0, reply_tokens=48, api_key=os.environ["OPENAI_API_KEY"])
 asyncio.run(serve(config, host="127.0.0.1", port=0, ready_file=sys.argv[1]))
 """

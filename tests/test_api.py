@@ -10,7 +10,7 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.support import RunningStack, Watcher, accept, expected_text, finished, new_session_id, user_message
-from tokenfan.ids import GENERATION_ID_PATTERN
+from tokenfan.contract.ids import GENERATION_ID_PATTERN
 
 
 async def session_keys(redis: Redis, session_id: str) -> list[bytes]:

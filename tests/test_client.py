@@ -22,11 +22,11 @@ from tests.support import (
     transcript_of,
     user_message,
 )
+from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
 from tokenfan.client import SessionStream
-from tokenfan.embedded_redis import EmbeddedRedis, free_port
-from tokenfan.errors import InvalidRequest, OffsetGone
-from tokenfan.events import GenerationStatus
-from tokenfan.keys import SessionKeys
+from tokenfan.contract.errors import InvalidRequest, OffsetGone
+from tokenfan.contract.events import GenerationStatus
+from tokenfan.contract.keys import SessionKeys
 
 
 def frames_of(stream: SessionStream) -> AsyncGenerator[dict[str, Any], None]:

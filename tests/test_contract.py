@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenfan import errors
-from tokenfan.errors import (
+from tokenfan.contract import errors
+from tokenfan.contract.errors import (
     ClientError,
     Conflict,
     Forbidden,
@@ -31,8 +31,8 @@ from tokenfan.errors import (
     Unauthorized,
     UnknownOffset,
 )
-from tokenfan.events import EventType, StreamEntry, encode_body, event_body, frame_from_body
-from tokenfan.ids import (
+from tokenfan.contract.events import EventType, StreamEntry, encode_body, event_body, frame_from_body
+from tokenfan.contract.ids import (
     GENERATION_ID_PATTERN,
     SESSION_ID_MAX_LENGTH,
     is_generation_id,
@@ -40,8 +40,8 @@ from tokenfan.ids import (
     new_epoch,
     new_generation_id,
 )
-from tokenfan.keys import SessionKeys
-from tokenfan.offsets import EPOCH_PATTERN, Offset, StreamId, parse_offset
+from tokenfan.contract.keys import SessionKeys
+from tokenfan.contract.offsets import EPOCH_PATTERN, Offset, StreamId, parse_offset
 from tokenfan.store import slot_of
 
 U64 = (1 << 64) - 1

@@ -22,10 +22,10 @@ from tests.support import (
     finished,
     user_message,
 )
-from tokenfan.events import GenerationStatus
-from tokenfan.ids import new_generation_id
-from tokenfan.queue import create_queue, enqueue_generation
+from tokenfan.contract.events import GenerationStatus
+from tokenfan.contract.ids import new_generation_id
 from tokenfan.store import Store, redis_client
+from tokenfan.store.jobs import create_queue, enqueue_generation
 
 
 async def test_three_subscribers_one_cut_mid_stream_all_end_with_the_upstream_text(
@@ -227,7 +227,7 @@ async def test_usage_comes_from_the_final_chunk_and_is_estimated_when_the_upstre
 
 def expected_text_pieces(body: dict[str, Any]) -> list[str]:
     from tests.support import SIMULATOR
-    from tokenfan.simulator import reply_chunks
+    from tokenfan.cli.simulator import reply_chunks
 
     return reply_chunks(body, SIMULATOR)
 

@@ -25,9 +25,9 @@ from tests.support import (
     new_session_id,
     user_message,
 )
-from tokenfan.embedded_redis import EmbeddedRedis
-from tokenfan.events import GenerationStatus
-from tokenfan.processes import ChildProcess
+from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.cli.processes import ChildProcess
+from tokenfan.contract.events import GenerationStatus
 
 pytestmark = pytest.mark.fault
 

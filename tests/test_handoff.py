@@ -14,9 +14,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from api.relay.handoff import FeedCursor, Handoff, Phase, Verdict
-from tokenfan.events import StreamEntry
-from tokenfan.offsets import StreamId
+from api.live.handoff import FeedCursor, Handoff, Phase, Verdict
+from tokenfan.contract.events import StreamEntry
+from tokenfan.contract.offsets import StreamId
 
 EPOCH = b"e1"
 

@@ -66,9 +66,16 @@ from tests.support import (
     user_message,
     wait_for_condition,
 )
-from tokenfan.auth import ApiKeys, Authenticator, TokenSigner, bearer_token, new_api_key, new_token_secret
-from tokenfan.errors import Unauthorized
-from tokenfan.settings import Secret, SettingsError
+from tokenfan.contract.errors import Unauthorized
+from tokenfan.runtime.auth import (
+    ApiKeys,
+    Authenticator,
+    TokenSigner,
+    bearer_token,
+    new_api_key,
+    new_token_secret,
+)
+from tokenfan.runtime.settings import Secret, SettingsError
 
 KEY = new_api_key()
 SECRET = new_token_secret()

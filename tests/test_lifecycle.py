@@ -18,8 +18,8 @@ from tests.support import (
     finished,
     user_message,
 )
-from tokenfan.events import GenerationStatus, text_sha256
-from tokenfan.simulator import reply_chunks
+from tokenfan.cli.simulator import reply_chunks
+from tokenfan.contract.events import GenerationStatus, text_sha256
 
 
 async def simulator_stats(stack: RunningStack) -> dict[str, int]:

@@ -28,7 +28,7 @@ from tests.support import (
     transcript_of,
     user_message,
 )
-from tokenfan.events import GenerationStatus
+from tokenfan.contract.events import GenerationStatus
 
 #: TOKENFAN_RELAY_MAX_SUBSCRIPTIONS of the `few_subscriptions` relay.
 MAX_SUBSCRIPTIONS = 3

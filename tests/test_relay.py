@@ -23,7 +23,7 @@ from tests.support import (
     stream_url,
     user_message,
 )
-from tokenfan.keys import SessionKeys
+from tokenfan.contract.keys import SessionKeys
 
 
 async def test_resuming_after_any_offset_yields_exactly_the_events_after_it(

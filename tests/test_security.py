@@ -63,14 +63,14 @@ from tests.support import (
     user_message,
     wait_for_condition,
 )
-from tokenfan.auth import TokenSigner, new_api_key, new_token_secret
+from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.client import SessionStream
-from tokenfan.embedded_redis import EmbeddedRedis
-from tokenfan.events import GenerationStatus
-from tokenfan.ids import new_generation_id
-from tokenfan.queue import queue_settings
-from tokenfan.settings import Secret
+from tokenfan.contract.events import GenerationStatus
+from tokenfan.contract.ids import new_generation_id
+from tokenfan.runtime.auth import TokenSigner, new_api_key, new_token_secret
+from tokenfan.runtime.settings import Secret
 from tokenfan.store import redis_client
+from tokenfan.store.jobs import queue_settings
 
 # Fresh credentials per run, each recognizable, so that any log line or body holding one is found.
 ALPHA_KEY = new_api_key()  # configured as alpha:<key>

@@ -13,8 +13,8 @@ import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tokenfan.logs import REDACTED, configure_logging, redact_secrets, scrub
-from tokenfan.settings import Secret, Settings, SettingsError, settings_table, with_settings_table
+from tokenfan.runtime.logs import REDACTED, configure_logging, redact_secrets, scrub
+from tokenfan.runtime.settings import Secret, Settings, SettingsError, settings_table, with_settings_table
 
 REPO = Path(__file__).resolve().parent.parent
 ENV_NAMES = [str(spec.metadata["env"]) for spec in dataclasses.fields(Settings)]

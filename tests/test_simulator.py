@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 from openai.types.chat import ChatCompletionChunk, ChatCompletionMessageParam
 
-from tokenfan.simulator import SimulatorConfig, create_app, parse_directive, reply_chunks
+from tokenfan.cli.simulator import SimulatorConfig, create_app, parse_directive, reply_chunks
 
 MODEL = "tokenfan-sim"
 FAST = SimulatorConfig(tokens_per_second=0)
@@ -477,7 +477,7 @@ async def test_unknown_option_is_a_bad_request_error_for_openai(sim: Sim) -> Non
 async def test_serve_announces_readiness_and_stops_on_sigterm(tmp_path: Path) -> None:
     ready_file = tmp_path / "sim.json"
     code = (
-        "import asyncio; from tokenfan.simulator import SimulatorConfig, serve; "
+        "import asyncio; from tokenfan.cli.simulator import SimulatorConfig, serve; "
         f"asyncio.run(serve(SimulatorConfig(), host='127.0.0.1', port=0, ready_file={str(ready_file)!r}))"
     )
     process = await asyncio.create_subprocess_exec(sys.executable, "-c", code, stderr=asyncio.subprocess.PIPE)

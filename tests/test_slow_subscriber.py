@@ -41,7 +41,7 @@ from tests.support import (
     user_message,
     wait_for_condition,
 )
-from tokenfan.events import GenerationStatus
+from tokenfan.contract.events import GenerationStatus
 
 pytestmark = pytest.mark.fault
 

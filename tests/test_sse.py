@@ -25,8 +25,8 @@ from tests.support import (
     user_message,
     wait_for_condition,
 )
-from tokenfan.events import GenerationStatus
-from tokenfan.keys import SessionKeys
+from tokenfan.contract.events import GenerationStatus
+from tokenfan.contract.keys import SessionKeys
 
 
 @pytest.fixture

@@ -13,12 +13,12 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.support import new_session_id
-from tokenfan.embedded_redis import EmbeddedRedis
-from tokenfan.errors import OffsetGone, UnknownOffset
-from tokenfan.events import EventType, GenerationStatus, encode_body, event_body, text_sha256
-from tokenfan.ids import new_generation_id
-from tokenfan.keys import GenerationField, SessionKeys
-from tokenfan.offsets import Offset, StreamId
+from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.contract.errors import OffsetGone, UnknownOffset
+from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body, text_sha256
+from tokenfan.contract.ids import new_generation_id
+from tokenfan.contract.keys import GenerationField, SessionKeys
+from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store import (
     AcceptOutcome,
     EventWrite,

@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from tokenfan.events import EventType, GenerationStatus, text_sha256
-from tokenfan.transcript import Transcript, TranscriptError
+from tokenfan.client.transcript import Transcript, TranscriptError
+from tokenfan.contract.events import EventType, GenerationStatus, text_sha256
 
 GEN_A = "gen_01JD3Q4Z5X6Y7W8V9T0S1R2P3N"
 GEN_B = "gen_01JD3Q4Z5X6Y7W8V9T0S1R2P3P"

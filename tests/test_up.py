@@ -12,7 +12,7 @@ import sys
 import httpx
 
 from tests.support import Watcher, accept, expected_text, finished, user_message
-from tokenfan.events import GenerationStatus
+from tokenfan.contract.events import GenerationStatus
 
 
 def port_open(url: str) -> bool:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.types.chat import ChatCompletionChunk
 
-from tokenfan.events import EventType, FailureType
+from tokenfan.contract.events import EventType, FailureType
 from worker.coalesce import Coalescer, PendingEvent
 from worker.upstream import (
     ContentPiece,

@@ -1,5 +1,5 @@
 """``python -m tokenfan`` is the ``tokenfan`` command."""
 
-from tokenfan.cli import main
+from tokenfan.cli.main import main
 
 main()

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenfan.events import EventType
+from tokenfan.contract.events import EventType
 
 __all__ = ["Coalescer", "PendingEvent"]
 

@@ -19,8 +19,8 @@ from typing import Any
 import structlog
 from arq.worker import Retry
 
-from tokenfan.errors import ServiceUnavailable
-from tokenfan.events import EventType, FailureType, GenerationStatus, text_sha256
+from tokenfan.contract.errors import ServiceUnavailable
+from tokenfan.contract.events import EventType, FailureType, GenerationStatus, text_sha256
 from tokenfan.store import Finish, StartOutcome, StartResult, Store
 from worker.hooks import HookContext, Hooks, load_hooks
 from worker.stream_writer import Fenced, GenerationStream, StreamWriter

@@ -21,11 +21,11 @@ from redis.connection import HiredisRespSerializer
 from redis.exceptions import RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
-from tokenfan.keys import ARQ_QUEUE, CANCEL_CHANNEL
-from tokenfan.queue import JOB_FUNCTION, create_queue, deserialize_job, hand_over, serialize_job
-from tokenfan.serving import write_ready_file
-from tokenfan.settings import Settings
+from tokenfan.contract.keys import ARQ_QUEUE, CANCEL_CHANNEL
+from tokenfan.runtime.serving import write_ready_file
+from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store, redis_client
+from tokenfan.store.jobs import JOB_FUNCTION, create_queue, deserialize_job, hand_over, serialize_job
 from worker.generate import GenerationJob, RetryPolicy
 from worker.hooks import load_hooks
 from worker.stream_writer import GenerationStream, StreamWriter

@@ -28,9 +28,9 @@ import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tokenfan.errors import ServiceUnavailable
-from tokenfan.events import EventType, encode_body, event_body
-from tokenfan.offsets import Offset
+from tokenfan.contract.errors import ServiceUnavailable
+from tokenfan.contract.events import EventType, encode_body, event_body
+from tokenfan.contract.offsets import Offset
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
 from worker.coalesce import Coalescer
 

@@ -34,8 +34,8 @@ from typing import Any, cast
 import httpx2
 import openai
 
-from tokenfan.events import FailureType
-from tokenfan.settings import Settings
+from tokenfan.contract.events import FailureType
+from tokenfan.runtime.settings import Settings
 
 __all__ = [
     "ContentPiece",

@@ -22,12 +22,12 @@ from api.http.errors import install_error_handlers
 from api.http.limits import BodySizeLimit
 from api.http.routes import router
 from api.http.security import caller
-from api.relay.feed import LiveBus
-from api.relay.presence import publish_presence
-from tokenfan.auth import Authenticator
-from tokenfan.queue import create_queue
-from tokenfan.settings import Settings
+from api.live.feed import LiveBus
+from api.live.presence import publish_presence
+from tokenfan.runtime.auth import Authenticator
+from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store, redis_client
+from tokenfan.store.jobs import create_queue
 
 __all__ = ["Services", "create_app"]
 

@@ -12,7 +12,13 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from tokenfan.errors import InvalidRequest, RateLimited, ServiceUnavailable, TokenfanError, Unauthorized
+from tokenfan.contract.errors import (
+    InvalidRequest,
+    RateLimited,
+    ServiceUnavailable,
+    TokenfanError,
+    Unauthorized,
+)
 
 __all__ = ["error_response", "install_error_handlers"]
 

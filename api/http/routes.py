@@ -29,7 +29,7 @@ from api.http.schemas import (
 )
 from api.http.security import Caller
 from api.http.sse import SseSubscriber, event_stream
-from tokenfan.errors import (
+from tokenfan.contract.errors import (
     Conflict,
     GenerationNotFound,
     InvalidRequest,
@@ -37,12 +37,12 @@ from tokenfan.errors import (
     RateLimited,
     SessionNotFound,
 )
-from tokenfan.events import EventType, GenerationStatus, encode_body, event_body
-from tokenfan.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN, new_generation_id
-from tokenfan.offsets import parse_offset
-from tokenfan.queue import enqueue_generation, hand_over
-from tokenfan.settings import Settings
+from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
+from tokenfan.contract.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN, new_generation_id
+from tokenfan.contract.offsets import parse_offset
+from tokenfan.runtime.settings import Settings
 from tokenfan.store import AcceptOutcome, EventWrite, Finish, GenerationRecord, WriteItem, WriteOutcome
+from tokenfan.store.jobs import enqueue_generation, hand_over
 
 if TYPE_CHECKING:
     from api.http.app import Services

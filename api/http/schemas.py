@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tokenfan.events import GenerationStatus
+from tokenfan.contract.events import GenerationStatus
 
 __all__ = [
     "CancelResult",

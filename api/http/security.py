@@ -9,7 +9,7 @@ import structlog
 from fastapi import Depends, Query, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from tokenfan.auth import Authenticator, Principal
+from tokenfan.runtime.auth import Authenticator, Principal
 
 __all__ = ["Caller", "caller"]
 

@@ -1,7 +1,7 @@
 """Server-Sent Events: ``GET /v1/sessions/{session_id}/events``, for clients that cannot speak WebSocket.
 
 The same frames as the relay, as ``id: <offset>`` / ``event: <type>`` / ``data: <frame JSON>``, from the same
-shared feed code (`api.relay.feed`): one reader per session per API process, however many SSE clients
+shared feed code (`api.live.feed`): one reader per session per API process, however many SSE clients
 watch it. A browser's EventSource reconnects by itself and sends ``Last-Event-ID``; that header wins over
 ``?after=`` because the browser reuses the original URL. Each subscriber's queue is bounded; one that
 does not read gets the slow-consumer treatment of the relay. A stream opened with a session token ends
@@ -21,11 +21,11 @@ import structlog
 from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 
-from api.relay.feed import LiveBus
-from api.relay.frames import frame_offset_and_type
-from api.relay.handoff import Handoff
-from tokenfan.errors import ServiceUnavailable, TokenfanError, Unauthorized
-from tokenfan.offsets import StreamId
+from api.live.feed import LiveBus
+from api.live.frames import frame_offset_and_type
+from api.live.handoff import Handoff
+from tokenfan.contract.errors import ServiceUnavailable, TokenfanError, Unauthorized
+from tokenfan.contract.offsets import StreamId
 
 __all__ = ["SseSubscriber", "event_stream", "sse_event"]
 
@@ -39,7 +39,7 @@ def sse_event(frame: bytes) -> bytes:
 
 
 class SseSubscriber:
-    """A `Subscriber` (see `api.relay.feed`) whose frames wait in a bounded queue for the response."""
+    """A `Subscriber` (see `api.live.feed`) whose frames wait in a bounded queue for the response."""
 
     websocket: ServerConnection | None = None
 

@@ -22,13 +22,13 @@ from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
 
-from api.relay.feed import SessionFeed, write_frames
-from api.relay.frames import close_reason, control_frame
-from api.relay.handoff import Handoff
-from tokenfan.auth import Principal
-from tokenfan.errors import InvalidRequest, ServiceUnavailable, TokenfanError, Unauthorized
-from tokenfan.ids import is_session_id
-from tokenfan.offsets import parse_offset
+from api.live.feed import SessionFeed, write_frames
+from api.live.frames import close_reason, control_frame
+from api.live.handoff import Handoff
+from tokenfan.contract.errors import InvalidRequest, ServiceUnavailable, TokenfanError, Unauthorized
+from tokenfan.contract.ids import is_session_id
+from tokenfan.contract.offsets import parse_offset
+from tokenfan.runtime.auth import Principal
 
 if TYPE_CHECKING:
     from api.relay.server import Relay

@@ -1,9 +1,9 @@
 """The WebSocket relay: ``/v1/sessions/{session_id}/stream[?after=<offset>]`` and ``/v1/stream``.
 
 A subscription is validated, caught up from Redis (pages, each `send` awaited, so a slow client slows only
-its own catch-up), then joined to the session's shared feed (`api.relay.feed`), which writes live frames to
+its own catch-up), then joined to the session's shared feed (`api.live.feed`), which writes live frames to
 every in-sync subscriber at once. Errors close a single-session connection with the code of the
-`tokenfan.errors` class that describes them, and reach a multi-session connection as ``error`` frames
+`tokenfan.contract.errors` class that describes them, and reach a multi-session connection as ``error`` frames
 (docs/PROTOCOL.md lists both).
 """
 
@@ -27,12 +27,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
+from api.live.feed import LiveBus
+from api.live.frames import close_reason, control_frame
+from api.live.presence import publish_presence
 from api.relay.connection import Connection
-from api.relay.feed import LiveBus
-from api.relay.frames import close_reason, control_frame
-from api.relay.presence import publish_presence
-from tokenfan.auth import Authenticator, Principal, bearer_token
-from tokenfan.errors import (
+from tokenfan.contract.errors import (
     InvalidOffset,
     InvalidRequest,
     InvalidSessionId,
@@ -41,9 +40,10 @@ from tokenfan.errors import (
     TokenfanError,
     Unauthorized,
 )
-from tokenfan.ids import is_session_id
-from tokenfan.serving import bound_url, install_stop_signals, write_ready_file
-from tokenfan.settings import Settings
+from tokenfan.contract.ids import is_session_id
+from tokenfan.runtime.auth import Authenticator, Principal, bearer_token
+from tokenfan.runtime.serving import bound_url, install_stop_signals, write_ready_file
+from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store, redis_client
 
 __all__ = ["Relay", "run_relay"]

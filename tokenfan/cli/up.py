@@ -18,10 +18,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-from tokenfan.auth import new_api_key, new_token_secret
-from tokenfan.embedded_redis import EmbeddedRedis
-from tokenfan.processes import ChildProcess
-from tokenfan.settings import Settings
+from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.cli.processes import ChildProcess
+from tokenfan.runtime.auth import new_api_key, new_token_secret
+from tokenfan.runtime.settings import Settings
 
 __all__ = ["Stack"]
 

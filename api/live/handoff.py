@@ -1,5 +1,5 @@
 """The I/O-free core of the relay: a subscriber's way from its resume point to the shared live tail, and the
-shared reader's own position in the stream. Pure: no I/O, no clock; driven by `api.relay.feed`.
+shared reader's own position in the stream. Pure: no I/O, no clock; driven by `api.live.feed`.
 
 Subscriber (`Handoff`), transitions::
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from enum import StrEnum
 
-from tokenfan.events import StreamEntry
-from tokenfan.offsets import StreamId
+from tokenfan.contract.events import StreamEntry
+from tokenfan.contract.offsets import StreamId
 
 __all__ = ["FeedCursor", "Handoff", "Phase", "Verdict"]
 

@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from itertools import zip_longest
 from typing import Any, Literal
 
-from tokenfan.simulator.options import Directive, SimToolCall, SimulatorConfig, message_text, parse_directive
+from tokenfan.cli.simulator.options import (
+    Directive,
+    SimToolCall,
+    SimulatorConfig,
+    message_text,
+    parse_directive,
+)
 
 __all__ = ["Event", "Halt", "Reply", "Step", "completion", "plan_reply", "reply_chunks", "stream_steps"]
 

@@ -7,7 +7,7 @@
     tokenfan simulator --port 8002   the OpenAI-compatible simulator
     tokenfan watch SESSION           print a session live, resuming across disconnects
 
-Every component reads its configuration from the environment (`tokenfan.settings`); flags only choose
+Every component reads its configuration from the environment (`tokenfan.runtime.settings`); flags only choose
 where to listen. ``--ready-file PATH`` makes a server write its URL to PATH once it accepts connections.
 """
 
@@ -20,8 +20,8 @@ import sys
 from collections.abc import Coroutine, Sequence
 from typing import Any
 
-from tokenfan.logs import configure_logging
-from tokenfan.settings import Settings, SettingsError
+from tokenfan.runtime.logs import configure_logging
+from tokenfan.runtime.settings import Settings, SettingsError
 
 __all__ = ["main"]
 
@@ -93,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     configure_logging(settings, command)
     if command == "api":
         from api.http.app import create_app
-        from tokenfan.serving import serve_asgi
+        from tokenfan.runtime.serving import serve_asgi
 
         try:
             app = create_app(settings)
@@ -126,12 +126,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         _run(run_worker(settings, concurrency=args.concurrency, ready_file=args.ready_file))
     elif command == "simulator":
-        from tokenfan.simulator import SimulatorConfig, serve
+        from tokenfan.cli.simulator import SimulatorConfig, serve
 
         config = SimulatorConfig(tokens_per_second=args.tokens_per_second, reply_tokens=args.reply_tokens)
         _run(serve(config, host=args.host, port=args.port, ready_file=args.ready_file))
     elif command == "watch":
-        from tokenfan.watch import watch
+        from tokenfan.cli.watch import watch
 
         _run(
             watch(
@@ -139,7 +139,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         )
     elif command == "up":
-        from tokenfan.up import Stack
+        from tokenfan.cli.up import Stack
 
         raise SystemExit(Stack.from_args(args, settings).run())
 

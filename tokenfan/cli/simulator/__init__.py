@@ -35,9 +35,9 @@ reason ``length``). ``drop_after``/``stall_after``/``error_after``, ``usage`` an
 streams only; a non-streaming request ignores them.
 """
 
-from tokenfan.simulator.options import Directive, SimToolCall, SimulatorConfig, parse_directive
-from tokenfan.simulator.reply import reply_chunks
-from tokenfan.simulator.server import create_app, serve
+from tokenfan.cli.simulator.options import Directive, SimToolCall, SimulatorConfig, parse_directive
+from tokenfan.cli.simulator.reply import reply_chunks
+from tokenfan.cli.simulator.server import create_app, serve
 
 __all__ = [
     "Directive",

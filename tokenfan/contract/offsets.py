@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import ClassVar, Self
 
-from tokenfan.errors import InvalidOffset
+from tokenfan.contract.errors import InvalidOffset
 
 __all__ = ["EPOCH_PATTERN", "OFFSET_MAX_LENGTH", "Offset", "StreamId", "parse_offset"]
 

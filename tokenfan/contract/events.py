@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from tokenfan.offsets import Offset, StreamId
+from tokenfan.contract.offsets import Offset, StreamId
 
 __all__ = [
     "TERMINAL_EVENT_TYPES",

@@ -2,7 +2,7 @@
 
 Why scripts: each step that must be atomic (append an event *and* record the text it adds *and* publish it
 to the relays; finish a generation *and* hand the session to the next one) runs as one script on the one slot
-that holds the session (`tokenfan.keys`), so no crash between two commands can leave a half-written state.
+that holds the session (`tokenfan.contract.keys`), so no crash between two commands can leave a half-written state.
 
 Three invariants live here and nowhere else:
 
@@ -28,11 +28,11 @@ from typing import Any, cast
 
 from redis.asyncio import Redis
 
-from tokenfan.errors import OffsetGone, UnknownOffset
-from tokenfan.events import GenerationStatus, StreamEntry
-from tokenfan.ids import new_epoch
-from tokenfan.keys import CANCEL_CHANNEL, GenerationField, SessionKeys, generation_index_key
-from tokenfan.offsets import Offset, StreamId
+from tokenfan.contract.errors import OffsetGone, UnknownOffset
+from tokenfan.contract.events import GenerationStatus, StreamEntry
+from tokenfan.contract.ids import new_epoch
+from tokenfan.contract.keys import CANCEL_CHANNEL, GenerationField, SessionKeys, generation_index_key
+from tokenfan.contract.offsets import Offset, StreamId
 
 __all__ = [
     "AcceptOutcome",
@@ -387,7 +387,7 @@ class StartResult:
 @dataclass(frozen=True, slots=True)
 class EventWrite:
     seq: int
-    body: str  # the encoded event body (`tokenfan.events.encode_body`)
+    body: str  # the encoded event body (`tokenfan.contract.events.encode_body`)
     text: str = ""  # what this event adds to the generation's text
     reasoning: str = ""  # what it adds to the generation's reasoning
 

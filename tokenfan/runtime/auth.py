@@ -24,8 +24,8 @@ from dataclasses import dataclass
 
 import jwt
 
-from tokenfan.errors import Forbidden, Unauthorized
-from tokenfan.settings import Secret, Settings, SettingsError
+from tokenfan.contract.errors import Forbidden, Unauthorized
+from tokenfan.runtime.settings import Secret, Settings, SettingsError
 
 __all__ = [
     "ApiKeys",

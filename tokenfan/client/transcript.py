@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenfan.events import EventType, GenerationStatus, text_sha256
-from tokenfan.offsets import Offset, parse_offset
+from tokenfan.contract.events import EventType, GenerationStatus, text_sha256
+from tokenfan.contract.offsets import Offset, parse_offset
 
 __all__ = ["GenerationTranscript", "Transcript", "TranscriptError"]
 

@@ -1,7 +1,7 @@
 """Every Redis name tokenfan uses, in one place.
 
 All keys of one session carry the session id as a hash tag (``{...}``), so in Redis Cluster they live in
-one slot and the Lua scripts that update them stay atomic. The charset of session ids (see `tokenfan.ids`)
+one slot and the Lua scripts that update them stay atomic. The charset of session ids (see `tokenfan.contract.ids`)
 excludes braces, so a session id can never break out of its tag. Pure: no I/O.
 
 Per session ``S``:

@@ -26,12 +26,12 @@ from websockets.asyncio.server import ServerConnection, broadcast
 from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
-from api.relay.frames import frames_for, snapshot_frame
-from api.relay.handoff import FeedCursor, Handoff, Phase, Verdict
-from tokenfan.errors import OffsetGone
-from tokenfan.events import StreamEntry
-from tokenfan.keys import SessionKeys
-from tokenfan.offsets import StreamId
+from api.live.frames import frames_for, snapshot_frame
+from api.live.handoff import FeedCursor, Handoff, Phase, Verdict
+from tokenfan.contract.errors import OffsetGone
+from tokenfan.contract.events import StreamEntry
+from tokenfan.contract.keys import SessionKeys
+from tokenfan.contract.offsets import StreamId
 from tokenfan.store import Store
 
 __all__ = ["LiveBus", "SessionFeed", "Subscriber", "write_frames"]

@@ -15,7 +15,7 @@ import socket
 import structlog
 from redis.exceptions import RedisError
 
-from api.relay.feed import LiveBus
+from api.live.feed import LiveBus
 from tokenfan.store import Store
 
 __all__ = ["publish_presence"]

@@ -16,7 +16,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
-from tokenfan.keys import ARQ_QUEUE
+from tokenfan.contract.keys import ARQ_QUEUE
 
 __all__ = [
     "JOB_FUNCTION",

@@ -13,7 +13,7 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from tokenfan.events import StreamEntry, encode_body, frame_from_body
+from tokenfan.contract.events import StreamEntry, encode_body, frame_from_body
 
 __all__ = [
     "MAX_MERGED_BYTES",

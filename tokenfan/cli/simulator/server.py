@@ -17,9 +17,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
-from tokenfan.serving import serve_asgi
-from tokenfan.simulator.options import Directive, SimulatorConfig, parse_directive, validate_body
-from tokenfan.simulator.reply import Halt, Step, completion, plan_reply, stream_steps
+from tokenfan.cli.simulator.options import Directive, SimulatorConfig, parse_directive, validate_body
+from tokenfan.cli.simulator.reply import Halt, Step, completion, plan_reply, stream_steps
+from tokenfan.runtime.serving import serve_asgi
 
 __all__ = ["create_app", "serve"]
 

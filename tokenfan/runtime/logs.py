@@ -15,7 +15,7 @@ from typing import Any
 
 import structlog
 
-from tokenfan.settings import Secret, Settings
+from tokenfan.runtime.settings import Secret, Settings
 
 __all__ = ["REDACTED", "configure_logging", "redact_secrets", "scrub"]
 

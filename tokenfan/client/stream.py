@@ -29,7 +29,7 @@ import httpx
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from tokenfan.errors import (
+from tokenfan.contract.errors import (
     ClientError,
     Forbidden,
     InvalidRequest,
@@ -40,7 +40,7 @@ from tokenfan.errors import (
     Unauthorized,
     UnknownOffset,
 )
-from tokenfan.events import decode_frame
+from tokenfan.contract.events import decode_frame
 
 __all__ = ["Credential", "SessionStream"]
 
