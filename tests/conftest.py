@@ -8,7 +8,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import RunningStack, new_session_id
+from tests.support.requests import new_session_id
+from tests.support.stack import RunningStack
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 
 

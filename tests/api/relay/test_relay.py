@@ -11,18 +11,10 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
-from tests.support import (
-    RunningStack,
-    Watcher,
-    accept,
-    close_reason,
-    completed_session,
-    coverage,
-    expected_text,
-    finished,
-    stream_url,
-    user_message,
-)
+from tests.support.delivery import coverage
+from tests.support.requests import accept, expected_text, user_message
+from tests.support.stack import RunningStack
+from tests.support.watchers import Watcher, close_reason, completed_session, finished, stream_url
 from tokenfan.contract.keys import SessionKeys
 
 

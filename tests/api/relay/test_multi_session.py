@@ -12,22 +12,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import (
-    Closer,
-    MultiWatcher,
-    RunningStack,
-    Watcher,
-    accept,
-    assert_exact_delivery,
-    completed_session,
-    coverage,
-    expected_text,
-    finished,
-    new_session_id,
-    start_frontends,
-    transcript_of,
-    user_message,
-)
+from tests.support.delivery import assert_exact_delivery, coverage, transcript_of
+from tests.support.requests import accept, expected_text, new_session_id, user_message
+from tests.support.stack import RunningStack, start_frontends
+from tests.support.waiting import Closer
+from tests.support.watchers import MultiWatcher, Watcher, completed_session, finished
 from tokenfan.contract.events import GenerationStatus
 
 #: TOKENFAN_RELAY_MAX_SUBSCRIPTIONS of the `few_subscriptions` relay.

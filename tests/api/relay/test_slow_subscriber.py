@@ -25,22 +25,11 @@ from redis.asyncio import Redis
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tests.support import (
-    Closer,
-    RunningStack,
-    Watcher,
-    accept,
-    assert_exact_delivery,
-    coverage,
-    expected_text,
-    finished,
-    http_url,
-    start_frontends,
-    stream_url,
-    transcript_of,
-    user_message,
-    wait_for_condition,
-)
+from tests.support.delivery import assert_exact_delivery, coverage, transcript_of
+from tests.support.requests import accept, expected_text, user_message
+from tests.support.stack import RunningStack, start_frontends
+from tests.support.waiting import Closer, wait_for_condition
+from tests.support.watchers import Watcher, finished, http_url, stream_url
 from tokenfan.contract.events import GenerationStatus
 
 pytestmark = pytest.mark.fault

@@ -13,15 +13,10 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
-from tests.support import (
-    RunningStack,
-    Watcher,
-    accept,
-    assert_exact_delivery,
-    expected_text,
-    finished,
-    user_message,
-)
+from tests.support.delivery import assert_exact_delivery
+from tests.support.requests import accept, expected_text, user_message
+from tests.support.stack import RunningStack
+from tests.support.watchers import Watcher, finished
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_generation_id
 from tokenfan.store import Store, redis_client
@@ -226,7 +221,7 @@ async def test_usage_comes_from_the_final_chunk_and_is_estimated_when_the_upstre
 
 
 def expected_text_pieces(body: dict[str, Any]) -> list[str]:
-    from tests.support import SIMULATOR
+    from tests.support.requests import SIMULATOR
     from tokenfan.cli.simulator import reply_chunks
 
     return reply_chunks(body, SIMULATOR)

@@ -15,16 +15,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import (
-    RunningStack,
-    Watcher,
-    accept,
-    assert_exact_delivery,
-    expected_text,
-    finished,
-    new_session_id,
-    user_message,
-)
+from tests.support.delivery import assert_exact_delivery
+from tests.support.requests import accept, expected_text, new_session_id, user_message
+from tests.support.stack import RunningStack
+from tests.support.watchers import Watcher, finished
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.cli.processes import ChildProcess
 from tokenfan.contract.events import GenerationStatus
@@ -48,7 +42,7 @@ def faults(fault_redis: EmbeddedRedis) -> Iterator[RunningStack]:
             "TOKENFAN_UPSTREAM_READ_TIMEOUT_SECONDS": "1",
             "TOKENFAN_PRESENCE_INTERVAL_SECONDS": "0.2",
             "TOKENFAN_FEED_LINGER_SECONDS": "0.1",
-            "TOKENFAN_WORKER_HOOKS": "tests.hooks_for_tests:hooks",
+            "TOKENFAN_WORKER_HOOKS": "tests.support.hooks:hooks",
         },
     )
     try:

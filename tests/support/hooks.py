@@ -1,4 +1,4 @@
-"""Worker hooks used by tests/test_faults.py (loaded by the worker through TOKENFAN_WORKER_HOOKS)."""
+"""Worker hooks used by tests/system/test_faults.py (loaded by the worker through TOKENFAN_WORKER_HOOKS)."""
 
 from __future__ import annotations
 

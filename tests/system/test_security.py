@@ -39,29 +39,21 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Origin
 
-from tests.support import (
-    Closer,
+from tests.support.delivery import transcript_of
+from tests.support.requests import accept, bearer, expected_text, new_session_id, user_message
+from tests.support.sse import CredentialSseWatcher
+from tests.support.stack import RunningStack, clean_environment, start_frontends, start_stack
+from tests.support.tls import TlsProxy
+from tests.support.waiting import Closer, wait_for_condition
+from tests.support.watchers import (
     CredentialMultiWatcher,
-    CredentialSseWatcher,
     CredentialWatcher,
-    RunningStack,
-    TlsProxy,
     Watcher,
-    accept,
-    bearer,
-    clean_environment,
     closed_with,
-    expected_text,
     finished,
     handshake_refusal,
     http_url,
-    new_session_id,
-    start_frontends,
-    start_stack,
     stream_url,
-    transcript_of,
-    user_message,
-    wait_for_condition,
 )
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.client import SessionStream

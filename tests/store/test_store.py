@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import new_session_id
+from tests.support.requests import new_session_id
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.contract.errors import OffsetGone, UnknownOffset
 from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body, text_sha256

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tokenfan.runtime.logs import REDACTED, configure_logging, redact_secrets, scrub
 from tokenfan.runtime.settings import Secret, Settings, SettingsError, settings_table, with_settings_table
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ENV_NAMES = [str(spec.metadata["env"]) for spec in dataclasses.fields(Settings)]
 
 # --- defaults and parsing

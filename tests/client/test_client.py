@@ -12,16 +12,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import (
-    RunningStack,
-    Watcher,
-    accept,
-    assert_exact_delivery,
-    expected_text,
-    finished,
-    transcript_of,
-    user_message,
-)
+from tests.support.delivery import assert_exact_delivery, transcript_of
+from tests.support.requests import accept, expected_text, user_message
+from tests.support.stack import RunningStack
+from tests.support.watchers import Watcher, finished
 from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
 from tokenfan.client import SessionStream
 from tokenfan.contract.errors import InvalidRequest, OffsetGone

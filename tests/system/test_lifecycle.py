@@ -9,15 +9,9 @@ from typing import Any
 
 import httpx
 
-from tests.support import (
-    SIMULATOR,
-    RunningStack,
-    Watcher,
-    accept,
-    expected_text,
-    finished,
-    user_message,
-)
+from tests.support.requests import SIMULATOR, accept, expected_text, user_message
+from tests.support.stack import RunningStack
+from tests.support.watchers import Watcher, finished
 from tokenfan.cli.simulator import reply_chunks
 from tokenfan.contract.events import GenerationStatus, text_sha256
 

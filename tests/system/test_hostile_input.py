@@ -9,7 +9,7 @@ a crashed connection, and stay healthy and bounded afterwards.
 
 Everything runs against an API and a relay of this module's own (secure: an API key, token secrets), beside
 the shared `stack`, whose Redis and workers they use. Their rate limits are lifted: fuzzing is fast on
-purpose (tests/test_security.py covers the limits).
+purpose (tests/system/test_security.py covers the limits).
 """
 
 from __future__ import annotations
@@ -47,25 +47,11 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection as SyncClientConnection
 from websockets.sync.client import connect as connect_sync
 
-from tests.support import (
-    Closer,
-    CredentialMultiWatcher,
-    RunningStack,
-    Watcher,
-    accept,
-    assert_exact_delivery,
-    bearer,
-    expected_text,
-    finished,
-    http_url,
-    new_session_id,
-    relay_process,
-    rss_kib,
-    start_frontends,
-    stream_url,
-    user_message,
-    wait_for_condition,
-)
+from tests.support.delivery import assert_exact_delivery
+from tests.support.requests import accept, bearer, expected_text, new_session_id, user_message
+from tests.support.stack import RunningStack, relay_process, rss_kib, start_frontends
+from tests.support.waiting import Closer, wait_for_condition
+from tests.support.watchers import CredentialMultiWatcher, Watcher, finished, http_url, stream_url
 from tokenfan.contract.errors import Unauthorized
 from tokenfan.runtime.auth import (
     ApiKeys,

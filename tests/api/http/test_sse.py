@@ -9,22 +9,12 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import (
-    Closer,
-    RunningStack,
-    SseBlock,
-    SseWatcher,
-    Watcher,
-    accept,
-    assert_exact_delivery,
-    completed_session,
-    coverage,
-    expected_text,
-    finished,
-    start_frontends,
-    user_message,
-    wait_for_condition,
-)
+from tests.support.delivery import assert_exact_delivery, coverage
+from tests.support.requests import accept, expected_text, user_message
+from tests.support.sse import SseBlock, SseWatcher
+from tests.support.stack import RunningStack, start_frontends
+from tests.support.waiting import Closer, wait_for_condition
+from tests.support.watchers import Watcher, completed_session, finished
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.keys import SessionKeys
 

@@ -9,7 +9,9 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support import RunningStack, Watcher, accept, expected_text, finished, new_session_id, user_message
+from tests.support.requests import accept, expected_text, new_session_id, user_message
+from tests.support.stack import RunningStack
+from tests.support.watchers import Watcher, finished
 from tokenfan.contract.ids import GENERATION_ID_PATTERN
 
 

@@ -11,7 +11,8 @@ import sys
 
 import httpx
 
-from tests.support import Watcher, accept, expected_text, finished, user_message
+from tests.support.requests import accept, expected_text, user_message
+from tests.support.watchers import Watcher, finished
 from tokenfan.contract.events import GenerationStatus
 
 

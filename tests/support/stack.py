@@ -1,0 +1,163 @@
+"""The system as real child processes on free ports: simulator, relay, API and workers, against one Redis."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tokenfan.cli.processes import ChildProcess
+
+
+@dataclass
+class RunningStack:
+    """simulator + relay + API + workers as child processes on free ports, against one Redis."""
+
+    redis_url: str
+    extra_env: dict[str, str] = field(default_factory=dict)
+    children: list[ChildProcess] = field(default_factory=list)
+    logs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tokenfan-test-logs-")))
+    simulator_url: str = ""
+    relay_url: str = ""
+    api_url: str = ""
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = {
+            key: value for key, value in os.environ.items() if not key.startswith(("TOKENFAN_", "OPENAI_"))
+        }
+        env.update(
+            REDIS_URL=self.redis_url,
+            OPENAI_BASE_URL=f"{self.simulator_url}/v1",
+            TOKENFAN_LOG_FORMAT="json",
+            TOKENFAN_LOG_LEVEL="info",
+            # Security has its own tests (tests/system/test_security.py, on a stack with keys); elsewhere it is noise.
+            TOKENFAN_INSECURE_DEV_MODE="true",
+        )
+        env.update(self.extra_env)
+        return env
+
+    def spawn(self, role: str, args: list[str] | None = None, *, name: str | None = None) -> ChildProcess:
+        name = name or f"{role}-{len(self.children)}"
+        with (self.logs / f"{name}.log").open("ab") as log:  # the child keeps its own copy of the descriptor
+            child = ChildProcess(role, args or [], env=self.env, stderr=log, name=name).start()
+        self.children.append(child)
+        return child
+
+    def start(self, *, workers: int = 1) -> RunningStack:
+        simulator = self.spawn(
+            "simulator", ["--port", "0", "--tokens-per-second", "0", "--reply-tokens", "48"]
+        )
+        self.simulator_url = simulator.wait_ready()
+        relay = self.spawn("relay", ["--port", "0"], name="relay")
+        self.relay_url = relay.wait_ready()
+        api = self.spawn("api", ["--port", "0"], name="api")
+        self.api_url = api.wait_ready()
+        for _ in range(workers):
+            self.spawn("worker").wait_ready()
+        return self
+
+    def stop(self) -> None:
+        for child in reversed(self.children):
+            child.stop()
+
+    def log_tail(self, lines: int = 40) -> str:
+        parts = []
+        for path in sorted(self.logs.glob("*.log")):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            parts.append(f"--- {path.name}\n" + "\n".join(tail))
+        return "\n".join(parts)
+
+
+def start_frontends(
+    base: RunningStack, extra_env: dict[str, str], *, api: bool = True, relay_port: int = 0
+) -> RunningStack:
+    """A relay (and, with `api`, an API) with settings of their own, beside `base` and against its Redis.
+    Generations accepted by either API are run by `base`'s workers. Stop it with `stop()`."""
+    front = RunningStack(redis_url=base.redis_url, extra_env=extra_env, simulator_url=base.simulator_url)
+    try:
+        front.relay_url = front.spawn("relay", ["--port", str(relay_port)], name="relay").wait_ready()
+        if api:
+            front.api_url = front.spawn("api", ["--port", "0"], name="api").wait_ready()
+    except BaseException:
+        print(front.log_tail())
+        front.stop()
+        raise
+    return front
+
+
+def clean_environment() -> dict[str, str]:
+    """This process's environment without any tokenfan, upstream or Redis configuration."""
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("TOKENFAN_", "OPENAI_")) and key != "REDIS_URL"
+    }
+
+
+#: A simulator that, unlike the CLI's, demands an upstream key: its own environment's OPENAI_API_KEY.
+_KEYED_SIMULATOR = """\
+import asyncio, os, sys
+from tokenfan.cli.simulator import SimulatorConfig, serve
+config = SimulatorConfig(tokens_per_second=0, reply_tokens=48, api_key=os.environ["OPENAI_API_KEY"])
+asyncio.run(serve(config, host="127.0.0.1", port=0, ready_file=sys.argv[1]))
+"""
+
+
+class KeyedSimulator(ChildProcess):
+    """The simulator (same replies as `SIMULATOR`) answering 401 unless sent ``Bearer $OPENAI_API_KEY``."""
+
+    def start(self) -> KeyedSimulator:
+        self.ready_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", _KEYED_SIMULATOR, str(self.ready_file)],
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+        )
+        return self
+
+
+def start_stack(stack: RunningStack, *, keyed_simulator: bool = False, workers: int = 1) -> RunningStack:
+    """Like `stack.start()`; with `keyed_simulator`, the simulator is a `KeyedSimulator` (set OPENAI_API_KEY
+    in `extra_env`), and a stack given a `simulator_url` uses that one instead of starting its own. Stops
+    what it started and prints the logs when a component fails to start."""
+    try:
+        if not stack.simulator_url:
+            if keyed_simulator:
+                with (stack.logs / "simulator.log").open("ab") as log:  # the child keeps its own descriptor
+                    simulator = KeyedSimulator(
+                        "simulator", env=stack.env, stderr=log, name="simulator"
+                    ).start()
+                stack.children.append(simulator)
+                stack.simulator_url = simulator.wait_ready()
+            else:
+                stack.simulator_url = stack.spawn(
+                    "simulator", ["--port", "0", "--tokens-per-second", "0", "--reply-tokens", "48"]
+                ).wait_ready()
+        stack.relay_url = stack.spawn("relay", ["--port", "0"], name="relay").wait_ready()
+        stack.api_url = stack.spawn("api", ["--port", "0"], name="api").wait_ready()
+        for _ in range(workers):
+            stack.spawn("worker").wait_ready()
+    except BaseException:
+        print(stack.log_tail())
+        stack.stop()
+        raise
+    return stack
+
+
+def relay_process(stack: RunningStack) -> ChildProcess:
+    (relay,) = [child for child in stack.children if child.role == "relay" and child.alive()]
+    return relay
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, from /proc (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
