@@ -21,6 +21,7 @@ from redis.connection import HiredisRespSerializer
 from redis.exceptions import RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
+from tokenfan.contract.errors import StorageUnavailable
 from tokenfan.contract.keys import ARQ_QUEUE, CANCEL_CHANNEL
 from tokenfan.runtime.serving import write_ready_file
 from tokenfan.runtime.settings import Settings
@@ -50,7 +51,7 @@ async def _heartbeat(store: Store, writer: StreamWriter, interval: float) -> Non
                     pipe.pexpire(in_progress_key_prefix + stream.generation_id, store.lease_ms)
                 await pipe.execute()
             await _cancel_unwatched(store, [s for s in streams if s.unwatched_limit])
-        except RedisError as exc:
+        except (StorageUnavailable, RedisError) as exc:
             log.warning("heartbeat_failed", error=str(exc))
             continue
         for stream, reply in zip(streams, replies, strict=True):

@@ -25,10 +25,8 @@ from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=
 from typing import Any
 
 import structlog
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tokenfan.contract.errors import ServiceUnavailable
+from tokenfan.contract.errors import ServiceUnavailable, StorageUnavailable
 from tokenfan.contract.events import EventType, encode_body, event_body
 from tokenfan.contract.offsets import Offset
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
@@ -317,14 +315,14 @@ class StreamWriter:
             try:
                 results = await self.store.write([item for _, item in batch])
                 break
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except StorageUnavailable as exc:
                 self.stats.retries += 1
                 if loop.time() + backoff > deadline:
-                    log.error("write_abandoned", error=str(exc), generations=len(batch))
+                    log.error("write_abandoned", error=repr(exc.__cause__), generations=len(batch))
                     for stream, _ in batch:
                         stream._fail(ServiceUnavailable(f"Redis unreachable for {self.retry_seconds:.0f}s"))
                     return
-                log.warning("write_retry", error=str(exc), backoff_s=backoff)
+                log.warning("write_retry", error=repr(exc.__cause__), backoff_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
         self.stats.flushes += 1

@@ -9,7 +9,6 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenfan.contract.errors import (
@@ -71,7 +70,8 @@ def install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, TokenfanError)
         headers: dict[str, str] = {}
         if isinstance(exc, ServiceUnavailable):
-            log.warning("unavailable", path=request.url.path, error=exc.message)
+            log.warning("unavailable", path=request.url.path, error=exc.message, cause=repr(exc.__cause__))
+            headers["Retry-After"] = "1"
         elif isinstance(exc, Unauthorized):
             headers["WWW-Authenticate"] = "Bearer"
         elif isinstance(exc, RateLimited):
@@ -90,15 +90,6 @@ def install_error_handlers(app: FastAPI) -> None:
         headers = dict(exc.headers) if exc.headers else None
         return error_response(exc.status_code, code, str(exc.detail), headers=headers)
 
-    async def on_redis_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("redis_error", path=request.url.path, error=str(exc))
-        return error_response(
-            503,
-            ServiceUnavailable.code,
-            "storage is unreachable; retry shortly",
-            headers={"Retry-After": "1"},
-        )
-
     async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled_error", path=request.url.path)
         return error_response(500, "internal_error", "internal error")
@@ -106,5 +97,4 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TokenfanError, on_tokenfan_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(RedisError, on_redis_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -315,7 +315,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
-    await _services(request).redis.ping()
+    await _services(request).store.ping()
     return JSONResponse({"status": "ready"})
 
 

@@ -18,13 +18,12 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable
 
 import structlog
-from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 
 from api.live.feed import LiveBus
 from api.live.frames import frame_offset_and_type
 from api.live.handoff import Handoff
-from tokenfan.contract.errors import ServiceUnavailable, TokenfanError, Unauthorized
+from tokenfan.contract.errors import TokenfanError, Unauthorized
 from tokenfan.contract.offsets import StreamId
 
 __all__ = ["SseSubscriber", "event_stream", "sse_event"]
@@ -142,7 +141,4 @@ async def _guard(subscriber: SseSubscriber, work: Awaitable[None]) -> None:
         await work
     except TokenfanError as exc:
         subscriber.ended = (exc.close_code, exc.message)
-        subscriber.ready.set()
-    except RedisError:
-        subscriber.ended = (ServiceUnavailable.close_code, "storage unreachable; reconnect shortly")
         subscriber.ready.set()

@@ -28,7 +28,7 @@ from websockets.protocol import State
 
 from api.live.frames import frames_for, snapshot_frame
 from api.live.handoff import FeedCursor, Handoff, Phase, Verdict
-from tokenfan.contract.errors import OffsetGone
+from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.keys import SessionKeys
 from tokenfan.contract.offsets import StreamId
@@ -238,7 +238,7 @@ class SessionFeed:
             _, last = await self.bus.store.tail(self.session_id)
             self._reset_to(last)
             return
-        except RedisError as exc:
+        except StorageUnavailable as exc:
             # The bus reconnects and calls on_subscribed again, which retries this.
             log.warning("feed_repair_failed", session_id=self.session_id, error=str(exc))
             self._repairing = False

@@ -13,9 +13,9 @@ import secrets
 import socket
 
 import structlog
-from redis.exceptions import RedisError
 
 from api.live.feed import LiveBus
+from tokenfan.contract.errors import StorageUnavailable
 from tokenfan.store import Store
 
 __all__ = ["publish_presence"]
@@ -35,6 +35,6 @@ async def publish_presence(bus: LiveBus, store: Store, *, interval: float) -> No
             for session_id in claimed - watched:
                 await store.release_watching(session_id, owner)
             claimed = watched
-        except RedisError as exc:
+        except StorageUnavailable as exc:
             log.warning("presence_failed", error=str(exc))
         await asyncio.sleep(interval)

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import structlog
-from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 from websockets.protocol import State
@@ -25,7 +24,7 @@ from websockets.protocol import State
 from api.live.feed import SessionFeed, write_frames
 from api.live.frames import close_reason, control_frame
 from api.live.handoff import Handoff
-from tokenfan.contract.errors import InvalidRequest, ServiceUnavailable, TokenfanError, Unauthorized
+from tokenfan.contract.errors import InvalidRequest, TokenfanError, Unauthorized
 from tokenfan.contract.ids import is_session_id
 from tokenfan.contract.offsets import parse_offset
 from tokenfan.runtime.auth import Principal
@@ -188,11 +187,6 @@ class Connection:
             pass
         except TokenfanError as exc:
             await self._fail(subscription, exc.close_code, exc.message)
-        except RedisError as exc:
-            log.warning("subscription_redis_error", session_id=subscription.session_id, error=str(exc))
-            await self._fail(
-                subscription, ServiceUnavailable.close_code, "storage unreachable; reconnect shortly"
-            )
 
     async def _stop(self, subscription: Subscription) -> None:
         if subscription.task is not None and subscription.task is not asyncio.current_task():
@@ -244,11 +238,6 @@ class Connection:
             pass
         except TokenfanError as exc:
             await self._fail(subscription, exc.close_code, exc.message)
-        except RedisError as exc:
-            log.warning("recovery_redis_error", session_id=subscription.session_id, error=str(exc))
-            await self._fail(
-                subscription, ServiceUnavailable.close_code, "storage unreachable; reconnect shortly"
-            )
         finally:
             subscription.recovering = False
 

@@ -20,7 +20,6 @@ from http import HTTPStatus
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
-from redis.exceptions import RedisError
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
@@ -36,7 +35,6 @@ from tokenfan.contract.errors import (
     InvalidRequest,
     InvalidSessionId,
     RateLimited,
-    ServiceUnavailable,
     TokenfanError,
     Unauthorized,
 )
@@ -94,9 +92,6 @@ class Relay:
             await self._read(connection)
         except TokenfanError as exc:
             await websocket.close(exc.close_code, close_reason(exc.message))
-        except RedisError as exc:
-            log.warning("relay_redis_error", error=str(exc))
-            await websocket.close(ServiceUnavailable.close_code, "storage unreachable; reconnect shortly")
         except ConnectionClosed:
             pass
         finally:

@@ -27,6 +27,7 @@ from tokenfan.contract.errors import (
     ServerError,
     ServiceUnavailable,
     SessionNotFound,
+    StorageUnavailable,
     TokenfanError,
     Unauthorized,
     UnknownOffset,
@@ -391,6 +392,7 @@ ERROR_TABLE: list[tuple[type[TokenfanError], type[Exception], int, int | None, s
     (PayloadTooLarge, ClientError, 413, 1009, "payload_too_large"),
     (RateLimited, ClientError, 429, 4429, "rate_limited"),
     (ServiceUnavailable, ServerError, 503, 1013, "unavailable"),
+    (StorageUnavailable, ServiceUnavailable, 503, 1013, "unavailable"),
 ]
 
 

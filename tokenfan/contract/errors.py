@@ -18,10 +18,12 @@
     │   ├── PayloadTooLarge             413  close 1009   payload_too_large
     │   └── RateLimited                 429  close 4429   rate_limited
     └── ServerError                     our side or a dependency failed; retrying later may work
-        └── ServiceUnavailable          503  close 1013   unavailable (Redis unreachable, shutting down)
+        └── ServiceUnavailable          503  close 1013   unavailable (shutting down, overloaded)
+            └── StorageUnavailable      503  close 1013   unavailable (Redis unreachable or refusing)
 
-Third-party exceptions are translated at the boundary of each stage (HTTP handlers, relay connection
-handler, worker job) and never leak to clients. Pure: no I/O.
+Third-party exceptions are translated at the boundary where they arise and never leak upwards: every
+Redis error leaves the store as `StorageUnavailable`, every upstream error leaves the worker's upstream
+adapter as a failure type of its own. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "ServerError",
     "ServiceUnavailable",
     "SessionNotFound",
+    "StorageUnavailable",
     "TokenfanError",
     "Unauthorized",
     "UnknownOffset",
@@ -153,3 +156,11 @@ class ServiceUnavailable(ServerError):
     code = "unavailable"
     http_status = 503
     close_code = 1013
+
+
+class StorageUnavailable(ServiceUnavailable):
+    """Redis could not be reached, or refused the command (restarting, read-only after a failover, out of
+    memory). Every store operation is safe to retry."""
+
+    def __init__(self, message: str = "storage is unreachable; retry shortly") -> None:
+        super().__init__(message)

@@ -33,6 +33,7 @@ from tokenfan.contract.events import GenerationStatus, StreamEntry
 from tokenfan.contract.ids import new_epoch
 from tokenfan.contract.keys import CANCEL_CHANNEL, GenerationField, SessionKeys, generation_index_key
 from tokenfan.contract.offsets import Offset, StreamId
+from tokenfan.store.boundary import storage_call
 
 __all__ = [
     "AcceptOutcome",
@@ -568,8 +569,14 @@ class Store:
         self._snapshot = redis.register_script(_SNAPSHOT_LUA)
         self._read = redis.register_script(_READ_LUA)
 
+    @storage_call
+    async def ping(self) -> None:
+        """Raises `StorageUnavailable` unless Redis answers."""
+        await self.redis.ping()
+
     # --- API side
 
+    @storage_call
     async def accept(
         self,
         session_id: str,
@@ -612,16 +619,19 @@ class Store:
         outcome, value, position, epoch = (part.decode() for part in reply)
         return AcceptResult(AcceptOutcome(outcome), value, int(position), epoch)
 
+    @storage_call
     async def session_of(self, generation_id: str) -> str | None:
         value = await self.redis.get(generation_index_key(generation_id))
         return value.decode() if value is not None else None
 
+    @storage_call
     async def is_queued(self, session_id: str, generation_id: str) -> bool:
         """Whether the generation is accepted and has not started (nor ended) yet."""
         pending = self.redis.hget(SessionKeys(session_id).generation(generation_id), "status")
         status = await cast(Awaitable[bytes | None], pending)
         return status == GenerationStatus.QUEUED.value.encode()
 
+    @storage_call
     async def generation(self, generation_id: str) -> GenerationRecord | None:
         session_id = await self.session_of(generation_id)
         if session_id is None:
@@ -636,6 +646,7 @@ class Store:
             return None
         return GenerationRecord.from_fields(session_id, generation_id, raw, text or b"", reasoning or b"")
 
+    @storage_call
     async def snapshot(self, session_id: str, since: StreamId | None = None) -> SessionSnapshot | None:
         """The session's retained generations (or those with events after `since`), consistent with the
         returned offset: the state is exactly the state after the event at that offset."""
@@ -653,6 +664,7 @@ class Store:
         offset = Offset(epoch, StreamId.parse(last)) if last != "0-0" else None
         return SessionSnapshot(session_id, offset, records)
 
+    @storage_call
     async def rate_limit(self, name: str, per_minute: int) -> float:
         """Take one request of `name`'s allowance (bursts of a tenth of a minute's worth pass); returns 0
         when allowed, else the seconds to wait. Shared by every process using this Redis."""
@@ -663,6 +675,7 @@ class Store:
         wait = await self._rate(keys=[f"tf:ratelimit:{name}"], args=[_now_ms(), interval, burst])
         return float(wait) / 1000
 
+    @storage_call
     async def request_cancel(
         self, session_id: str, generation_id: str, reason: str
     ) -> GenerationStatus | None:
@@ -674,6 +687,7 @@ class Store:
         )
         return None if status == b"missing" else GenerationStatus(status.decode())
 
+    @storage_call
     async def claim_watching(self, session_ids: Sequence[str], owner: str, ttl_ms: int) -> None:
         """This process has subscribers of these sessions, for the next `ttl_ms` (renew before it ends)."""
         now = _now_ms()
@@ -685,9 +699,11 @@ class Store:
                 pipe.pexpire(key, ttl_ms * 2)
             await pipe.execute()
 
+    @storage_call
     async def release_watching(self, session_id: str, owner: str) -> None:
         await self.redis.zrem(SessionKeys(session_id).watchers, owner)
 
+    @storage_call
     async def watched(self, session_ids: Sequence[str]) -> list[bool]:
         """Whether any process currently claims subscribers of each session."""
         now = _now_ms()
@@ -699,6 +715,7 @@ class Store:
 
     # --- worker side
 
+    @storage_call
     async def start(self, session_id: str, generation_id: str) -> StartResult:
         """Take a generation for a new attempt; see `StartOutcome` for what the caller does next."""
         keys = SessionKeys(session_id)
@@ -717,6 +734,7 @@ class Store:
             cancel_requested=cancel.decode(),
         )
 
+    @storage_call
     async def renew_leases(self, running: Sequence[tuple[str, str, int]]) -> list[str]:
         """Extend the lease of each running (session, generation, attempt), proving its worker alive.
 
@@ -733,10 +751,12 @@ class Store:
             replies = await pipe.execute()
         return [reply.decode() for reply in replies]
 
+    @storage_call
     async def release_lease(self, session_id: str, generation_id: str, attempt: int) -> None:
         """Give a running generation back (shutdown): the next worker restarts it without waiting."""
         await self._lease(keys=[SessionKeys(session_id).generation(generation_id)], args=[attempt, 0])
 
+    @storage_call
     async def write(self, items: Sequence[WriteItem]) -> list[WriteResult]:
         """Append (and finish) for many generations: one script call per cluster slot, pipelined.
 
@@ -803,6 +823,7 @@ class Store:
 
     # --- relay side
 
+    @storage_call
     async def check_resume(self, session_id: str, offset: Offset | None) -> StreamId:
         """Validate where a subscriber wants to resume; return the stream id to read after.
 
@@ -824,12 +845,14 @@ class Store:
         # Beyond the newest entry, or between two entries: this stream never had such an event.
         raise UnknownOffset("no event of this session has this offset")
 
+    @storage_call
     async def tail(self, session_id: str) -> tuple[bytes | None, StreamId]:
         """The session's epoch (None before its first generation) and newest entry id."""
         pending = self.redis.hmget(SessionKeys(session_id).meta, ["epoch", "last"])
         epoch, last = await cast(Awaitable[list[bytes | None]], pending)
         return epoch, StreamId.parse(last) if last else StreamId.ZERO
 
+    @storage_call
     async def read_after(
         self, session_id: str, after: StreamId, count: int, *, strict: bool = True
     ) -> list[StreamEntry]:

@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from arq.connections import ArqRedis, RedisSettings, create_pool
 
 from tokenfan.contract.keys import ARQ_QUEUE
+from tokenfan.store.boundary import storage_call
 
 __all__ = [
     "JOB_FUNCTION",
@@ -73,6 +74,7 @@ async def create_queue(redis_url: str) -> ArqRedis:
     )
 
 
+@storage_call
 async def enqueue_generation(queue: ArqRedis, session_id: str, generation_id: str) -> bool:
     """Enqueue the job of one generation; False (and nothing done) when its job is already queued or
     running."""
