@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -14,7 +13,6 @@ from arq.connections import ArqRedis
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
-from redis.asyncio import Redis
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -23,7 +21,6 @@ from api.http.limits import BodySizeLimit
 from api.http.routes import router
 from api.http.security import caller
 from api.live.feed import LiveBus
-from api.live.presence import publish_presence
 from tokenfan.runtime.auth import Authenticator
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store, redis_client
@@ -38,7 +35,6 @@ log = structlog.get_logger("tokenfan.api")
 class Services:
     settings: Settings
     auth: Authenticator
-    redis: Redis
     store: Store
     queue: ArqRedis
     bus: LiveBus
@@ -94,21 +90,12 @@ def create_app(settings: Settings) -> FastAPI:
             stream_max_length=settings.stream_max_length,
         )
         queue = await create_queue(settings.redis_url.reveal())
-        bus = LiveBus(
-            redis,
-            store,
-            page_size=settings.relay_catchup_page_size,
-            linger_seconds=settings.feed_linger_seconds,
-        )
+        bus = LiveBus.from_settings(store, settings)
         bus.start()
-        presence = asyncio.create_task(
-            publish_presence(bus, store, interval=settings.presence_interval_seconds)
-        )
-        app.state.services = Services(settings, auth, redis, store, queue, bus)
+        app.state.services = Services(settings, auth, store, queue, bus)
         try:
             yield
         finally:
-            presence.cancel()
             await bus.close()
             await queue.aclose()
             await redis.aclose()

@@ -28,7 +28,7 @@ from api.http.schemas import (
     TokenGrant,
 )
 from api.http.security import Caller
-from api.http.sse import SseSubscriber, event_stream
+from api.http.sse import event_stream
 from tokenfan.contract.errors import (
     Conflict,
     GenerationNotFound,
@@ -293,12 +293,14 @@ async def session_events(
         raise RateLimited("too many open event streams from your address; close one first", retry_after=5)
     held = last_event_id or after  # the browser resends the original URL: its Last-Event-ID is newer
     position = await services.store.check_resume(session_id, parse_offset(held) if held else None)
-    subscriber = SseSubscriber(position, services.settings.relay_max_buffer_bytes)
+    settings = services.settings
     body = event_stream(
         services.bus,
         session_id,
-        subscriber,
-        keepalive_seconds=services.settings.sse_keepalive_seconds,
+        position,
+        max_buffer_bytes=settings.relay_max_buffer_bytes,
+        slow_policy=settings.relay_slow_policy,
+        keepalive_seconds=settings.sse_keepalive_seconds,
         expires_at=principal.expires_at,
     )
     return StreamingResponse(

@@ -10,13 +10,15 @@ growing. An entry that arrives alone is sent alone and at once, so the live edge
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tokenfan.contract.events import StreamEntry, encode_body, frame_from_body
 
 __all__ = [
     "MAX_MERGED_BYTES",
+    "FrameBatch",
+    "FrameEncoder",
     "close_reason",
     "control_frame",
     "frame_offset_and_type",
@@ -55,6 +57,36 @@ def frames_for(entries: Sequence[StreamEntry]) -> list[bytes]:
             frames.append(entry.frame())
     _flush(run, bodies, frames)
     return frames
+
+
+#: A transport's wire encoding of a run of frames (WebSocket frames, SSE events).
+FrameEncoder = Callable[[list[bytes]], bytes]
+
+
+class FrameBatch:
+    """A contiguous run of entries on its way to many subscribers. Its frames are made on first use, and
+    each transport's wire encoding of them once, whatever the number of subscribers that receive it."""
+
+    __slots__ = ("_encoded", "_encoder", "_frames", "entries")
+
+    def __init__(self, entries: list[StreamEntry]) -> None:
+        self.entries = entries
+        self._frames: list[bytes] | None = None
+        self._encoder: FrameEncoder | None = None
+        self._encoded = b""
+
+    @property
+    def frames(self) -> list[bytes]:
+        if self._frames is None:
+            self._frames = frames_for(self.entries)
+        return self._frames
+
+    def encoded(self, encoder: FrameEncoder) -> bytes:
+        """The batch's frames as `encoder` puts them on the wire, computed once per batch."""
+        if self._encoder is not encoder:
+            self._encoded = encoder(self.frames)
+            self._encoder = encoder
+        return self._encoded
 
 
 _DECODER = json.JSONDecoder()

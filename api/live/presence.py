@@ -11,10 +11,10 @@ import asyncio
 import os
 import secrets
 import socket
+from collections.abc import Callable
 
 import structlog
 
-from api.live.feed import LiveBus
 from tokenfan.contract.errors import StorageUnavailable
 from tokenfan.store import Store
 
@@ -23,12 +23,12 @@ __all__ = ["publish_presence"]
 log = structlog.get_logger("tokenfan.presence")
 
 
-async def publish_presence(bus: LiveBus, store: Store, *, interval: float) -> None:
-    """Run for the life of the process."""
+async def publish_presence(watching: Callable[[], set[str]], store: Store, *, interval: float) -> None:
+    """Claim the sessions `watching()` names, every `interval` seconds, for the life of the process."""
     owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
     claimed: set[str] = set()
     while True:
-        watched = {session_id for session_id, feed in bus.feeds.items() if feed.references > 0}
+        watched = watching()
         try:
             if watched:
                 await store.claim_watching(sorted(watched), owner, ttl_ms=int(interval * 3000))
@@ -36,5 +36,5 @@ async def publish_presence(bus: LiveBus, store: Store, *, interval: float) -> No
                 await store.release_watching(session_id, owner)
             claimed = watched
         except StorageUnavailable as exc:
-            log.warning("presence_failed", error=str(exc))
+            log.warning("presence_failed", error=str(exc.__cause__))
         await asyncio.sleep(interval)

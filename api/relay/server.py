@@ -27,8 +27,7 @@ from websockets.http11 import Request, Response
 from websockets.typing import Origin
 
 from api.live.feed import LiveBus
-from api.live.frames import close_reason, control_frame
-from api.live.presence import publish_presence
+from api.live.frames import close_reason
 from api.relay.connection import Connection
 from tokenfan.contract.errors import (
     InvalidOffset,
@@ -36,7 +35,6 @@ from tokenfan.contract.errors import (
     InvalidSessionId,
     RateLimited,
     TokenfanError,
-    Unauthorized,
 )
 from tokenfan.contract.ids import is_session_id
 from tokenfan.runtime.auth import Authenticator, Principal, bearer_token
@@ -87,8 +85,7 @@ class Relay:
                 assert principal is not None
                 principal.require_session(session_id)
                 structlog.contextvars.bind_contextvars(session_id=session_id)
-                await connection.subscribe(session_id, after)
-                connection.expire_at(session_id, principal.expires_at)
+                await connection.subscribe(session_id, after, principal.expires_at)
             await self._read(connection)
         except TokenfanError as exc:
             await websocket.close(exc.close_code, close_reason(exc.message))
@@ -123,68 +120,8 @@ class Relay:
             if not bucket.take():
                 limit = RateLimited("too many messages: slow down")
                 closing = asyncio.create_task(connection.websocket.close(limit.close_code, limit.message))
-            elif _is_refresh(message):
-                await self._on_refresh(connection, message)
-            elif connection.multiplexed:
-                await self._on_message(connection, message)
-
-    async def _on_refresh(self, connection: Connection, message: str | bytes) -> None:
-        """``{"type": "refresh", "token": …, "session_id"?: …}``: a fresh credential extends the
-        subscriptions it allows past the old one's expiry (docs/PROTOCOL.md, Token expiry)."""
-        try:
-            request = json.loads(message)
-            token, session_id = request.get("token"), request.get("session_id")
-            if not isinstance(token, str) or not (session_id is None or isinstance(session_id, str)):
-                raise InvalidRequest("a refresh is {'type': 'refresh', 'token': '…', 'session_id'?: '…'}")
-            principal = self.auth.authenticate(token)  # not a URL: an API key may come this way
-            refreshed = connection.refresh(principal, session_id)
-            if session_id is None:
-                connection.principal = principal
-            for session in refreshed:
-                await connection.send(
-                    control_frame("refreshed", session_id=session, expires_at=principal.expires_at)
-                )
-            if not refreshed:  # a connection watching nothing yet: its credential for later subscribes
-                await connection.send(control_frame("refreshed", expires_at=principal.expires_at))
-        except TokenfanError as exc:
-            await connection.send(control_frame("error", code=exc.close_code, reason=exc.message))
-
-    async def _on_message(self, connection: Connection, message: str | bytes) -> None:
-        try:
-            allowed = self._authorize(connection.principal, message)
-            await connection.handle_message(message)
-            if allowed is not None:
-                session_id, principal = allowed
-                connection.expire_at(session_id, principal.expires_at)
-        except TokenfanError as exc:
-            session = _session_of(message)
-            extra = {"session_id": session} if session is not None else {}
-            await connection.send(control_frame("error", code=exc.close_code, reason=exc.message, **extra))
-
-    def _authorize(self, principal: Principal | None, message: str | bytes) -> tuple[str, Principal] | None:
-        """A subscribe needs a principal allowed to watch its session: the message's own ``token``, or the
-        connection's credential; returns the session and that principal (None for other messages).
-        Malformed messages pass through, for the connection to explain."""
-        try:
-            request = json.loads(message)
-        except (ValueError, RecursionError):  # RecursionError: nesting deeper than the parser goes
-            return None
-        if not isinstance(request, dict) or request.get("type") != "subscribe":
-            return None
-        token = request.get("token")
-        if token is not None:
-            if not isinstance(token, str):
-                raise InvalidRequest("'token' must be a string")
-            principal = self.auth.authenticate(token)  # not a URL: an API key may come this way
-        elif principal is None:
-            principal = self.auth.authenticate(None)  # allowed only in development mode
-        elif principal.expires_at is not None and principal.expires_at <= time.time():
-            raise Unauthorized("the connection's token has expired; send a fresh one with 'refresh'")
-        session_id = request.get("session_id")
-        if isinstance(session_id, str):
-            principal.require_session(session_id)
-            return session_id, principal
-        return None
+            else:
+                await connection.on_message(message)
 
 
 #: An anonymous multi-session connection must subscribe (with tokens) within this time.
@@ -193,34 +130,12 @@ ANONYMOUS_IDLE_SECONDS = 10.0
 
 def _close_if_idle(connection: Connection, after: float) -> None:
     def check() -> None:
-        if not connection.subscriptions:
+        if not connection.subscribers:
             asyncio.get_running_loop().create_task(
                 connection.websocket.close(4401, "no credential, no subscription")
             )
 
     asyncio.get_running_loop().call_later(after, check)
-
-
-def _is_refresh(message: str | bytes) -> bool:
-    """Whether a client message asks to refresh its credential (cheap: most messages are not JSON we
-    need to look at twice)."""
-    if isinstance(message, bytes) or '"refresh"' not in message:
-        return False
-    try:
-        request = json.loads(message)
-    except (ValueError, RecursionError):
-        return False
-    return isinstance(request, dict) and request.get("type") == "refresh"
-
-
-def _session_of(message: str | bytes) -> str | None:
-    """The session a client message is about, if it names one (for error frames)."""
-    try:
-        request = json.loads(message)
-    except (ValueError, RecursionError):
-        return None
-    session_id = request.get("session_id") if isinstance(request, dict) else None
-    return session_id if isinstance(session_id, str) else None
 
 
 class _Bucket:
@@ -321,12 +236,9 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
     store = Store(
         redis, session_ttl_seconds=settings.session_ttl_seconds, stream_max_length=settings.stream_max_length
     )
-    bus = LiveBus(
-        redis, store, page_size=settings.relay_catchup_page_size, linger_seconds=settings.feed_linger_seconds
-    )
+    bus = LiveBus.from_settings(store, settings)
     relay = Relay(settings, store, bus, auth)
     bus.start()
-    presence = asyncio.create_task(publish_presence(bus, store, interval=settings.presence_interval_seconds))
     stop = asyncio.Event()
     install_stop_signals(stop.set)
     try:
@@ -349,7 +261,6 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
             write_ready_file(ready_file, url, role="relay")
             await stop.wait()
     finally:
-        presence.cancel()
         await bus.close()
         with contextlib.suppress(Exception):
             await redis.aclose()

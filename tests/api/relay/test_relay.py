@@ -69,7 +69,8 @@ async def test_each_frame_carries_the_documented_members(
     assert frames[0]["type"] == "generation.started"
     assert frames[-1]["type"] == "generation.completed"
     assert {"finish_reason", "usage", "length", "sha256"} <= set(frames[-1])
-    assert [frame["seq"] for frame in frames] == list(range(1, len(frames) + 1))
+    # Deltas that reach the relay together are merged into one frame (seq_start..seq): under load they do.
+    assert [seq for _, seq in coverage(frames)] == list(range(1, frames[-1]["seq"] + 1))
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,11 @@
-"""The relay's I/O-free core under random interleavings (hypothesis state machines).
+"""The live engine's I/O-free core under random interleavings (hypothesis state machines).
 
 The models reproduce the races of the real drivers: a catch-up page is *read* from the stream at one moment
 and *processed* later, while entries keep being appended and the shared feed keeps delivering (behind the
-stream); a subscriber may disconnect at any moment and resume from the last offset it received; pub/sub may
-lose messages until the bus reconnects and repairs. Whatever happens, what a subscriber received, across all
-its connections, is exactly the stream after its starting point, in order, once.
+stream); a subscriber may fall behind and be recovered with a snapshot, or be closed for it, or disconnect
+at any moment and resume from the last offset it received; pub/sub may lose messages until the bus
+reconnects and repairs. Whatever happens, what a subscriber received (a snapshot standing for the entries
+it covers), across all its connections, is exactly the stream after its starting point, in order, once.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from api.live.handoff import FeedCursor, Handoff, Phase, Verdict
+from api.live.cursor import FeedCursor, Verdict
+from api.live.subscription import Input, SlowPolicy, State, Subscription
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.offsets import StreamId
 
@@ -32,7 +34,8 @@ class SubscriberHandoff(RuleBasedStateMachine):
         self.feed_delivered = 0  # the feed has delivered stream[:feed_delivered] to live subscribers
         self.start = 0
         self.received: list[StreamEntry] = []
-        self.handoff = Handoff(StreamId.ZERO)
+        self.policy: SlowPolicy = "snapshot"
+        self.handoff = Subscription(StreamId.ZERO)
         self.page: list[StreamEntry] | None = None  # a page read from the stream, not yet processed
         self.started = False
 
@@ -49,11 +52,12 @@ class SubscriberHandoff(RuleBasedStateMachine):
             self.handoff.go_live(self.feed_position)
 
     @precondition(lambda self: not self.started)
-    @rule(start=st.integers(min_value=0, max_value=3))
-    def subscribe(self, start: int) -> None:
+    @rule(start=st.integers(min_value=0, max_value=3), policy=st.sampled_from(["snapshot", "close"]))
+    def subscribe(self, start: int, policy: SlowPolicy) -> None:
         self.started = True
         self.start = start
-        self.handoff = Handoff(self._position_of(start))
+        self.policy = policy
+        self.handoff = Subscription(self._position_of(start), policy)
         self._try_live()
 
     @rule(count=st.integers(min_value=1, max_value=4))
@@ -65,11 +69,13 @@ class SubscriberHandoff(RuleBasedStateMachine):
         batch = self.stream[self.feed_delivered : self.feed_delivered + count]
         if not batch:
             return
+        # The feed names the last entry of its previous batch (the very id object it delivered).
+        before = self.stream[self.feed_delivered - 1].stream_id if self.feed_delivered else None
         self.feed_delivered += len(batch)
         if self.started:
-            self.received += self.handoff.on_live(batch)
+            self.received += self.handoff.on_live(batch, before)
 
-    @precondition(lambda self: self.started and self.handoff.phase is Phase.CATCHING_UP and self.page is None)
+    @precondition(lambda self: self.started and self.handoff.state is State.CATCHING_UP and self.page is None)
     @rule(size=st.integers(min_value=1, max_value=4))
     def read_page(self, size: int) -> None:
         after = self.handoff.position
@@ -88,7 +94,24 @@ class SubscriberHandoff(RuleBasedStateMachine):
     def disconnect_and_resume(self) -> None:
         self.handoff.close()
         resume_from = self.received[-1].stream_id if self.received else self._position_of(self.start)
-        self.handoff = Handoff(resume_from)
+        self.handoff = Subscription(resume_from, self.policy)
+        self.page = None
+        self._try_live()
+
+    @precondition(lambda self: self.started and self.handoff.is_live)
+    @rule()
+    def falls_behind(self) -> None:
+        # Its transport's buffer passed the limit: per policy, recover with a snapshot or close (the
+        # client then resumes from its last offset: `disconnect_and_resume`).
+        self.handoff.apply(Input.OVER_LIMIT)
+        assert self.handoff.state is (State.RECOVERING if self.policy == "snapshot" else State.CLOSED)
+
+    @precondition(lambda self: self.handoff.state is State.RECOVERING)
+    @rule()
+    def snapshot_sent(self) -> None:
+        # A snapshot taken now stands for everything the stream holds; catching up goes on after it.
+        self.received = self.stream[self.start :]
+        self.handoff.restart_at(self._position_of(len(self.stream)))
         self.page = None
         self._try_live()
 
@@ -101,6 +124,10 @@ class SubscriberHandoff(RuleBasedStateMachine):
         if not self.started:
             return
         # Drain: the feed catches up with the stream and the subscriber finishes catching up.
+        if self.handoff.state is State.RECOVERING:
+            self.snapshot_sent()
+        if self.handoff.state is State.CLOSED:
+            self.disconnect_and_resume()
         for _ in range(len(self.stream) + 2):
             if self.handoff.is_live:
                 break
@@ -180,16 +207,16 @@ TestSharedFeed.settings = settings(max_examples=120, stateful_step_count=30, dea
 
 
 def test_going_live_behind_the_feed_is_refused() -> None:
-    handoff = Handoff(StreamId(1, 0))
+    handoff = Subscription(StreamId(1, 0))
     with pytest.raises(RuntimeError):
         handoff.go_live(StreamId(2, 0))
 
 
 def test_a_closed_subscription_receives_nothing() -> None:
-    handoff = Handoff(StreamId.ZERO)
+    handoff = Subscription(StreamId.ZERO)
     handoff.go_live(StreamId.ZERO)
     handoff.close()
-    assert handoff.on_live([entry(0)]) == []
+    assert handoff.on_live([entry(0)], None) == []
     assert handoff.on_page([entry(0)]) == []
 
 
