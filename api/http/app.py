@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -80,47 +81,56 @@ def create_app(settings: Settings) -> FastAPI:
     auth = Authenticator.from_settings(settings)
     if settings.insecure_dev_mode:
         log.warning("insecure_dev_mode", detail="every endpoint is open to anyone, from any origin")
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = redis_client(settings.redis_url.reveal())
-        store = Store(
-            redis,
-            session_ttl_seconds=settings.session_ttl_seconds,
-            stream_max_length=settings.stream_max_length,
-        )
-        queue = await create_queue(settings.redis_url.reveal())
-        bus = LiveBus.from_settings(store, settings)
-        bus.start()
-        app.state.services = Services(settings, auth, store, queue, bus)
-        try:
-            yield
-        finally:
-            await bus.close()
-            await queue.aclose()
-            await redis.aclose()
-
     # The schema and the docs page need a credential too, unless in development mode.
     open_docs = settings.insecure_dev_mode
     app = FastAPI(
         title="tokenfan request API",
         version="1",
-        lifespan=lifespan,
+        lifespan=functools.partial(_lifespan, settings=settings, auth=auth),
         docs_url="/docs" if open_docs else None,
         openapi_url="/openapi.json" if open_docs else None,
     )
     app.include_router(router)
     if not open_docs:
-
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(caller)])
-        async def openapi() -> JSONResponse:
-            return JSONResponse(app.openapi())
-
-        @app.get("/docs", include_in_schema=False, dependencies=[Depends(caller)])
-        async def docs() -> HTMLResponse:
-            return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
-
+        _serve_docs_to_callers(app)
     install_error_handlers(app)
+    _add_middleware(app, settings)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI, *, settings: Settings, auth: Authenticator) -> AsyncIterator[None]:
+    redis = redis_client(settings.redis_url.reveal())
+    store = Store(
+        redis,
+        session_ttl_seconds=settings.session_ttl_seconds,
+        stream_max_length=settings.stream_max_length,
+    )
+    queue = await create_queue(settings.redis_url.reveal())
+    bus = LiveBus.from_settings(store, settings)
+    bus.start()
+    app.state.services = Services(settings, auth, store, queue, bus)
+    try:
+        yield
+    finally:
+        await bus.close()
+        await queue.aclose()
+        await redis.aclose()
+
+
+def _serve_docs_to_callers(app: FastAPI) -> None:
+    """The OpenAPI schema and its docs page, for callers with a credential."""
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(caller)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(caller)])
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=app.title)
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     origins = ["*"] if settings.insecure_dev_mode and not settings.origins else settings.origins
     if origins:
@@ -133,4 +143,3 @@ def create_app(settings: Settings) -> FastAPI:
             max_age=600,
         )
     app.add_middleware(AccessLog)
-    return app

@@ -41,7 +41,15 @@ from tokenfan.contract.events import EventType, GenerationStatus, encode_body, e
 from tokenfan.contract.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN, new_generation_id
 from tokenfan.contract.offsets import parse_offset
 from tokenfan.runtime.settings import Settings
-from tokenfan.store import AcceptOutcome, EventWrite, Finish, GenerationRecord, WriteItem, WriteOutcome
+from tokenfan.store import (
+    AcceptOutcome,
+    AcceptResult,
+    EventWrite,
+    Finish,
+    GenerationRecord,
+    WriteItem,
+    WriteOutcome,
+)
 from tokenfan.store.jobs import enqueue_generation, hand_over
 
 if TYPE_CHECKING:
@@ -108,34 +116,8 @@ async def create_generation(
 ) -> GenerationAccepted:
     principal.require_service()
     services = _services(request)
-    wait = await services.store.rate_limit(principal.name, services.settings.rate_limit_per_minute)
-    if wait:
-        raise RateLimited(
-            f"at most {services.settings.rate_limit_per_minute} generations a minute", retry_after=wait
-        )
-    if len(body.messages) > services.settings.max_messages:
-        raise PayloadTooLarge(f"at most {services.settings.max_messages} messages per request")
-    if body.metadata is not None and len(json.dumps(body.metadata)) > services.settings.max_metadata_bytes:
-        raise PayloadTooLarge(f"metadata is limited to {services.settings.max_metadata_bytes} bytes of JSON")
-    generation_id = new_generation_id()
-    upstream_request = body.model_dump(exclude_none=True, exclude={"policy"})
-    # The job first: if this process dies right after accepting, the generation still has a job. A job
-    # that finds its generation missing or not yet at the head of its queue does nothing.
-    await enqueue_generation(services.queue, session_id, generation_id)
-    result = await services.store.accept(
-        session_id,
-        generation_id,
-        request=upstream_request,
-        model=body.model,
-        policy=body.policy,
-        idempotency_key=idempotency_key,
-    )
-    if result.outcome is AcceptOutcome.CONFLICT:
-        raise Conflict(f"session is busy with {result.generation_id} and policy is 'reject'")
-    if result.queue_position == 1:
-        # Again: the early job may have run before the generation existed. For a duplicate, its own
-        # enqueue may be what failed. arq ignores a copy of a job that is still queued or running.
-        await enqueue_generation(services.queue, session_id, result.generation_id)
+    await _check_limits(services, principal.name, body)
+    result = await _accept(services, session_id, body, idempotency_key)
     status = GenerationStatus.QUEUED
     if result.outcome is AcceptOutcome.DUPLICATE:
         response.headers["Idempotent-Replayed"] = "true"
@@ -159,6 +141,42 @@ async def create_generation(
         token=token,
         token_expires_at=expires_at,
     )
+
+
+async def _check_limits(services: Services, key_name: str, body: GenerationRequest) -> None:
+    settings = services.settings
+    wait = await services.store.rate_limit(key_name, settings.rate_limit_per_minute)
+    if wait:
+        raise RateLimited(f"at most {settings.rate_limit_per_minute} generations a minute", retry_after=wait)
+    if len(body.messages) > settings.max_messages:
+        raise PayloadTooLarge(f"at most {settings.max_messages} messages per request")
+    if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
+        raise PayloadTooLarge(f"metadata is limited to {settings.max_metadata_bytes} bytes of JSON")
+
+
+async def _accept(
+    services: Services, session_id: str, body: GenerationRequest, idempotency_key: str | None
+) -> AcceptResult:
+    """Record the generation in its session's queue, making sure the head of the queue has a job."""
+    generation_id = new_generation_id()
+    # The job first: if this process dies right after accepting, the generation still has a job. A job
+    # that finds its generation missing or not yet at the head of its queue does nothing.
+    await enqueue_generation(services.queue, session_id, generation_id)
+    result = await services.store.accept(
+        session_id,
+        generation_id,
+        request=body.model_dump(exclude_none=True, exclude={"policy"}),
+        model=body.model,
+        policy=body.policy,
+        idempotency_key=idempotency_key,
+    )
+    if result.outcome is AcceptOutcome.CONFLICT:
+        raise Conflict(f"session is busy with {result.generation_id} and policy is 'reject'")
+    if result.queue_position == 1:
+        # Again: the early job may have run before the generation existed. For a duplicate, its own
+        # enqueue may be what failed. arq ignores a copy of a job that is still queued or running.
+        await enqueue_generation(services.queue, session_id, result.generation_id)
+    return result
 
 
 def _token(services: Services, session_id: str, minted_by: str) -> tuple[str | None, int | None]:

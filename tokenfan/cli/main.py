@@ -17,7 +17,7 @@ import argparse
 import asyncio
 import os
 import sys
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from tokenfan.runtime.logs import configure_logging
@@ -84,64 +84,76 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
+    command: str = args.command
     try:
         settings = Settings.from_env()
-    except SettingsError as exc:
-        print(f"tokenfan: {exc}", file=sys.stderr)
+        configure_logging(settings, command)
+        _COMMANDS[command](args, settings)
+    except SettingsError as exc:  # a configuration that cannot work: one line, no traceback
+        print(f"tokenfan {command}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    command: str = args.command
-    configure_logging(settings, command)
-    if command == "api":
-        from api.http.app import create_app
-        from tokenfan.runtime.serving import serve_asgi
 
-        try:
-            app = create_app(settings)
-        except SettingsError as exc:
-            print(f"tokenfan api: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-        # SSE responses never end by themselves: give them a few seconds, then close them on shutdown.
-        _run(
-            serve_asgi(
-                app,
-                host=args.host,
-                port=args.port,
-                ready_file=args.ready_file,
-                timeout_graceful_shutdown=5,
-                # The client is the TCP peer: per-address caps and the access log must not believe an
-                # X-Forwarded-For header (uvicorn would, from loopback peers), which anyone can send.
-                proxy_headers=False,
-            )
+
+def _api(args: argparse.Namespace, settings: Settings) -> None:
+    from api.http.app import create_app
+    from tokenfan.runtime.serving import serve_asgi
+
+    app = create_app(settings)
+    # SSE responses never end by themselves: give them a few seconds, then close them on shutdown.
+    _run(
+        serve_asgi(
+            app,
+            host=args.host,
+            port=args.port,
+            ready_file=args.ready_file,
+            timeout_graceful_shutdown=5,
+            # The client is the TCP peer: per-address caps and the access log must not believe an
+            # X-Forwarded-For header (uvicorn would, from loopback peers), which anyone can send.
+            proxy_headers=False,
         )
-    elif command == "relay":
-        from api.relay.server import run_relay
+    )
 
-        try:
-            _run(run_relay(settings, host=args.host, port=args.port, ready_file=args.ready_file))
-        except SettingsError as exc:
-            print(f"tokenfan relay: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None
-    elif command == "worker":
-        from worker.main import run_worker
 
-        _run(run_worker(settings, concurrency=args.concurrency, ready_file=args.ready_file))
-    elif command == "simulator":
-        from tokenfan.cli.simulator import SimulatorConfig, serve
+def _relay(args: argparse.Namespace, settings: Settings) -> None:
+    from api.relay.server import run_relay
 
-        config = SimulatorConfig(tokens_per_second=args.tokens_per_second, reply_tokens=args.reply_tokens)
-        _run(serve(config, host=args.host, port=args.port, ready_file=args.ready_file))
-    elif command == "watch":
-        from tokenfan.cli.watch import watch
+    _run(run_relay(settings, host=args.host, port=args.port, ready_file=args.ready_file))
 
-        _run(
-            watch(
-                args.relay, args.session_id, after=args.after, as_json=args.json, credential=args.credential
-            )
-        )
-    elif command == "up":
-        from tokenfan.cli.up import Stack
 
-        raise SystemExit(Stack.from_args(args, settings).run())
+def _worker(args: argparse.Namespace, settings: Settings) -> None:
+    from worker.main import run_worker
+
+    _run(run_worker(settings, concurrency=args.concurrency, ready_file=args.ready_file))
+
+
+def _simulator(args: argparse.Namespace, settings: Settings) -> None:
+    from tokenfan.cli.simulator import SimulatorConfig, serve
+
+    config = SimulatorConfig(tokens_per_second=args.tokens_per_second, reply_tokens=args.reply_tokens)
+    _run(serve(config, host=args.host, port=args.port, ready_file=args.ready_file))
+
+
+def _watch(args: argparse.Namespace, settings: Settings) -> None:
+    from tokenfan.cli.watch import watch
+
+    _run(watch(args.relay, args.session_id, after=args.after, as_json=args.json, credential=args.credential))
+
+
+def _up(args: argparse.Namespace, settings: Settings) -> None:
+    from tokenfan.cli.up import Stack
+
+    raise SystemExit(Stack.from_args(args, settings).run())
+
+
+#: Each subcommand's body; imports are local so that a command loads only what it runs.
+_COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], None]] = {
+    "api": _api,
+    "relay": _relay,
+    "worker": _worker,
+    "simulator": _simulator,
+    "watch": _watch,
+    "up": _up,
+}
 
 
 if __name__ == "__main__":  # pragma: no cover
