@@ -437,6 +437,16 @@ def test_a_control_frame_has_a_type_and_no_offset() -> None:
     }
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    st.text(min_size=1, max_size=20),
+    st.dictionaries(st.text(max_size=8).filter(lambda k: k != "type"), st.text()),
+)
+def test_a_control_frame_is_utf8_json_that_parses_back(kind: str, members: dict[str, str]) -> None:
+    frame = control_frame(kind, **members)
+    assert json.loads(frame.decode("utf-8")) == {"type": kind, **members}
+
+
 # --- close_reason
 
 
