@@ -42,6 +42,7 @@ async def assert_exact_delivery(redis: Any, session_id: str, frames: list[dict[s
 
 
 def transcript_of(frames: list[dict[str, Any]]) -> Transcript:
+    """`frames` assembled in order: raises `TranscriptError` on a gap, a duplicate or a bad checksum."""
     transcript = Transcript()
     for frame in frames:
         transcript.apply(frame)

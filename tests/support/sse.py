@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 
+from tests.support.delivery import transcript_of
 from tokenfan.client.transcript import Transcript
 
 
@@ -141,10 +142,8 @@ class SseWatcher:
         await self._exit.aclose()
 
     def transcript(self) -> Transcript:
-        transcript = Transcript()
-        for frame in self.frames:
-            transcript.apply(frame)
-        return transcript
+        """The frames received so far, assembled (raises on a gap, a duplicate or a bad checksum)."""
+        return transcript_of(self.frames)
 
 
 class CredentialSseWatcher(SseWatcher):

@@ -47,18 +47,36 @@ class RunningStack:
         self.children.append(child)
         return child
 
-    def start(self, *, workers: int = 1) -> RunningStack:
-        simulator = self.spawn(
-            "simulator", ["--port", "0", "--tokens-per-second", "0", "--reply-tokens", "48"]
-        )
-        self.simulator_url = simulator.wait_ready()
-        relay = self.spawn("relay", ["--port", "0"], name="relay")
-        self.relay_url = relay.wait_ready()
-        api = self.spawn("api", ["--port", "0"], name="api")
-        self.api_url = api.wait_ready()
-        for _ in range(workers):
-            self.spawn("worker").wait_ready()
+    def start(
+        self, *, workers: int = 1, api: bool = True, relay_port: int = 0, keyed_simulator: bool = False
+    ) -> RunningStack:
+        """Start what is missing, in dependency order: a simulator (unless `simulator_url` names one; with
+        `keyed_simulator`, a `KeyedSimulator`: set OPENAI_API_KEY in `extra_env`), a relay on `relay_port`
+        (0: a free one), an API (unless not `api`) and `workers` workers. When a component fails to start,
+        prints the logs and stops what was started before raising."""
+        try:
+            if not self.simulator_url:
+                self.simulator_url = self._start_simulator(keyed=keyed_simulator)
+            self.relay_url = self.spawn("relay", ["--port", str(relay_port)], name="relay").wait_ready()
+            if api:
+                self.api_url = self.spawn("api", ["--port", "0"], name="api").wait_ready()
+            for _ in range(workers):
+                self.spawn("worker").wait_ready()
+        except BaseException:
+            print(self.log_tail())
+            self.stop()
+            raise
         return self
+
+    def _start_simulator(self, *, keyed: bool) -> str:
+        if not keyed:
+            return self.spawn(
+                "simulator", ["--port", "0", "--tokens-per-second", "0", "--reply-tokens", "48"]
+            ).wait_ready()
+        with (self.logs / "simulator.log").open("ab") as log:  # the child keeps its own descriptor
+            simulator = KeyedSimulator("simulator", env=self.env, stderr=log, name="simulator").start()
+        self.children.append(simulator)
+        return simulator.wait_ready()
 
     def stop(self) -> None:
         for child in reversed(self.children):
@@ -78,15 +96,7 @@ def start_frontends(
     """A relay (and, with `api`, an API) with settings of their own, beside `base` and against its Redis.
     Generations accepted by either API are run by `base`'s workers. Stop it with `stop()`."""
     front = RunningStack(redis_url=base.redis_url, extra_env=extra_env, simulator_url=base.simulator_url)
-    try:
-        front.relay_url = front.spawn("relay", ["--port", str(relay_port)], name="relay").wait_ready()
-        if api:
-            front.api_url = front.spawn("api", ["--port", "0"], name="api").wait_ready()
-    except BaseException:
-        print(front.log_tail())
-        front.stop()
-        raise
-    return front
+    return front.start(workers=0, api=api, relay_port=relay_port)
 
 
 def clean_environment() -> dict[str, str]:
@@ -120,34 +130,6 @@ class KeyedSimulator(ChildProcess):
             stderr=self.stderr,
         )
         return self
-
-
-def start_stack(stack: RunningStack, *, keyed_simulator: bool = False, workers: int = 1) -> RunningStack:
-    """Like `stack.start()`; with `keyed_simulator`, the simulator is a `KeyedSimulator` (set OPENAI_API_KEY
-    in `extra_env`), and a stack given a `simulator_url` uses that one instead of starting its own. Stops
-    what it started and prints the logs when a component fails to start."""
-    try:
-        if not stack.simulator_url:
-            if keyed_simulator:
-                with (stack.logs / "simulator.log").open("ab") as log:  # the child keeps its own descriptor
-                    simulator = KeyedSimulator(
-                        "simulator", env=stack.env, stderr=log, name="simulator"
-                    ).start()
-                stack.children.append(simulator)
-                stack.simulator_url = simulator.wait_ready()
-            else:
-                stack.simulator_url = stack.spawn(
-                    "simulator", ["--port", "0", "--tokens-per-second", "0", "--reply-tokens", "48"]
-                ).wait_ready()
-        stack.relay_url = stack.spawn("relay", ["--port", "0"], name="relay").wait_ready()
-        stack.api_url = stack.spawn("api", ["--port", "0"], name="api").wait_ready()
-        for _ in range(workers):
-            stack.spawn("worker").wait_ready()
-    except BaseException:
-        print(stack.log_tail())
-        stack.stop()
-        raise
-    return stack
 
 
 def relay_process(stack: RunningStack) -> ChildProcess:

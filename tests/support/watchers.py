@@ -12,6 +12,7 @@ import httpx
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
+from tests.support.delivery import transcript_of
 from tests.support.requests import accept, bearer, user_message
 from tokenfan.client.transcript import Transcript
 
@@ -62,10 +63,8 @@ class Watcher:
             await self.connection.close()
 
     def transcript(self) -> Transcript:
-        transcript = Transcript()
-        for frame in self.frames:
-            transcript.apply(frame)
-        return transcript
+        """The frames received so far, assembled (raises on a gap, a duplicate or a bad checksum)."""
+        return transcript_of(self.frames)
 
 
 def finished(*generation_ids: str) -> Callable[[list[dict[str, Any]]], bool]:
@@ -79,21 +78,9 @@ def finished(*generation_ids: str) -> Callable[[list[dict[str, Any]]], bool]:
     return done
 
 
-async def close_reason(url: str, timeout: float = 10.0) -> tuple[int, str]:
-    """Connect and return the (code, reason) the relay closes with."""
-    async with asyncio.timeout(timeout), connect(url) as websocket:
-        try:
-            frame = await websocket.recv()
-        except ConnectionClosed as closed:
-            received = closed.rcvd
-        else:
-            raise AssertionError(f"the relay sent a frame instead of closing: {frame!r}")
-    assert received is not None
-    return received.code, received.reason
-
-
-async def closed_with(url: str, *, timeout: float = 10.0, **connect_options: Any) -> tuple[int, str]:
-    """Like `close_reason`, with connect options (headers, origin): the (code, reason) the relay closes with."""
+async def close_reason(url: str, *, timeout: float = 10.0, **connect_options: Any) -> tuple[int, str]:
+    """Connect (with `connect_options`: headers, origin…) and return the (code, reason) the relay closes
+    with; a frame received instead, or an end without a close frame, fails the test."""
     async with asyncio.timeout(timeout), connect(url, **connect_options) as websocket:
         try:
             frame = await websocket.recv()

@@ -42,14 +42,14 @@ from websockets.typing import Origin
 from tests.support.delivery import transcript_of
 from tests.support.requests import accept, bearer, expected_text, new_session_id, user_message
 from tests.support.sse import CredentialSseWatcher
-from tests.support.stack import RunningStack, clean_environment, start_frontends, start_stack
+from tests.support.stack import RunningStack, clean_environment, start_frontends
 from tests.support.tls import TlsProxy
 from tests.support.waiting import Closer, wait_for_condition
 from tests.support.watchers import (
     CredentialMultiWatcher,
     CredentialWatcher,
     Watcher,
-    closed_with,
+    close_reason,
     finished,
     handshake_refusal,
     http_url,
@@ -151,7 +151,7 @@ def secure(tls_proxy: TlsProxy, certificate_authority: tuple[trustme.CA, Path]) 
             TOKENFAN_LOG_LEVEL="debug",  # the most a log ever holds: what an operator troubleshooting sees
         ),
     )
-    start_stack(stack, keyed_simulator=True)
+    stack.start(keyed_simulator=True)
     try:
         yield stack
     finally:
@@ -471,7 +471,7 @@ async def test_bad_tokens_are_refused_by_the_api_and_the_relay(
     sse = await anonymous.get(f"/v1/sessions/{session_id}/events", params={"token": token})
     assert_error(sse, 401, "unauthorized")
     url = f"{stream_url(secure.relay_url, session_id)}?token={token}"
-    code, reason = await closed_with(url)
+    code, reason = await close_reason(url)
     assert code == 4401
     assert reason
 
@@ -517,7 +517,7 @@ async def test_the_rate_limit_is_per_api_key(limited: RunningStack) -> None:
 
 
 async def test_the_relay_closes_4401_without_a_credential(secure: RunningStack) -> None:
-    code, reason = await closed_with(stream_url(secure.relay_url, new_session_id()))
+    code, reason = await close_reason(stream_url(secure.relay_url, new_session_id()))
     assert code == 4401
     assert "token" in reason.lower() or "key" in reason.lower()
 
@@ -540,7 +540,7 @@ async def test_the_relay_closes_4401_for_unknown_keys_and_bad_tokens(secure: Run
             "malformed-token": "a.b.c",
         }[how]
         url += f"?token={token}"
-    code, reason = await closed_with(url, **options)
+    code, reason = await close_reason(url, **options)
     assert code == 4401
     assert reason
 
@@ -548,10 +548,10 @@ async def test_the_relay_closes_4401_for_unknown_keys_and_bad_tokens(secure: Run
 async def test_the_relay_closes_4403_for_a_token_of_another_session(secure: RunningStack) -> None:
     other = mint(new_session_id())
     url = f"{stream_url(secure.relay_url, new_session_id())}?token={other}"
-    code, reason = await closed_with(url)
+    code, reason = await close_reason(url)
     assert code == 4403
     assert reason
-    code, _ = await closed_with(
+    code, _ = await close_reason(
         stream_url(secure.relay_url, new_session_id()), additional_headers=bearer(other)
     )
     assert code == 4403
@@ -842,11 +842,11 @@ async def test_no_secret_reaches_a_log_or_an_error_body(
             assert response.status_code == 401
             bodies.append(response.text)
         bodies.append(
-            (await closed_with(f"{stream_url(secure.relay_url, session_id)}?token={credential}"))[1]
+            (await close_reason(f"{stream_url(secure.relay_url, session_id)}?token={credential}"))[1]
         )
     # Valid credentials used where they do not reach: a token for another session, a key in a URL.
     bodies.append((await anonymous.get(f"/v1/sessions/{elsewhere}/events", params={"token": token})).text)
-    bodies.append((await closed_with(f"{stream_url(secure.relay_url, elsewhere)}?token={token}"))[1])
+    bodies.append((await close_reason(f"{stream_url(secure.relay_url, elsewhere)}?token={token}"))[1])
     too_long = await anonymous.get(f"/v1/sessions/{session_id}", params={"token": WRONG_KEY * 200})
     assert too_long.status_code in (401, 422)
     bodies.append(too_long.text)

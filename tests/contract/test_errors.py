@@ -1,0 +1,88 @@
+"""The error tree: each error carries the HTTP status, WebSocket close code and error code its docstring
+documents, and the table here covers every exported error.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tokenfan.contract import errors
+from tokenfan.contract.errors import (
+    ClientError,
+    Conflict,
+    Forbidden,
+    GenerationNotFound,
+    InvalidOffset,
+    InvalidRequest,
+    InvalidSessionId,
+    NotFound,
+    OffsetGone,
+    PayloadTooLarge,
+    RateLimited,
+    ServerError,
+    ServiceUnavailable,
+    SessionNotFound,
+    StorageUnavailable,
+    TokenfanError,
+    Unauthorized,
+    UnknownOffset,
+)
+
+#: (class, parent, http status, close code or None where the tree shows none, code) as in errors.py.
+ERROR_TABLE: list[tuple[type[TokenfanError], type[Exception], int, int | None, str]] = [
+    (InvalidRequest, ClientError, 400, 4400, "invalid_request"),
+    (InvalidSessionId, InvalidRequest, 400, 4400, "invalid_session_id"),
+    (InvalidOffset, InvalidRequest, 400, 4400, "invalid_offset"),
+    (Unauthorized, ClientError, 401, 4401, "unauthorized"),
+    (Forbidden, ClientError, 403, 4403, "forbidden"),
+    (NotFound, ClientError, 404, 4404, "not_found"),
+    (GenerationNotFound, NotFound, 404, None, "generation_not_found"),
+    (SessionNotFound, NotFound, 404, None, "session_not_found"),
+    (UnknownOffset, NotFound, 404, 4404, "unknown_offset"),
+    (Conflict, ClientError, 409, 4409, "conflict"),
+    (OffsetGone, ClientError, 410, 4410, "offset_gone"),
+    (PayloadTooLarge, ClientError, 413, 1009, "payload_too_large"),
+    (RateLimited, ClientError, 429, 4429, "rate_limited"),
+    (ServiceUnavailable, ServerError, 503, 1013, "unavailable"),
+    (StorageUnavailable, ServiceUnavailable, 503, 1013, "unavailable"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "parent", "status", "close_code", "code"),
+    ERROR_TABLE,
+    ids=[row[0].__name__ for row in ERROR_TABLE],
+)
+def test_error_carries_its_wire_consequence(
+    cls: type[TokenfanError], parent: type[Exception], status: int, close_code: int | None, code: str
+) -> None:
+    assert issubclass(cls, parent)
+    error = cls("something precise went wrong")
+    assert error.http_status == status
+    if close_code is not None:
+        assert error.close_code == close_code
+    assert error.code == code
+    assert error.message == "something precise went wrong"
+    assert str(error) == "something precise went wrong"
+    assert error.to_body() == {
+        "error": {"code": code, "message": "something precise went wrong", "status": status}
+    }
+    assert json.loads(json.dumps(error.to_body())) == error.to_body()
+
+
+def test_error_tree_roots() -> None:
+    assert issubclass(ClientError, TokenfanError)
+    assert issubclass(ServerError, TokenfanError)
+    assert not issubclass(ClientError, ServerError)
+    for cls, *_ in ERROR_TABLE:
+        assert issubclass(cls, TokenfanError)
+        assert issubclass(cls, ClientError) != issubclass(cls, ServerError)
+    assert 400 <= ClientError.http_status < 500
+    assert ServerError.http_status == 500
+
+
+def test_error_table_covers_every_exported_error() -> None:
+    listed = {row[0].__name__ for row in ERROR_TABLE} | {"TokenfanError", "ClientError", "ServerError"}
+    assert listed == set(errors.__all__)
