@@ -133,8 +133,12 @@ def snapshot_frame(session_id: str, offset: str, generations: list[dict[str, Any
 
 
 def control_frame(kind: str, **members: Any) -> bytes:
-    """A frame about the connection rather than the stream (``subscribed``, ``error``…); it has no offset."""
-    return encode_body({"type": kind, **members}).encode()
+    """A frame about the connection rather than the stream (``subscribed``, ``error``…); it has no offset.
+
+    Its members may echo what a client sent (a session id in an error), which may hold a lone surrogate
+    (``"\\ud800"`` is valid JSON): such a character leaves as that same JSON escape, never as bytes that are
+    not UTF-8, so the frame stays valid text and parses back to what the client sent."""
+    return encode_body({"type": kind, **members}).encode("utf-8", "backslashreplace")
 
 
 def close_reason(text: str) -> str:

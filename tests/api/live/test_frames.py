@@ -421,6 +421,16 @@ def test_a_snapshot_frame_carries_the_state_of_each_generation_as_of_its_offset(
     assert str(transcript.last_offset) == "k3y:1732406400123-4"
 
 
+def test_a_control_frame_echoes_a_lone_surrogate_as_valid_utf8_json() -> None:
+    frame = control_frame("error", session_id="bad\ud800id", code=4400, reason="no")
+    assert json.loads(frame.decode("utf-8")) == {
+        "type": "error",
+        "session_id": "bad\ud800id",
+        "code": 4400,
+        "reason": "no",
+    }
+
+
 def test_a_control_frame_has_a_type_and_no_offset() -> None:
     assert control_frame("subscribed", session_id=SESSION) == b'{"type":"subscribed","session_id":"s1"}'
     error = control_frame("error", session_id=SESSION, code=4410, reason="offset gone — rebuild")

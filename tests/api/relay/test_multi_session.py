@@ -139,6 +139,7 @@ async def test_subscribe_with_after_resumes_exactly(
         json.dumps({"type": "subscribe", "session_id": 42}),
         json.dumps(["subscribe", "s1"]),
         json.dumps({"type": "subscribe", "session_id": "bad{id"}),
+        '{"type": "subscribe", "session_id": "\\ud800"}',  # a lone surrogate, echoed in the error frame
     ],
     ids=[
         "invalid-json",
@@ -148,6 +149,7 @@ async def test_subscribe_with_after_resumes_exactly(
         "session-id-not-a-string",
         "not-an-object",
         "bad-session-id",
+        "lone-surrogate-session-id",
     ],
 )
 async def test_a_malformed_message_is_answered_with_an_error_and_the_connection_goes_on(
