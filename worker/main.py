@@ -14,7 +14,6 @@ import gc
 from typing import Any
 
 import structlog
-from arq.constants import in_progress_key_prefix
 from arq.worker import Worker, func
 from redis.asyncio import Redis
 from redis.connection import HiredisRespSerializer
@@ -22,7 +21,7 @@ from redis.exceptions import RedisError
 from redis.utils import HIREDIS_AVAILABLE
 
 from tokenfan.contract.errors import StorageUnavailable
-from tokenfan.contract.keys import ARQ_QUEUE, CANCEL_CHANNEL
+from tokenfan.contract.keys import ARQ_QUEUE, CANCEL_CHANNEL, arq_in_progress_key
 from tokenfan.runtime.serving import write_ready_file
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store, redis_client
@@ -48,7 +47,7 @@ async def _heartbeat(store: Store, writer: StreamWriter, interval: float) -> Non
             replies = await store.renew_leases([(s.session_id, s.generation_id, s.attempt) for s in streams])
             async with store.redis.pipeline(transaction=False) as pipe:
                 for stream in streams:
-                    pipe.pexpire(in_progress_key_prefix + stream.generation_id, store.lease_ms)
+                    pipe.pexpire(arq_in_progress_key(stream.generation_id), store.lease_ms)
                 await pipe.execute()
             await _cancel_unwatched(store, [s for s in streams if s.unwatched_limit])
         except (StorageUnavailable, RedisError) as exc:
@@ -151,7 +150,7 @@ class _Worker(Worker):
         if candidates:
             async with self.pool.pipeline(transaction=False) as pipe:
                 for job_id in candidates:
-                    pipe.exists(in_progress_key_prefix + job_id.decode())
+                    pipe.exists(arq_in_progress_key(job_id.decode()))
                 busy = await pipe.execute()
             candidates = [job_id for job_id, taken in zip(candidates, busy, strict=True) if not taken]
         # arq claims one job after another, four round trips each. On a worker busy streaming, each round trip
@@ -209,7 +208,7 @@ async def run_worker(
         # arq counts a job abandoned only when its in-progress key expires: job timeout + 10 s by default.
         # Bringing that down to our lease (and the heartbeat keeping it there) is what lets another worker
         # take over a crashed worker's generation within the lease, however long generations may run.
-        await redis.pexpire(in_progress_key_prefix + generation_id, store.lease_ms)
+        await redis.pexpire(arq_in_progress_key(generation_id), store.lease_ms)
 
     job = GenerationJob(
         store,

@@ -10,6 +10,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 import pytest
+from arq.constants import in_progress_key_prefix
 from redis.asyncio import Redis
 
 from tests.support.requests import new_session_id
@@ -17,7 +18,7 @@ from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.contract.errors import OffsetGone, UnknownOffset
 from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body, text_sha256
 from tokenfan.contract.ids import new_generation_id
-from tokenfan.contract.keys import GenerationField, SessionKeys
+from tokenfan.contract.keys import ARQ_IN_PROGRESS_PREFIX, GenerationField, SessionKeys
 from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store import (
     AcceptOutcome,
@@ -769,3 +770,8 @@ async def test_each_append_is_published_with_its_predecessor(
     for message in messages:
         parts = message.split(b" ", 3)
         assert json.loads(parts[3])["session_id"] == session_id
+
+
+def test_the_in_progress_prefix_is_arqs_own() -> None:
+    """The worker shortens arq's claim on a job by its key's name: a rename in arq must not go unnoticed."""
+    assert in_progress_key_prefix == ARQ_IN_PROGRESS_PREFIX

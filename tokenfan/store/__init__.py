@@ -31,7 +31,13 @@ from redis.asyncio import Redis
 from tokenfan.contract.errors import OffsetGone, UnknownOffset
 from tokenfan.contract.events import GenerationStatus, StreamEntry
 from tokenfan.contract.ids import new_epoch
-from tokenfan.contract.keys import CANCEL_CHANNEL, GenerationField, SessionKeys, generation_index_key
+from tokenfan.contract.keys import (
+    CANCEL_CHANNEL,
+    GenerationField,
+    SessionKeys,
+    generation_index_key,
+    rate_limit_key,
+)
 from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store.boundary import storage_call
 
@@ -601,7 +607,7 @@ class Store:
                 keys.queue,
                 keys.generations,
                 keys.events,
-                f"{keys.tag}:idem:{idempotency_key or ''}",
+                keys.idempotency(idempotency_key or ""),
             ],
             args=[
                 _now_ms(),
@@ -672,7 +678,7 @@ class Store:
             return 0.0
         interval = 60_000 / per_minute
         burst = max(1, per_minute // 10)
-        wait = await self._rate(keys=[f"tf:ratelimit:{name}"], args=[_now_ms(), interval, burst])
+        wait = await self._rate(keys=[rate_limit_key(name)], args=[_now_ms(), interval, burst])
         return float(wait) / 1000
 
     @storage_call
