@@ -17,9 +17,11 @@ module                  holds
 ``write_layout``        the write script's KEYS and ARGV, defined once for Python and Lua
 ``scripts``             the Lua scripts (``lua/*.lua``), loaded once and registered per client
 ``slots``               the Redis Cluster slot of a session
-``connection``          the Redis client
+``connection``          the Redis client; the worker's faster command packing
 ``boundary``            Redis failures leave the store as `StorageUnavailable`
 ``jobs``                the job queue (arq): enqueueing a generation's job, handing a session over
+``job_runner``          the worker's side of the job queue: claiming jobs, riding out Redis restarts
+``cancellations``       the workers' pub/sub listener for cancellation requests
 ======================  =================================================================================
 """
 
