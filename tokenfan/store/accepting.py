@@ -65,16 +65,7 @@ class Accepting(StoreCore):
             CANCEL_CHANNEL,
         ]
         for _ in range(_ACCEPT_TRIES):
-            names = [
-                keys.meta,
-                keys.generation(generation_id),
-                keys.queue,
-                keys.generations,
-                keys.events,
-                keys.idempotency(idempotency_key or ""),
-            ]
-            if head:
-                names.append(keys.generation(head))  # the generation the script is to interrupt
+            names = _accept_keys(keys, generation_id, idempotency_key, head)
             reply = await self.scripts.accept(keys=names, args=[*args, head])
             code, value, position, epoch = (part.decode() for part in reply)
             if AcceptReply(code) is not AcceptReply.STALE:
@@ -136,3 +127,17 @@ class Accepting(StoreCore):
         burst = max(1, per_minute // 10)
         wait = await self.scripts.rate(keys=[rate_limit_key(name)], args=[now_ms(), interval, burst])
         return float(wait) / 1000
+
+
+def _accept_keys(keys: SessionKeys, generation_id: str, idempotency_key: str | None, head: str) -> list[str]:
+    names = [
+        keys.meta,
+        keys.generation(generation_id),
+        keys.queue,
+        keys.generations,
+        keys.events,
+        keys.idempotency(idempotency_key or ""),
+    ]
+    if head:
+        names.append(keys.generation(head))  # the generation the script is to interrupt
+    return names

@@ -119,7 +119,7 @@ class ReadReply(StrEnum):
 
 class SnapshotReply(StrEnum):
     OK = "ok"
-    STALE = "stale"  # the generations list changed since the store read its ids: read them again
+    STALE = "stale"  # the generations changed since the store read their ids, in a way that matters
     MORE = "more"  # older generations than those given may have events after `since`: give more
 
 

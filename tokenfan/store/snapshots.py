@@ -1,10 +1,12 @@
 """Snapshots: a session's generations, consistent with an offset of its stream.
 
 The snapshot script reads only the generations whose keys it is given, so the store first reads which
-generations there are, and the script checks that the list still ends with them (else: ``stale``, read
-again). A snapshot of everything reads the whole list. A snapshot of what changed after an entry id (a
-subscriber skipping its backlog) needs only the newest few generations: it starts with a small window,
-and widens it when the script answers that older generations may have changed too (``more``).
+generations there are, and the script checks that the list still holds them, and that any generation
+accepted since waits behind the queue's head (it has no event yet: the snapshot is the session as it was
+just before it arrived). Otherwise it answers ``stale``, and the store reads the list again. A snapshot of
+everything reads the whole list. A snapshot of what changed after an entry id (a subscriber skipping its
+backlog) needs only the newest few generations: it starts with a small window, and widens it when the
+script answers that older generations may have changed too (``more``).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ _FIRST_WINDOW = 8
 #: How much wider each further window is.
 _WIDEN = 8
 #: Reads of the generations list a snapshot makes at most: the widening steps up to the longest list kept,
-#: plus a few retries after generations were accepted (or expired) between a read and its script call.
+#: plus a few retries after a generation started or ended between a read and its script call.
 _ROUNDS = 10
 
 
@@ -58,7 +60,7 @@ class Snapshots(StoreCore):
 
 
 def _snapshot_keys(keys: SessionKeys, ids: Sequence[str]) -> list[str]:
-    names = [keys.meta, keys.generations]
+    names = [keys.meta, keys.generations, keys.queue]
     for generation_id in ids:
         names += [
             keys.generation(generation_id),
