@@ -7,11 +7,13 @@ slot that holds the session, so no crash between two commands can leave a half-w
 Each file starts with a header stating its KEYS, ARGV and reply. Every key a script touches is one of its
 KEYS, never a name it builds, so a Redis Cluster client can route each call to the node holding its
 session (tests/store/test_scripts.py checks both against a cluster-mode server). The session's pub/sub
-channel is a KEY of the write script too: Redis hashes a shard channel to a slot exactly as it hashes a key
-(SPUBLISH's documentation), and a cluster node refuses a script whose SPUBLISH channel lies in another slot
-than its keys ("Script attempted to access keys that do not hash to the same slot"), so it has to be
-declared like a key for the day the live channel becomes a sharded one. The global cancellation channel
-has no slot of its own to be in, and stays in ARGV.
+channel is a KEY of the write script too: the SPUBLISH documentation says a shard channel is assigned to a
+slot by the same algorithm as a key, and must be published on the node owning that slot; a script is
+checked likewise (on Valkey 9, a script whose SPUBLISH channel lies in another slot than its keys fails
+with "Script attempted to access keys that do not hash to the same slot"). So the channel is declared like
+a key, ready for the day the live channel becomes a sharded one (today it is published with PUBLISH, which
+a cluster broadcasts to every node). The global cancellation channel is a classic channel, bound to no
+slot, and stays in ARGV.
 
 The files carry no ``#!lua`` line. With one, a cluster node would refuse cross-slot access by itself, but
 Redis 6.2, which tokenfan supports (docs/OPERATIONS.md), fails to compile such a script.
