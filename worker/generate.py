@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
-from arq.worker import Retry
 
 from tokenfan.contract.errors import ServiceUnavailable
 from tokenfan.contract.events import EventType, FailureType, GenerationStatus, text_sha256
 from tokenfan.store import Finish, StartOutcome, StartResult, Store
+from tokenfan.store.jobs import Retry
 from worker.hooks import HookContext, Hooks, load_hooks
 from worker.stream_writer import Fenced, GenerationStream, StreamWriter
 from worker.upstream import (

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for a str
 from typing import Any
 
@@ -32,22 +31,13 @@ from tokenfan.contract.offsets import Offset
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
 from worker.coalesce import Coalescer
 
-__all__ = ["Fenced", "GenerationStream", "StreamWriter", "WriterStats"]
+__all__ = ["Fenced", "GenerationStream", "StreamWriter"]
 
 log = structlog.get_logger("tokenfan.worker.writer")
 
 
 class Fenced(Exception):
     """This attempt may no longer write: another attempt took the generation over, or it already ended."""
-
-
-@dataclass(slots=True)
-class WriterStats:
-    flushes: int = 0
-    items: int = 0
-    events: int = 0
-    pieces: int = 0
-    retries: int = 0
 
 
 class GenerationStream:
@@ -243,7 +233,6 @@ class StreamWriter:
         self.max_event_bytes = max_event_bytes
         self.merge = merge
         self.retry_seconds = retry_seconds
-        self.stats = WriterStats()
         self.streams: dict[str, GenerationStream] = {}
         self._dirty: dict[GenerationStream, None] = {}  # an ordered set: flush in arrival order
         self._wake = asyncio.Event()
@@ -316,7 +305,6 @@ class StreamWriter:
                 results = await self.store.write([item for _, item in batch])
                 break
             except StorageUnavailable as exc:
-                self.stats.retries += 1
                 if loop.time() + backoff > deadline:
                     log.error("write_abandoned", error=repr(exc.__cause__), generations=len(batch))
                     for stream, _ in batch:
@@ -325,8 +313,5 @@ class StreamWriter:
                 log.warning("write_retry", error=repr(exc.__cause__), backoff_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
-        self.stats.flushes += 1
-        self.stats.items += len(batch)
         for (stream, item), result in zip(batch, results, strict=True):
-            self.stats.events += len(item.events)
             stream._apply(item, result)

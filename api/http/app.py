@@ -10,7 +10,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import structlog
-from arq.connections import ArqRedis
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -24,8 +23,8 @@ from api.http.security import caller
 from api.live.feed import LiveBus
 from tokenfan.runtime.auth import Authenticator
 from tokenfan.runtime.settings import Settings
-from tokenfan.store import Store, redis_client
-from tokenfan.store.jobs import create_queue
+from tokenfan.store import Store
+from tokenfan.store.jobs import JobQueue, create_queue
 
 __all__ = ["Services", "create_app"]
 
@@ -37,7 +36,7 @@ class Services:
     settings: Settings
     auth: Authenticator
     store: Store
-    queue: ArqRedis
+    queue: JobQueue
     bus: LiveBus
     #: Open SSE streams per client address, in this process (capped by sse_max_streams_per_address).
     sse_streams: Counter[str] = field(default_factory=Counter)
@@ -100,12 +99,7 @@ def create_app(settings: Settings) -> FastAPI:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI, *, settings: Settings, auth: Authenticator) -> AsyncIterator[None]:
-    redis = redis_client(settings.redis_url.reveal())
-    store = Store(
-        redis,
-        session_ttl_seconds=settings.session_ttl_seconds,
-        stream_max_length=settings.stream_max_length,
-    )
+    store = Store.from_settings(settings)
     queue = await create_queue(settings.redis_url.reveal())
     bus = LiveBus.from_settings(store, settings)
     bus.start()
@@ -115,7 +109,7 @@ async def _lifespan(app: FastAPI, *, settings: Settings, auth: Authenticator) ->
     finally:
         await bus.close()
         await queue.aclose()
-        await redis.aclose()
+        await store.close()
 
 
 def _serve_docs_to_callers(app: FastAPI) -> None:

@@ -40,7 +40,7 @@ from tokenfan.contract.ids import is_session_id
 from tokenfan.runtime.auth import Authenticator, Principal, bearer_token
 from tokenfan.runtime.serving import bound_url, install_stop_signals, write_ready_file
 from tokenfan.runtime.settings import Settings
-from tokenfan.store import Store, redis_client
+from tokenfan.store import Store
 
 __all__ = ["Relay", "run_relay"]
 
@@ -232,10 +232,7 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
         log.warning(
             "insecure_dev_mode", detail="every connection is accepted without a credential, from any origin"
         )
-    redis = redis_client(settings.redis_url.reveal())
-    store = Store(
-        redis, session_ttl_seconds=settings.session_ttl_seconds, stream_max_length=settings.stream_max_length
-    )
+    store = Store.from_settings(settings)
     bus = LiveBus.from_settings(store, settings)
     relay = Relay(settings, store, bus, auth)
     bus.start()
@@ -263,4 +260,4 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
     finally:
         await bus.close()
         with contextlib.suppress(Exception):
-            await redis.aclose()
+            await store.close()

@@ -9,8 +9,9 @@ Per session ``S``:
 ======================================  =======  ====================================================
 key                                     type     holds
 ======================================  =======  ====================================================
-``tf:{S}:events``                       stream   the session's events; entry fields ``e`` (epoch) and
-                                                 ``d`` (the event body JSON, without its offset)
+``tf:{S}:events``                       stream   the session's events; entry fields ``e`` (epoch),
+                                                 ``p`` (id of the previous entry) and ``d`` (the event
+                                                 body JSON, without its offset)
 ``tf:{S}:meta``                         hash     ``epoch``, ``last`` (id of the newest entry), ``created_ms``
 ``tf:{S}:queue``                        list     generation ids accepted and not yet finished, in order;
                                                  the head is the one running or about to run
@@ -21,9 +22,23 @@ key                                     type     holds
 ``tf:{S}:watchers``                     zset     processes with subscribers of S, scored by when that
                                                  claim expires (ms): who is watching, for auto-cancel
 ``tf:{S}:live``                         channel  pub/sub: each appended entry, for relays
+``tf:{S}:idem:K``                       string   the generation accepted with Idempotency-Key K
 ======================================  =======  ====================================================
 
-Global (own slots): ``tf:generation:G`` (string: the session id owning generation G) and the arq queue.
+Global (no hash tag: each name lands in a slot of its own):
+
+======================================  =======  ====================================================
+name                                    type     holds
+======================================  =======  ====================================================
+``tf:generation:G``                     string   the session id owning generation G
+``tf:ratelimit:NAME``                   string   the request allowance of principal NAME (GCRA)
+``tf:cancellations``                    channel  pub/sub: ``<generation id> <reason>``, for workers
+``tf:relay:idle``                       channel  pub/sub: never published to; a relay with no session to
+                                                 watch stays subscribed to it
+``tf:arq:queue``                        zset     arq's job queue; arq names its other keys ``arq:*``
+``arq:in-progress:G``                   string   arq's claim on job G (its name is arq's; a worker
+                                                 shortens its expiry to the lease)
+======================================  =======  ====================================================
 """
 
 from __future__ import annotations
@@ -31,21 +46,39 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = [
+    "ARQ_IN_PROGRESS_PREFIX",
     "ARQ_QUEUE",
     "CANCEL_CHANNEL",
+    "RELAY_IDLE_CHANNEL",
     "GenerationField",
     "MetaField",
     "SessionKeys",
+    "arq_in_progress_key",
     "generation_index_key",
+    "rate_limit_key",
 ]
 
 ARQ_QUEUE = "tf:arq:queue"
+#: arq's own prefix of the key that marks a job claimed (``arq.constants.in_progress_key_prefix``; a test
+#: keeps the two equal). Named here because the worker shortens that key's expiry to its lease.
+ARQ_IN_PROGRESS_PREFIX = "arq:in-progress:"
 #: Broadcast channel of cancellation requests: each message is ``<generation id> <reason>``.
 CANCEL_CHANNEL = "tf:cancellations"
+#: A channel nothing publishes to: a relay watching no session stays subscribed to it, so its pub/sub
+#: connection keeps its mode instead of being torn down and rebuilt.
+RELAY_IDLE_CHANNEL = "tf:relay:idle"
 
 
 def generation_index_key(generation_id: str) -> str:
     return f"tf:generation:{generation_id}"
+
+
+def rate_limit_key(name: str) -> str:
+    return f"tf:ratelimit:{name}"
+
+
+def arq_in_progress_key(job_id: str) -> str:
+    return ARQ_IN_PROGRESS_PREFIX + job_id
 
 
 class MetaField(StrEnum):
@@ -95,3 +128,8 @@ class SessionKeys:
 
     def generation_reasoning(self, generation_id: str) -> str:
         return f"{self.tag}:gen:{generation_id}:reasoning"
+
+    def idempotency(self, idempotency_key: str) -> str:
+        """Where an Idempotency-Key's generation is remembered. The session's tag comes first, so braces
+        in a client's key cannot move it to another slot."""
+        return f"{self.tag}:idem:{idempotency_key}"

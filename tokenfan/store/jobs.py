@@ -3,7 +3,9 @@
 The job id is the generation id, so arq itself refuses a second copy of a job that is still queued or
 running. Only the head of a session's queue ever has a job: the API enqueues it when a generation arrives
 at an idle session, and the worker that finishes a generation enqueues the next one (`Store.write` returns
-it atomically with the finish), through `hand_over`.
+it atomically with the finish), through `hand_over`. The worker's side of the queue is `job_runner`.
+
+`Retry` is arq's: a job raises it to run again later (``Retry(defer=seconds)``).
 """
 
 from __future__ import annotations
@@ -15,20 +17,27 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from arq.connections import ArqRedis, RedisSettings, create_pool
+from arq.worker import Retry
 
 from tokenfan.contract.keys import ARQ_QUEUE
 from tokenfan.store.boundary import storage_call
 
 __all__ = [
     "JOB_FUNCTION",
+    "JobQueue",
+    "Retry",
     "create_queue",
     "deserialize_job",
     "enqueue_generation",
+    "hand_over",
     "queue_settings",
     "serialize_job",
 ]
 
 JOB_FUNCTION = "generate"
+
+#: A connection to the job queue (`create_queue`): arq's client, a Redis client too.
+JobQueue = ArqRedis
 
 
 def serialize_job(data: dict[str, Any]) -> bytes:

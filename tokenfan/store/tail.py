@@ -23,7 +23,7 @@ from redis.asyncio.client import PubSub
 from redis.exceptions import RedisError
 
 from tokenfan.contract.events import StreamEntry
-from tokenfan.contract.keys import SessionKeys
+from tokenfan.contract.keys import RELAY_IDLE_CHANNEL, SessionKeys
 from tokenfan.contract.offsets import StreamId
 
 __all__ = ["LiveTail", "Published", "TailListener"]
@@ -34,7 +34,7 @@ log = structlog.get_logger("tokenfan.store.tail")
 Published = tuple[StreamEntry, StreamId]
 
 #: Keeps the connection in subscribe mode while no session is watched.
-_IDLE_CHANNEL = b"tf:relay:idle"
+_IDLE_CHANNEL = RELAY_IDLE_CHANNEL.encode()
 
 
 class TailListener(Protocol):

@@ -1,0 +1,45 @@
+"""The store's own servers: a Valkey in cluster mode, one node owning every slot; and a plain one for the
+job queue, which no process of the test stack polls."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
+
+
+@pytest.fixture(scope="session")
+def cluster_server() -> Iterator[EmbeddedRedis]:
+    """A real cluster node: it refuses a command (or a script call) whose declared keys span two slots,
+    and knows each key's slot (CLUSTER KEYSLOT). One node owns all 16,384 slots, so a plain client works."""
+    # The cluster bus port is the client port + 10,000 unless named: a free one, since ports above
+    # 55,535 are common and would leave no room for it.
+    bus_port = str(free_port())
+    with EmbeddedRedis(extra_args=("--cluster-enabled", "yes", "--cluster-port", bus_port)) as server:
+        with sync_redis.Redis.from_url(server.url) as client:
+            client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
+            deadline = time.monotonic() + 10
+            while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                assert time.monotonic() < deadline, "the node never took its slots"
+                time.sleep(0.01)
+        yield server
+
+
+@pytest.fixture
+async def cluster_redis(cluster_server: EmbeddedRedis) -> AsyncIterator[Redis]:
+    client = Redis.from_url(cluster_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture(scope="session")
+def queue_server() -> Iterator[EmbeddedRedis]:
+    """A server of the store's tests alone: a job enqueued here is run by no worker but the test's own.
+    (arq needs a plain server: its transactions span slots.)"""
+    with EmbeddedRedis() as server:
+        yield server

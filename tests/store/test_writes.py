@@ -1,0 +1,319 @@
+"""Appending to a session's stream: exactly once, fenced by attempt, batched across sessions, published."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+
+from redis.asyncio import Redis
+
+from tests.store.helpers import (
+    USAGE,
+    accept,
+    completed,
+    delta,
+    deltas,
+    make_store,
+    queue_of,
+    resolved,
+    running,
+    stream_ids,
+    stream_texts,
+)
+from tests.support.requests import new_session_id
+from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
+from tokenfan.contract.keys import GenerationField, SessionKeys
+from tokenfan.contract.offsets import Offset, StreamId
+from tokenfan.store import EventWrite, Finish, StartOutcome, WriteItem, WriteOutcome, slot_of
+
+
+async def test_write_appends_events_text_and_offsets(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    (result,) = await store.write(
+        [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "ab"))]
+    )
+    (more,) = await store.write(
+        [WriteItem(session_id, generation_id, attempt, [delta(session_id, generation_id, 3, "日本🎉")])]
+    )
+    assert result.outcome is WriteOutcome.OK
+    assert (more.outcome, more.last_seq, more.status) == (WriteOutcome.OK, 3, "running")
+    keys = SessionKeys(session_id)
+    entries = await redis.xrange(keys.events)
+    assert len(entries) == 3
+    raw_epoch, _ = await store.tail(session_id)
+    assert raw_epoch
+    epoch = raw_epoch.decode()
+    bodies = [json.loads(fields[b"d"]) for _, fields in entries]
+    assert [body["seq"] for body in bodies] == [1, 2, 3]
+    assert [body["content"] for body in bodies] == ["a", "b", "日本🎉"]
+    assert all(fields[b"e"] == epoch.encode() for _, fields in entries)
+    ids = [StreamId.parse(entry_id) for entry_id, _ in entries]
+    assert ids == sorted(ids)
+    assert result.last_offset == Offset(epoch, ids[1])
+    assert more.last_offset == Offset(epoch, ids[2])
+    assert await redis.get(keys.generation_text(generation_id)) == "ab日本🎉".encode()
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert record.text == "ab日本🎉"
+    assert record.status is GenerationStatus.RUNNING
+    assert record.first_offset == f"{epoch}:{ids[0]}"
+    assert record.last_offset == f"{epoch}:{ids[2]}"
+    assert await store.tail(session_id) == (epoch.encode(), ids[2])
+
+
+async def test_a_retried_write_stores_each_event_once(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    item = WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "abc"))
+    (first,) = await store.write([item])
+    (retried,) = await store.write([item])
+    assert first.outcome is WriteOutcome.OK
+    assert retried.outcome is WriteOutcome.OK
+    assert retried.last_seq == 3
+    assert retried.last_offset == first.last_offset
+    # A retry overlapping what is stored, with one new event at its end.
+    overlap = WriteItem(
+        session_id, generation_id, attempt, deltas(session_id, generation_id, "bcd", first_seq=2)
+    )
+    (extended,) = await store.write([overlap])
+    assert extended.last_seq == 4
+    assert await stream_texts(redis, session_id) == ["a", "b", "c", "d"]
+    assert await redis.get(SessionKeys(session_id).generation_text(generation_id)) == b"abcd"
+
+
+async def test_a_seq_gap_stops_the_write(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    events = [delta(session_id, generation_id, 1, "a"), delta(session_id, generation_id, 3, "c")]
+    events.append(delta(session_id, generation_id, 4, "d"))
+    (result,) = await store.write([WriteItem(session_id, generation_id, attempt, events)])
+    assert result.outcome is WriteOutcome.GAP
+    assert result.last_seq == 1
+    assert await stream_texts(redis, session_id) == ["a"]
+    assert await redis.get(SessionKeys(session_id).generation_text(generation_id)) == b"a"
+    (repaired,) = await store.write(
+        [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "bcd", first_seq=2))]
+    )
+    assert (repaired.outcome, repaired.last_seq) == (WriteOutcome.OK, 4)
+
+
+async def test_a_stale_attempt_is_fenced(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    await store.write(
+        [WriteItem(session_id, generation_id, attempt, [delta(session_id, generation_id, 1, "a")])]
+    )
+    await store.release_lease(session_id, generation_id, attempt)
+    takeover = await store.start(session_id, generation_id)
+    assert takeover.attempt == attempt + 1
+    stale = WriteItem(
+        session_id, generation_id, attempt, deltas(session_id, generation_id, "bc", first_seq=2)
+    )
+    (result,) = await store.write([stale])
+    assert result.outcome is WriteOutcome.FENCED
+    assert result.last_seq == 1
+    assert result.last_offset is None
+    stale_finish = WriteItem(
+        session_id, generation_id, attempt, [], Finish(GenerationStatus.FAILED, None, None, {"type": "x"})
+    )
+    (refused,) = await store.write([stale_finish])
+    assert refused.outcome is WriteOutcome.FENCED
+    assert await stream_texts(redis, session_id) == ["a"]
+    assert await redis.get(SessionKeys(session_id).generation_text(generation_id)) == b"a"
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert record.status is GenerationStatus.RUNNING
+
+
+async def test_appending_before_start_is_fenced(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id = await accept(store, session_id)
+    (result,) = await store.write(
+        [WriteItem(session_id, generation_id, 0, deltas(session_id, generation_id, "a"))]
+    )
+    assert result.outcome is WriteOutcome.FENCED
+    assert await redis.exists(SessionKeys(session_id).events) == 0
+
+
+async def test_finish_completes_and_hands_over_to_the_next(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    next_id = await accept(store, session_id)
+    events = [*deltas(session_id, generation_id, "hi"), completed(session_id, generation_id, 3, "hi")]
+    finish = Finish(GenerationStatus.COMPLETED, "stop", USAGE, None)
+    item = WriteItem(session_id, generation_id, attempt, events, finish)
+    (result,) = await store.write([item])
+    assert result.outcome is WriteOutcome.OK
+    assert result.status == "completed"
+    assert result.next_generation_id == next_id
+    assert result.last_seq == 3
+    assert await queue_of(redis, session_id) == [next_id]
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert record.status is GenerationStatus.COMPLETED
+    assert record.finish_reason == "stop"
+    assert record.usage == USAGE
+    assert record.error is None
+    assert record.text == "hi"
+    assert record.finished_ms is not None
+    ids = await stream_ids(redis, session_id)
+    assert result.last_offset is not None
+    assert result.last_offset.stream_id == ids[-1]
+    # The same finish again, as after a connection lost mid-call: it already happened.
+    (retried,) = await store.write([item])
+    assert retried.outcome is WriteOutcome.OK
+    assert retried.status == "completed"
+    assert retried.next_generation_id == next_id
+    assert await stream_ids(redis, session_id) == ids
+    assert await queue_of(redis, session_id) == [next_id]
+    for key in (SessionKeys(session_id).events, SessionKeys(session_id).generation_text(generation_id)):
+        assert 0 < await resolved(redis.ttl(key)) <= 3600
+
+
+async def test_failure_is_recorded_with_its_error(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    error = {"type": "upstream_timeout", "message": "stalled"}
+    body = event_body(
+        EventType.GENERATION_FAILED, session_id=session_id, generation_id=generation_id, seq=1, error=error
+    )
+    item = WriteItem(
+        session_id,
+        generation_id,
+        attempt,
+        [EventWrite(1, encode_body(body))],
+        Finish(GenerationStatus.FAILED, None, None, error),
+    )
+    (result,) = await store.write([item])
+    assert (result.outcome, result.status, result.next_generation_id) == (WriteOutcome.OK, "failed", None)
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert record.status is GenerationStatus.FAILED
+    assert record.error == error
+    assert record.usage is None
+    assert record.finish_reason is None
+
+
+async def test_cancelling_a_queued_generation(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    first, _ = await running(store, session_id)
+    queued = await accept(store, session_id)
+    body = event_body(EventType.GENERATION_CANCELLED, session_id=session_id, generation_id=queued, seq=1)
+    item = WriteItem(
+        session_id, queued, 0, [EventWrite(1, encode_body(body))], Finish(GenerationStatus.CANCELLED)
+    )
+    (result,) = await store.write([item])
+    assert (result.outcome, result.status) == (WriteOutcome.OK, "cancelled")
+    assert result.next_generation_id == first
+    assert await queue_of(redis, session_id) == [first]
+    assert (await store.start(session_id, queued)).outcome is StartOutcome.TERMINAL
+
+
+async def test_a_cancel_request_comes_back_with_each_write(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    (before,) = await store.write(
+        [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "a"))]
+    )
+    assert before.cancel_requested == ""
+    key = SessionKeys(session_id).generation(generation_id)
+    await resolved(redis.hset(key, GenerationField.CANCEL_REQUESTED, "user"))
+    (after,) = await store.write(
+        [WriteItem(session_id, generation_id, attempt, [delta(session_id, generation_id, 2, "b")])]
+    )
+    assert after.outcome is WriteOutcome.OK
+    assert after.cancel_requested == "user"
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert record.cancel_requested == "user"
+
+
+async def test_one_write_carries_several_sessions(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    other = new_session_id()
+    first, first_attempt = await running(store, session_id)
+    second, second_attempt = await running(store, other)
+    results = await store.write(
+        [
+            WriteItem(session_id, first, first_attempt, deltas(session_id, first, "abc")),
+            WriteItem(other, second, second_attempt, deltas(other, second, "z")),
+        ]
+    )
+    assert [(r.outcome, r.last_seq) for r in results] == [(WriteOutcome.OK, 3), (WriteOutcome.OK, 1)]
+    assert await stream_texts(redis, session_id) == ["a", "b", "c"]
+    assert await stream_texts(redis, other) == ["z"]
+    for result, session in zip(results, (session_id, other), strict=True):
+        assert result.last_offset is not None
+        assert result.last_offset.stream_id == (await stream_ids(redis, session))[-1]
+
+
+async def test_cluster_mode_groups_by_slot_and_keeps_the_order(redis: Redis, session_id: str) -> None:
+    store = make_store(redis, cluster=True)
+    other = new_session_id()
+    # A third session in the first one's slot: one session runs one generation at a time.
+    neighbour = next(
+        f"{session_id}-n{n}"
+        for n in itertools.count()
+        if slot_of(f"{session_id}-n{n}") == slot_of(session_id)
+    )
+    first, attempt_1 = await running(store, session_id)
+    second, attempt_2 = await running(store, other)
+    third, attempt_3 = await running(store, neighbour)
+    results = await store.write(
+        [
+            WriteItem(session_id, first, attempt_1, deltas(session_id, first, "abc")),
+            WriteItem(other, second, attempt_2, deltas(other, second, "z")),
+            WriteItem(neighbour, third, attempt_3, deltas(neighbour, third, "pq")),
+        ]
+    )
+    assert [(r.outcome, r.last_seq) for r in results] == [
+        (WriteOutcome.OK, 3),
+        (WriteOutcome.OK, 1),
+        (WriteOutcome.OK, 2),
+    ]
+    assert await stream_texts(redis, session_id) == ["a", "b", "c"]
+    assert await stream_texts(redis, neighbour) == ["p", "q"]
+    assert await stream_texts(redis, other) == ["z"]
+
+
+async def test_each_append_is_published_with_its_predecessor(
+    redis: Redis, redis_server: EmbeddedRedis, session_id: str
+) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    subscriber = Redis.from_url(redis_server.url)
+    pubsub = subscriber.pubsub()
+    try:
+        await pubsub.subscribe(SessionKeys(session_id).live)
+        async with asyncio.timeout(10):
+            confirmation = await pubsub.get_message(timeout=10)
+        assert confirmation is not None
+        assert confirmation["type"] == "subscribe"
+        one = [delta(session_id, generation_id, 1, "a")]
+        two = deltas(session_id, generation_id, "bc", first_seq=2)
+        await store.write([WriteItem(session_id, generation_id, attempt, one)])
+        await store.write([WriteItem(session_id, generation_id, attempt, two)])
+        messages: list[bytes] = []
+        async with asyncio.timeout(10):
+            while len(messages) < 3:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
+                if message is not None:
+                    messages.append(message["data"])
+    finally:
+        await pubsub.aclose()
+        await subscriber.aclose()
+    epoch, _ = await store.tail(session_id)
+    assert epoch is not None
+    ids = [str(stream_id).encode() for stream_id in await stream_ids(redis, session_id)]
+    bodies = [event.body.encode() for event in one + two]
+    expected_prev = [b"0-0", ids[0], ids[1]]  # a fresh session's stream starts after 0-0
+    assert messages == [
+        b" ".join([epoch, prev, entry_id, body])
+        for prev, entry_id, body in zip(expected_prev, ids, bodies, strict=True)
+    ]
+    for message in messages:
+        parts = message.split(b" ", 3)
+        assert json.loads(parts[3])["session_id"] == session_id

@@ -1,0 +1,44 @@
+"""The fast path of cancellation: every worker listens on one pub/sub channel for requests.
+
+`Store.request_cancel` (and an interrupting `Store.accept`) publish ``<generation id> <reason>`` on
+`CANCEL_CHANNEL`. Pub/sub is at-most-once, so this is only the fast path: every write result and every
+lease renewal also carries the request, which covers a message lost while a worker was reconnecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from tokenfan.contract.keys import CANCEL_CHANNEL
+
+__all__ = ["listen_for_cancellations"]
+
+log = structlog.get_logger("tokenfan.store.cancellations")
+
+#: Seconds between two attempts to subscribe again after Redis failed under the listener.
+_RECONNECT_DELAY = 0.5
+
+
+async def listen_for_cancellations(redis: Redis, on_request: Callable[[str, str], object]) -> None:
+    """Call ``on_request(generation_id, reason)`` for each cancellation request published, until cancelled.
+
+    Survives Redis failures: it subscribes again and carries on (requests published meanwhile are lost
+    here, and reach the worker through its next write or lease renewal instead). A request without a
+    reason has the reason ``requested``."""
+    while True:
+        try:
+            async with redis.pubsub() as pubsub:
+                await pubsub.subscribe(CANCEL_CHANNEL)
+                async for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    generation_id, _, reason = message["data"].decode().partition(" ")
+                    on_request(generation_id, reason or "requested")
+        except RedisError as exc:
+            log.warning("cancel_listener_reconnecting", error=str(exc))
+            await asyncio.sleep(_RECONNECT_DELAY)

@@ -1,0 +1,45 @@
+"""What every part of the `Store` shares: its client, its scripts and its settings."""
+
+from __future__ import annotations
+
+import time
+
+from redis.asyncio import Redis
+
+from tokenfan.store.scripts import Scripts
+
+__all__ = ["StoreCore", "now_ms", "pairs"]
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def pairs(flat: list[bytes]) -> dict[bytes, bytes]:
+    """A hash or stream entry as a script returns it (field, value, field, value...) as a dict."""
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat), 2)}
+
+
+class StoreCore:
+    """The state the store's families of calls (accepting, snapshots, presence, attempts, writes, resume)
+    work on. One per process; safe to share between tasks."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        session_ttl_seconds: int,
+        stream_max_length: int,
+        cluster: bool = False,
+        lease_ms: int = 30_000,
+        max_attempts: int = 3,
+        generations_kept: int = 1_000,
+    ) -> None:
+        self.redis = redis
+        self.cluster = cluster
+        self.session_ttl_seconds = session_ttl_seconds
+        self.stream_max_length = stream_max_length
+        self.lease_ms = lease_ms
+        self.max_attempts = max_attempts
+        self.generations_kept = generations_kept
+        self.scripts = Scripts(redis)

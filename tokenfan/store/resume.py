@@ -1,0 +1,73 @@
+"""The relay's side: where a subscriber may resume, and the stream's pages after that point.
+
+Every entry names its predecessor (its field ``p``). `XTRIM` never updates a stream's
+``max-deleted-entry-id``, so that link is what tells a page that follows on from one that skips entries
+trimmed in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable
+from typing import cast
+
+from tokenfan.contract.errors import OffsetGone, UnknownOffset
+from tokenfan.contract.events import StreamEntry
+from tokenfan.contract.keys import MetaField, SessionKeys
+from tokenfan.contract.offsets import Offset, StreamId
+from tokenfan.store.boundary import storage_call
+from tokenfan.store.core import StoreCore, pairs
+from tokenfan.store.records import PositionReply, ReadReply
+
+__all__ = ["Resume"]
+
+
+class Resume(StoreCore):
+    @storage_call
+    async def check_resume(self, session_id: str, offset: Offset | None) -> StreamId:
+        """Validate where a subscriber wants to resume; return the stream id to read after.
+
+        Raises `OffsetGone` when the offset's epoch is not the stream's (deleted and recreated, or expired)
+        or when entries after it were trimmed, and `UnknownOffset` when it names no entry this stream had.
+        """
+        if offset is None:
+            return StreamId.ZERO
+        keys = SessionKeys(session_id)
+        reply = await self.scripts.position(
+            keys=[keys.meta, keys.events], args=[offset.epoch, str(offset.stream_id)]
+        )
+        verdict = PositionReply(reply.decode())
+        if verdict is PositionReply.RETAINED:
+            return offset.stream_id
+        if verdict is PositionReply.OTHER_EPOCH:
+            raise OffsetGone("this offset belongs to an earlier incarnation of the session's stream; rebuild")
+        if verdict is PositionReply.TRIMMED:
+            raise OffsetGone("events after this offset are no longer retained; rebuild from a snapshot")
+        raise UnknownOffset("no event of this session has this offset")
+
+    @storage_call
+    async def tail(self, session_id: str) -> tuple[bytes | None, StreamId]:
+        """The session's epoch (None before its first generation) and newest entry id."""
+        pending = self.redis.hmget(SessionKeys(session_id).meta, [MetaField.EPOCH, MetaField.LAST])
+        epoch, last = await cast(Awaitable[list[bytes | None]], pending)
+        return epoch, StreamId.parse(last) if last else StreamId.ZERO
+
+    @storage_call
+    async def read_after(
+        self, session_id: str, after: StreamId, count: int, *, strict: bool = True
+    ) -> list[StreamEntry]:
+        """Up to `count` entries with ids strictly greater than `after`, oldest first.
+
+        With `strict` (always, except when reading a session's retained history from its very start),
+        raises `OffsetGone` when entries after `after` were trimmed: the page would not follow on.
+        """
+        reply = await self.scripts.read(
+            keys=[SessionKeys(session_id).events],
+            args=[str(after), count, 1 if strict and after != StreamId.ZERO else 0],
+        )
+        if ReadReply(reply[0].decode()) is ReadReply.GONE:
+            raise OffsetGone("events after this position are no longer retained; rebuild from a snapshot")
+        return [_entry(entry_id, pairs(fields)) for entry_id, fields in reply[1]]
+
+
+def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
+    return StreamEntry(StreamId.parse(entry_id), fields[b"e"], fields[b"d"])

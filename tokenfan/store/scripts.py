@@ -1,0 +1,69 @@
+"""The store's Lua scripts: each read once from ``lua/<name>.lua`` and registered on a client.
+
+Why scripts: each step that must be atomic (append an event *and* record the text it adds *and* publish it
+to the relays; finish a generation *and* hand the session to the next one) runs as one script on the one
+slot that holds the session, so no crash between two commands can leave a half-written state.
+
+Each file starts with a header stating its KEYS, ARGV and reply. Every key a script touches is one of its
+KEYS, never a name it builds, so a Redis Cluster client can route each call to the node holding its
+session (tests/store/test_scripts.py checks both against a cluster-mode server). The session's pub/sub
+channel is a KEY of the write script too: the SPUBLISH documentation says a shard channel is assigned to a
+slot by the same algorithm as a key, and must be published on the node owning that slot; a script is
+checked likewise (on Valkey 9, a script whose SPUBLISH channel lies in another slot than its keys fails
+with "Script attempted to access keys that do not hash to the same slot"). So the channel is declared like
+a key, ready for the day the live channel becomes a sharded one (today it is published with PUBLISH, which
+a cluster broadcasts to every node). The global cancellation channel is a classic channel, bound to no
+slot, and stays in ARGV.
+
+The files carry no ``#!lua`` line. With one, a cluster node would refuse cross-slot access by itself, but
+Redis 6.2, which tokenfan supports (docs/OPERATIONS.md), fails to compile such a script.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+
+from redis.asyncio import Redis
+from redis.commands.core import AsyncScript
+
+from tokenfan.store.write_layout import lua_prelude
+
+__all__ = ["SOURCES", "Scripts"]
+
+
+def _read(name: str) -> str:
+    return resources.files("tokenfan.store").joinpath("lua", f"{name}.lua").read_text(encoding="utf-8")
+
+
+_COMMON = _read("common")
+
+#: Each script's whole text, as Redis runs it: read when this module is first imported, never again.
+SOURCES: dict[str, str] = {
+    "accept": _COMMON + _read("accept"),
+    "cancel": _read("cancel"),
+    "lease": _read("lease"),
+    "position": _COMMON + _read("position"),
+    "rate": _read("rate"),
+    "read": _read("read"),
+    "snapshot": _COMMON + _read("snapshot"),
+    "start": _read("start"),
+    "write": _COMMON + lua_prelude() + _read("write"),
+}
+
+
+class Scripts:
+    """The scripts, registered on one client. Registering sends nothing: a call goes out as EVALSHA, and
+    redis-py loads the script on the one reply that says Redis does not hold it."""
+
+    __slots__ = ("accept", "cancel", "lease", "position", "rate", "read", "snapshot", "start", "write")
+
+    def __init__(self, redis: Redis) -> None:
+        self.accept: AsyncScript = redis.register_script(SOURCES["accept"])
+        self.cancel: AsyncScript = redis.register_script(SOURCES["cancel"])
+        self.lease: AsyncScript = redis.register_script(SOURCES["lease"])
+        self.position: AsyncScript = redis.register_script(SOURCES["position"])
+        self.rate: AsyncScript = redis.register_script(SOURCES["rate"])
+        self.read: AsyncScript = redis.register_script(SOURCES["read"])
+        self.snapshot: AsyncScript = redis.register_script(SOURCES["snapshot"])
+        self.start: AsyncScript = redis.register_script(SOURCES["start"])
+        self.write: AsyncScript = redis.register_script(SOURCES["write"])

@@ -1,0 +1,47 @@
+"""The `Store`: typed access to a session's state in Redis, one family of calls per base class."""
+
+from __future__ import annotations
+
+from tokenfan.runtime.settings import Settings
+from tokenfan.store.accepting import Accepting
+from tokenfan.store.attempts import Attempts
+from tokenfan.store.boundary import storage_call
+from tokenfan.store.connection import redis_client
+from tokenfan.store.presence import Presence
+from tokenfan.store.resume import Resume
+from tokenfan.store.snapshots import Snapshots
+from tokenfan.store.writes import Writes
+
+__all__ = ["Store"]
+
+
+class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume):
+    """Every read and write of a session. One per process; safe to share between tasks.
+
+    API side: `accept`, `request_cancel`, `snapshot`, `generation`, `rate_limit`, presence claims.
+    Worker side: `start`, `renew_leases`, `release_lease`, `write`.
+    Relay side: `check_resume`, `tail`, `read_after`.
+    Every call raises `StorageUnavailable` when Redis fails under it.
+    """
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Store:
+        """A store on a new client for ``TOKENFAN_REDIS_URL``, with the settings' TTL, stream length, lease
+        and attempts. Close it with `close()`."""
+        return cls(
+            redis_client(settings.redis_url.reveal()),
+            session_ttl_seconds=settings.session_ttl_seconds,
+            stream_max_length=settings.stream_max_length,
+            lease_ms=int(settings.lease_seconds * 1000),
+            max_attempts=settings.max_attempts,
+        )
+
+    @storage_call
+    async def close(self) -> None:
+        """Close the client's connections (a store made by `from_settings` owns its client)."""
+        await self.redis.aclose()
+
+    @storage_call
+    async def ping(self) -> None:
+        """Raises `StorageUnavailable` unless Redis answers."""
+        await self.redis.ping()

@@ -1,0 +1,68 @@
+"""Appending to a session's stream: the write path every running generation's events take.
+
+**Exactly-once append.** Every event of a generation carries ``seq`` = previous + 1. The write script
+skips an event whose seq is already stored, so a write retried after an ambiguous failure (connection lost
+after the command was sent) can never show a subscriber the same event twice.
+
+**Gap detection for relays.** Each appended entry is published with its predecessor's id
+(``<epoch> <prev-id> <id> <body>``), so a relay that missed a pub/sub message notices and repairs from
+the stream instead of skipping.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from tokenfan.contract.ids import new_epoch
+from tokenfan.contract.offsets import Offset, StreamId
+from tokenfan.store.boundary import storage_call
+from tokenfan.store.core import StoreCore, now_ms
+from tokenfan.store.records import WriteOutcome, WriteResult
+from tokenfan.store.slots import slot_of
+from tokenfan.store.write_layout import WriteCall, WriteItem, write_arguments
+
+__all__ = ["Writes"]
+
+
+class Writes(StoreCore):
+    @storage_call
+    async def write(self, items: Sequence[WriteItem]) -> list[WriteResult]:
+        """Append (and finish) for many generations: one script call per cluster slot, pipelined.
+
+        Safe to retry as a whole after any failure: already-stored events are skipped by seq.
+        """
+        if not items:
+            return []
+        now, epoch = now_ms(), new_epoch()
+        if not self.cluster:
+            # One Redis: one script call carries every generation, whatever its slot.
+            keys, args = write_arguments(items, self._call(now, epoch, len(items)))
+            return [_write_result(row) for row in await self.scripts.write(keys=keys, args=args)]
+        by_slot: dict[int, list[int]] = defaultdict(list)
+        for index, item in enumerate(items):
+            by_slot[slot_of(item.session_id)].append(index)
+        groups = list(by_slot.values())
+        results: list[WriteResult | None] = [None] * len(items)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for group in groups:
+                call = self._call(now, epoch, len(group))
+                keys, args = write_arguments([items[i] for i in group], call)
+                await self.scripts.write(keys=keys, args=args, client=pipe)
+            replies = await pipe.execute()
+        for group, reply in zip(groups, replies, strict=True):
+            for index, row in zip(group, reply, strict=True):
+                results[index] = _write_result(row)
+        return [result for result in results if result is not None]
+
+    def _call(self, now: int, epoch: str, item_count: int) -> WriteCall:
+        return WriteCall(now, self.stream_max_length, self.session_ttl_seconds, epoch, item_count)
+
+
+def _write_result(row: list[Any]) -> WriteResult:
+    code, epoch, last, last_seq, cancel, head, status = (
+        part.decode() if isinstance(part, bytes) else str(part) for part in row
+    )
+    offset = Offset(epoch, StreamId.parse(last)) if epoch and last != "0-0" else None
+    return WriteResult(WriteOutcome(code), int(last_seq), offset, cancel, head or None, status)
