@@ -118,7 +118,7 @@ def _generation_job(
 def _background_tasks(store: Store, queue: JobQueue, writer: StreamWriter) -> list[asyncio.Task[None]]:
     """The tasks that run beside the jobs for the process's life."""
     heartbeat = _heartbeat(store, queue, writer, store.lease_ms / 3000)
-    cancellations = listen_for_cancellations(store.redis, _cancel_running(writer))
+    cancellations = listen_for_cancellations(store.topology, _cancel_running(writer))
     return [
         asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"),
         asyncio.create_task(writer.run(), name="stream-writer"),

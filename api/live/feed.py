@@ -265,14 +265,13 @@ class LiveBus:
         """The bus of a relay or API process: its own pub/sub connection, and presence claims."""
         return cls(
             store,
-            LiveTail(store.redis),
+            LiveTail(store.topology),
             page_size=settings.relay_catchup_page_size,
             linger_seconds=settings.feed_linger_seconds,
             presence_interval=settings.presence_interval_seconds,
         )
 
     def start(self) -> None:
-        self.tail.start()
         if self.presence_interval is not None:
             self.spawn(publish_presence(self.watching, self.store, interval=self.presence_interval))
 

@@ -9,8 +9,19 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import redis as sync_redis
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
+from tests.store.helpers import MADE
 from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
+from tokenfan.store.connection import cluster_client as cluster_client_for
+
+
+@pytest.fixture(autouse=True)
+async def _close_stores() -> AsyncIterator[None]:
+    """The clients a store opens per cluster node belong to it; the test's own client is closed apart."""
+    yield
+    while MADE:
+        await MADE.pop().topology.close()
 
 
 @pytest.fixture(scope="session")
@@ -33,6 +44,14 @@ def cluster_server() -> Iterator[EmbeddedRedis]:
 @pytest.fixture
 async def cluster_redis(cluster_server: EmbeddedRedis) -> AsyncIterator[Redis]:
     client = Redis.from_url(cluster_server.url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+async def cluster_client(cluster_server: EmbeddedRedis) -> AsyncIterator[RedisCluster]:
+    """The store's own cluster client on that node: it routes by slot, as against a real cluster."""
+    client = cluster_client_for(cluster_server.url)
     yield client
     await client.aclose()
 

@@ -9,6 +9,7 @@ from collections.abc import Awaitable
 from typing import Any, TypeVar
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from tokenfan.contract.events import EventType, encode_body, event_body, text_sha256
 from tokenfan.contract.ids import new_generation_id
@@ -36,10 +37,16 @@ async def resolved(value: Awaitable[T] | T) -> T:
     return await value
 
 
-def make_store(redis: Redis, **options: Any) -> Store:
+#: Stores made by the running test: their per-node clients are closed after it (`tests/store/conftest.py`).
+MADE: list[Store] = []
+
+
+def make_store(redis: Redis | RedisCluster, **options: Any) -> Store:
     values: dict[str, Any] = {"session_ttl_seconds": 3600, "stream_max_length": 1000}
     values.update(options)
-    return Store(redis, **values)
+    store = Store(redis, **values)
+    MADE.append(store)
+    return store
 
 
 def delta(session_id: str, generation_id: str, seq: int, text: str = "x") -> EventWrite:
@@ -92,7 +99,7 @@ async def write_texts(store: Store, session_id: str, texts: str) -> tuple[str, l
     return result.last_offset.epoch, await stream_ids(store.redis, session_id)
 
 
-async def stream_ids(redis: Redis, session_id: str) -> list[StreamId]:
+async def stream_ids(redis: Redis | RedisCluster, session_id: str) -> list[StreamId]:
     entries = await redis.xrange(SessionKeys(session_id).events)
     return [StreamId.parse(entry_id) for entry_id, _ in entries]
 

@@ -11,13 +11,14 @@ from tests.store.helpers import REQUEST, accept, make_store, running
 from tokenfan.contract.ids import new_generation_id
 from tokenfan.contract.keys import CANCEL_CHANNEL
 from tokenfan.store.cancellations import listen_for_cancellations
+from tokenfan.store.topology import Topology
 
 
 async def test_requests_reach_the_listener(redis: Redis, session_id: str) -> None:
     heard: asyncio.Queue[tuple[str, str]] = asyncio.Queue()
     listener = asyncio.create_task(
         listen_for_cancellations(
-            redis, lambda generation_id, reason: heard.put_nowait((generation_id, reason))
+            Topology(redis), lambda generation_id, reason: heard.put_nowait((generation_id, reason))
         )
     )
     try:

@@ -14,6 +14,7 @@ import itertools
 from importlib import resources
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from tests.store.helpers import REQUEST, USAGE, completed, deltas, make_store
 from tests.store.monitor import ScriptCall, ScriptMonitor
@@ -38,11 +39,13 @@ def test_each_script_file_opens_with_its_keys_argv_and_reply() -> None:
             )
 
 
-async def test_every_key_a_script_touches_is_one_it_was_given(cluster_redis: Redis) -> None:
+async def test_every_key_a_script_touches_is_one_it_was_given(
+    cluster_redis: Redis, cluster_client: RedisCluster
+) -> None:
     """The proof for every script, through the store's own calls: each command each script ran touched
     only keys of its call's KEYS, and published only on a channel of its KEYS or the global cancellation
     channel. The node, in cluster mode, also refused nothing: each call's KEYS share one slot."""
-    store = make_store(cluster_redis, cluster=True)
+    store = make_store(cluster_client)
     for source in SOURCES.values():
         await cluster_redis.script_load(source)  # or each script's first call shows up twice (NOSCRIPT)
     monitor = ScriptMonitor(cluster_redis)
@@ -72,9 +75,11 @@ async def _undeclared(redis: Redis, call: ScriptCall) -> list[bytes]:
     """The keys (and channels) the call's commands touched that its KEYS did not name."""
     touched: list[bytes] = []
     for command in call.commands:
-        if command[0].lower() == b"publish":
+        if command[0].lower() == b"publish":  # a classic channel: the global cancellation one only
             if command[1] != CANCEL_CHANNEL.encode():
                 touched.append(command[1])
+        elif command[0].lower() == b"spublish":  # a shard channel lies in a slot, like a key
+            touched.append(command[1])
         else:
             touched += [key.encode() for key in await redis.command_getkeys(*command)]  # it decodes them
     return [key for key in touched if key not in call.keys]

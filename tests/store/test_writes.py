@@ -7,6 +7,7 @@ import itertools
 import json
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from tests.store.helpers import (
     USAGE,
@@ -22,11 +23,11 @@ from tests.store.helpers import (
     stream_texts,
 )
 from tests.support.requests import new_session_id
-from tokenfan.cli.embedded_redis import EmbeddedRedis
-from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
+from tokenfan.contract.events import EventType, GenerationStatus, StreamEntry, encode_body, event_body
 from tokenfan.contract.keys import GenerationField, SessionKeys
 from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store import EventWrite, Finish, StartOutcome, WriteItem, WriteOutcome, slot_of
+from tokenfan.store.tail import LiveTail, Published
 
 
 async def test_write_appends_events_text_and_offsets(redis: Redis, session_id: str) -> None:
@@ -250,8 +251,11 @@ async def test_one_write_carries_several_sessions(redis: Redis, session_id: str)
         assert result.last_offset.stream_id == (await stream_ids(redis, session))[-1]
 
 
-async def test_cluster_mode_groups_by_slot_and_keeps_the_order(redis: Redis, session_id: str) -> None:
-    store = make_store(redis, cluster=True)
+async def test_cluster_mode_groups_by_slot_and_keeps_the_order(
+    cluster_redis: Redis, cluster_client: RedisCluster, session_id: str
+) -> None:
+    redis = cluster_redis
+    store = make_store(cluster_client)
     other = new_session_id()
     # A third session in the first one's slot: one session runs one generation at a time.
     neighbour = next(
@@ -279,41 +283,46 @@ async def test_cluster_mode_groups_by_slot_and_keeps_the_order(redis: Redis, ses
     assert await stream_texts(redis, other) == ["z"]
 
 
-async def test_each_append_is_published_with_its_predecessor(
-    redis: Redis, redis_server: EmbeddedRedis, session_id: str
-) -> None:
+async def test_each_append_is_published_with_its_predecessor(redis: Redis, session_id: str) -> None:
     store = make_store(redis)
     generation_id, attempt = await running(store, session_id)
-    subscriber = Redis.from_url(redis_server.url)
-    pubsub = subscriber.pubsub()
+    heard = Heard()
+    tail = LiveTail(store.topology)
     try:
-        await pubsub.subscribe(SessionKeys(session_id).live)
-        async with asyncio.timeout(10):
-            confirmation = await pubsub.get_message(timeout=10)
-        assert confirmation is not None
-        assert confirmation["type"] == "subscribe"
+        await tail.watch(session_id, heard)
+        await asyncio.wait_for(heard.subscribed.wait(), 10)
         one = [delta(session_id, generation_id, 1, "a")]
         two = deltas(session_id, generation_id, "bc", first_seq=2)
         await store.write([WriteItem(session_id, generation_id, attempt, one)])
         await store.write([WriteItem(session_id, generation_id, attempt, two)])
-        messages: list[bytes] = []
         async with asyncio.timeout(10):
-            while len(messages) < 3:
-                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=10)
-                if message is not None:
-                    messages.append(message["data"])
+            while len(heard.entries) < 3:
+                await heard.more.wait()
+                heard.more.clear()
     finally:
-        await pubsub.aclose()
-        await subscriber.aclose()
+        await tail.close()
     epoch, _ = await store.tail(session_id)
     assert epoch is not None
-    ids = [str(stream_id).encode() for stream_id in await stream_ids(redis, session_id)]
+    ids = await stream_ids(redis, session_id)
     bodies = [event.body.encode() for event in one + two]
-    expected_prev = [b"0-0", ids[0], ids[1]]  # a fresh session's stream starts after 0-0
-    assert messages == [
-        b" ".join([epoch, prev, entry_id, body])
-        for prev, entry_id, body in zip(expected_prev, ids, bodies, strict=True)
+    expected_prev = [StreamId.ZERO, ids[0], ids[1]]  # a fresh session's stream starts after 0-0
+    assert heard.entries == [
+        (StreamEntry(entry_id, epoch, body), previous)
+        for previous, entry_id, body in zip(expected_prev, ids, bodies, strict=True)
     ]
-    for message in messages:
-        parts = message.split(b" ", 3)
-        assert json.loads(parts[3])["session_id"] == session_id
+
+
+class Heard:
+    """A live-tail listener that keeps what it hears."""
+
+    def __init__(self) -> None:
+        self.subscribed = asyncio.Event()
+        self.more = asyncio.Event()
+        self.entries: list[Published] = []
+
+    def on_subscribed(self) -> None:
+        self.subscribed.set()
+
+    def on_published(self, entries: list[Published]) -> None:
+        self.entries += entries
+        self.more.set()

@@ -60,9 +60,22 @@ class Settings:
     # --- shared
     redis_url: Secret = _env(
         "REDIS_URL",
-        "Redis (or Valkey) URL: `redis://`, `rediss://` for TLS, credentials in the URL for AUTH. "
-        "`tokenfan up` and the tests start an embedded server when unset.",
+        "Redis (or Valkey, 7.0 or newer) URL: `redis://`, `rediss://` for TLS, credentials in the URL for "
+        "AUTH. With `TOKENFAN_REDIS_CLUSTER=true`, any node of the cluster, or several seed nodes "
+        "comma-separated. `tokenfan up` and the tests start an embedded server when unset.",
         default=Secret("redis://127.0.0.1:6379/0"),
+    )
+    redis_cluster: bool = _env(
+        "TOKENFAN_REDIS_CLUSTER",
+        "`true`: `REDIS_URL` names a Redis Cluster (or Valkey in cluster mode). Each session lives in one "
+        "slot; its live tail is a sharded pub/sub channel. Needs `TOKENFAN_QUEUE_REDIS_URL`.",
+        default=False,
+    )
+    queue_redis_url: Secret | None = _env(
+        "TOKENFAN_QUEUE_REDIS_URL",
+        "The plain Redis (not a cluster) holding the job queue: one small job per generation. Defaults to "
+        "`REDIS_URL` on one Redis; required with a cluster.",
+        default=None,
     )
     log_format: LogFormat = _env(
         "TOKENFAN_LOG_FORMAT",
@@ -283,6 +296,11 @@ class Settings:
     )
 
     @property
+    def queue_url(self) -> str:
+        """Where the job queue lives: `TOKENFAN_QUEUE_REDIS_URL`, else the one Redis of `REDIS_URL`."""
+        return (self.queue_redis_url or self.redis_url).reveal()
+
+    @property
     def origins(self) -> list[str]:
         return [origin.strip() for origin in self.allowed_origins.split(",") if origin.strip()]
 
@@ -342,6 +360,20 @@ class Settings:
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env_name(name)} must not be negative")
+        self._validate_redis()
+
+    def _validate_redis(self) -> None:
+        several = "," in self.redis_url.reveal()
+        if self.redis_cluster and self.queue_redis_url is None:
+            raise SettingsError(
+                "TOKENFAN_REDIS_CLUSTER=true needs TOKENFAN_QUEUE_REDIS_URL: the job queue lives on a plain Redis"
+            )
+        if several and not self.redis_cluster:
+            raise SettingsError(
+                "REDIS_URL names several nodes: set TOKENFAN_REDIS_CLUSTER=true for a cluster"
+            )
+        if self.queue_redis_url is not None and "," in self.queue_redis_url.reveal():
+            raise SettingsError("TOKENFAN_QUEUE_REDIS_URL names one plain Redis, not several nodes")
 
 
 def _env_name(field_name: str) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 from tokenfan.contract.ids import new_epoch
 from tokenfan.contract.keys import SessionKeys
+from tokenfan.store.batch import ScriptCall, run_calls
 from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, now_ms
 from tokenfan.store.records import LeaseReply, StartOutcome, StartResult
@@ -50,11 +51,11 @@ class Attempts(StoreCore):
         if not running:
             return []
         until = now_ms() + self.lease_ms
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for session_id, generation_id, attempt in running:
-                keys = [SessionKeys(session_id).generation(generation_id)]
-                await self.scripts.lease(keys=keys, args=[attempt, until], client=pipe)
-            replies = await pipe.execute()
+        calls: list[ScriptCall] = [
+            (self.scripts.lease, [SessionKeys(session_id).generation(generation_id)], [attempt, until])
+            for session_id, generation_id, attempt in running
+        ]
+        replies = await run_calls(self.topology, calls)
         return [_lease_answer(code, reason) for code, reason in replies]
 
     @storage_call

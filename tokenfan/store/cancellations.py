@@ -8,13 +8,14 @@ lease renewal also carries the request, which covers a message lost while a work
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 import structlog
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from tokenfan.contract.keys import CANCEL_CHANNEL
+from tokenfan.store.topology import Topology
 
 __all__ = ["listen_for_cancellations"]
 
@@ -24,13 +25,19 @@ log = structlog.get_logger("tokenfan.store.cancellations")
 _RECONNECT_DELAY = 0.5
 
 
-async def listen_for_cancellations(redis: Redis, on_request: Callable[[str, str], object]) -> None:
+async def listen_for_cancellations(topology: Topology, on_request: Callable[[str, str], object]) -> None:
     """Call ``on_request(generation_id, reason)`` for each cancellation request published, until cancelled.
 
-    Survives Redis failures: it subscribes again and carries on (requests published meanwhile are lost
-    here, and reach the worker through its next write or lease renewal instead). A request without a
-    reason has the reason ``requested``."""
+    A classic channel: on a cluster, what one node publishes reaches every node, so any node will do; the
+    listener takes the next one (with a fresh slot map) when its node fails. Survives Redis failures: it
+    subscribes again and carries on (requests published meanwhile are lost here, and reach the worker
+    through its next write or lease renewal instead). A request without a reason has the reason
+    ``requested``."""
+    turn = 0
     while True:
+        nodes = topology.primaries()
+        redis = topology.client(nodes[turn % len(nodes)])
+        turn += 1
         try:
             async with redis.pubsub() as pubsub:
                 await pubsub.subscribe(CANCEL_CHANNEL)
@@ -39,6 +46,8 @@ async def listen_for_cancellations(redis: Redis, on_request: Callable[[str, str]
                         continue
                     generation_id, _, reason = message["data"].decode().partition(" ")
                     on_request(generation_id, reason or "requested")
-        except RedisError as exc:
+        except (RedisError, OSError) as exc:
             log.warning("cancel_listener_reconnecting", error=str(exc))
             await asyncio.sleep(_RECONNECT_DELAY)
+            with contextlib.suppress(RedisError, OSError):
+                await topology.refresh()

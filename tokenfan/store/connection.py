@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import unquote, urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
 from redis.connection import HiredisRespSerializer
@@ -12,7 +14,20 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
-__all__ = ["pack_with_hiredis", "redis_client"]
+__all__ = ["Client", "cluster_client", "node_client", "pack_with_hiredis", "redis_client"]
+
+#: What the store speaks to: one Redis, or a Redis Cluster.
+Client = Redis | RedisCluster
+
+
+def _options(url: str) -> dict[str, Any]:
+    tls = {"ssl_check_hostname": True} if url.startswith("rediss://") else {}  # the URL's own choice wins
+    return {
+        **tls,
+        "retry": Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        "retry_on_error": [RedisConnectionError, RedisTimeoutError],
+        "socket_keepalive": True,
+    }
 
 
 def redis_client(url: str) -> Redis:
@@ -21,15 +36,35 @@ def redis_client(url: str) -> Redis:
     Retrying is safe for every script of the store: each is idempotent (accept by generation id, start by
     token, write by seq, lease by attempt).
     """
-    tls = {"ssl_check_hostname": True} if url.startswith("rediss://") else {}  # the URL's own choice wins
-    return Redis.from_url(  # type: ignore[no-any-return]
-        url,
-        **tls,
-        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
-        retry_on_error=[RedisConnectionError, RedisTimeoutError],
-        socket_keepalive=True,
-        health_check_interval=15,
+    return Redis.from_url(url, **_options(url), health_check_interval=15)  # type: ignore[no-any-return]
+
+
+def cluster_client(urls: str) -> RedisCluster:
+    """A Redis Cluster client from one or more seed URLs (comma-separated), each ``redis://`` or
+    ``rediss://`` with the same credentials. It follows MOVED and ASK, and reloads the slot map after a
+    failover; like `redis_client`, it retries what a dropped connection interrupted."""
+    seeds = [url.strip() for url in urls.split(",") if url.strip()]
+    first = urlsplit(seeds[0])
+    nodes = [ClusterNode(urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 6379) for url in seeds]
+    options = _options(seeds[0])
+    client: RedisCluster = RedisCluster(
+        startup_nodes=nodes,
+        username=unquote(first.username) if first.username else None,
+        password=unquote(first.password) if first.password else None,
+        ssl=first.scheme == "rediss",
+        **options,
     )
+    return client
+
+
+def node_client(cluster: RedisCluster, host: str, port: int) -> Redis:
+    """A plain client for one node of `cluster`, with the cluster's credentials and TLS: for what the
+    cluster client cannot do itself (pipelines of scripts, sharded pub/sub)."""
+    kwargs = cluster.get_connection_kwargs()
+    keep = ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
+            "ssl_check_hostname", "socket_keepalive", "retry", "retry_on_error")  # fmt: skip
+    options: dict[str, Any] = {key: kwargs[key] for key in keep if key in kwargs}
+    return Redis(host=host, port=port, **options)
 
 
 class _HiredisPacking:
@@ -47,8 +82,11 @@ class _HiredisPacking:
         return packed
 
 
-def pack_with_hiredis(redis: Redis) -> None:
-    """Make every connection `redis` opens from now on pack commands with hiredis (when installed)."""
+def pack_with_hiredis(redis: Client) -> None:
+    """Make every connection `redis` opens from now on pack commands with hiredis (when installed). A
+    cluster client opens its connections itself, per node: it is left as it is."""
+    if isinstance(redis, RedisCluster):
+        return
     pool = redis.connection_pool
     if HIREDIS_AVAILABLE and not issubclass(pool.connection_class, _HiredisPacking):
         base = pool.connection_class

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import time
 
-from redis.asyncio import Redis
-
+from tokenfan.store.connection import Client
 from tokenfan.store.scripts import Scripts
+from tokenfan.store.topology import Topology
 
 __all__ = ["StoreCore", "now_ms", "pairs"]
 
@@ -26,17 +26,16 @@ class StoreCore:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Client,
         *,
         session_ttl_seconds: int,
         stream_max_length: int,
-        cluster: bool = False,
         lease_ms: int = 30_000,
         max_attempts: int = 3,
         generations_kept: int = 1_000,
     ) -> None:
         self.redis = redis
-        self.cluster = cluster
+        self.topology = Topology(redis)
         self.session_ttl_seconds = session_ttl_seconds
         self.stream_max_length = stream_max_length
         self.lease_ms = lease_ms

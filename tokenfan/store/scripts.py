@@ -23,9 +23,9 @@ from __future__ import annotations
 
 from importlib import resources
 
-from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 
+from tokenfan.store.connection import Client
 from tokenfan.store.write_layout import lua_prelude
 
 __all__ = ["SOURCES", "Scripts"]
@@ -57,13 +57,13 @@ class Scripts:
 
     __slots__ = ("accept", "cancel", "lease", "position", "rate", "read", "snapshot", "start", "write")
 
-    def __init__(self, redis: Redis) -> None:
-        self.accept: AsyncScript = redis.register_script(SOURCES["accept"])
-        self.cancel: AsyncScript = redis.register_script(SOURCES["cancel"])
-        self.lease: AsyncScript = redis.register_script(SOURCES["lease"])
-        self.position: AsyncScript = redis.register_script(SOURCES["position"])
-        self.rate: AsyncScript = redis.register_script(SOURCES["rate"])
-        self.read: AsyncScript = redis.register_script(SOURCES["read"])
-        self.snapshot: AsyncScript = redis.register_script(SOURCES["snapshot"])
-        self.start: AsyncScript = redis.register_script(SOURCES["start"])
-        self.write: AsyncScript = redis.register_script(SOURCES["write"])
+    def __init__(self, redis: Client) -> None:
+        self.accept = AsyncScript(redis, SOURCES["accept"])  # type: ignore[arg-type]
+        self.cancel = AsyncScript(redis, SOURCES["cancel"])  # type: ignore[arg-type]
+        self.lease = AsyncScript(redis, SOURCES["lease"])  # type: ignore[arg-type]
+        self.position = AsyncScript(redis, SOURCES["position"])  # type: ignore[arg-type]
+        self.rate = AsyncScript(redis, SOURCES["rate"])  # type: ignore[arg-type]
+        self.read = AsyncScript(redis, SOURCES["read"])  # type: ignore[arg-type]
+        self.snapshot = AsyncScript(redis, SOURCES["snapshot"])  # type: ignore[arg-type]
+        self.start = AsyncScript(redis, SOURCES["start"])  # type: ignore[arg-type]
+        self.write = AsyncScript(redis, SOURCES["write"])  # type: ignore[arg-type]

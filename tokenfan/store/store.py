@@ -39,6 +39,7 @@ class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume):
     @storage_call
     async def close(self) -> None:
         """Close the client's connections (a store made by `from_settings` owns its client)."""
+        await self.topology.close()
         await self.redis.aclose()
 
     @storage_call

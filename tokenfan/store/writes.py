@@ -17,6 +17,7 @@ from typing import Any
 
 from tokenfan.contract.ids import new_epoch
 from tokenfan.contract.offsets import Offset, StreamId
+from tokenfan.store.batch import ScriptCall, run_calls
 from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, now_ms
 from tokenfan.store.records import WriteOutcome, WriteResult
@@ -29,29 +30,28 @@ __all__ = ["Writes"]
 class Writes(StoreCore):
     @storage_call
     async def write(self, items: Sequence[WriteItem]) -> list[WriteResult]:
-        """Append (and finish) for many generations: one script call per cluster slot, pipelined.
+        """Append (and finish) for many generations: one script call per Redis, or per cluster slot.
 
         Safe to retry as a whole after any failure: already-stored events are skipped by seq.
         """
         if not items:
             return []
         now, epoch = now_ms(), new_epoch()
-        if not self.cluster:
+        if not self.topology.is_cluster:
             # One Redis: one script call carries every generation, whatever its slot.
             keys, args = write_arguments(items, self._call(now, epoch, len(items)))
             return [_write_result(row) for row in await self.scripts.write(keys=keys, args=args)]
+        # A cluster: one call per slot (a script's keys must share one), pipelined per node.
         by_slot: dict[int, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             by_slot[slot_of(item.session_id)].append(index)
         groups = list(by_slot.values())
+        calls: list[ScriptCall] = []
+        for group in groups:
+            keys, args = write_arguments([items[i] for i in group], self._call(now, epoch, len(group)))
+            calls.append((self.scripts.write, keys, args))
         results: list[WriteResult | None] = [None] * len(items)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for group in groups:
-                call = self._call(now, epoch, len(group))
-                keys, args = write_arguments([items[i] for i in group], call)
-                await self.scripts.write(keys=keys, args=args, client=pipe)
-            replies = await pipe.execute()
-        for group, reply in zip(groups, replies, strict=True):
+        for group, reply in zip(groups, await run_calls(self.topology, calls), strict=True):
             for index, row in zip(group, reply, strict=True):
                 results[index] = _write_result(row)
         return [result for result in results if result is not None]

@@ -184,8 +184,8 @@ async def test_sse_and_websocket_subscribers_share_one_reader_per_process(
     channel = SessionKeys(session_id).live
 
     async def subscribers() -> int:
-        reply = await redis.pubsub_numsub(channel)
-        return int(reply[0][1])
+        reply = await redis.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # type: ignore[no-untyped-call]
+        return int(reply[1])
 
     sse_clients = [await opened(SseWatcher(quick_api.api_url, session_id)).connect() for _ in range(2)]
     watcher = await opened(Watcher(quick_api.relay_url, session_id)).connect()

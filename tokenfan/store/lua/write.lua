@@ -8,7 +8,8 @@
 --       and for 'F' a FinishArgs: status, finish_reason, usage json, error json
 -- Reply: per item {code, epoch, newest entry id, last seq, cancel reason, next head, status}; code is 'ok',
 --   'fenced' (not this attempt's to write: restarted elsewhere, or ended), or 'gap' (a seq was skipped).
--- Each appended entry is published on the session's channel as '<epoch> <previous id> <id> <body>'.
+-- Each appended entry is published (SPUBLISH: a shard channel, in the session's slot) on the session's
+-- channel as '<epoch> <previous id> <id> <body>'.
 local now_ms, maxlen = ARGV[1 + CALL_NOW_MS], ARGV[1 + CALL_MAXLEN]
 local ttl, candidate = tonumber(ARGV[1 + CALL_TTL]), ARGV[1 + CALL_EPOCH_CANDIDATE]
 
@@ -37,7 +38,7 @@ local function append(k, first, count, last_seq, fields)
     if seq == last_seq + 1 then
       local body = ARGV[at + EVENT_BODY]
       local id = redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'e', epoch, 'p', prev, 'd', body)
-      redis.call('PUBLISH', live, epoch .. ' ' .. prev .. ' ' .. id .. ' ' .. body)
+      redis.call('SPUBLISH', live, epoch .. ' ' .. prev .. ' ' .. id .. ' ' .. body)
       if ARGV[at + EVENT_TEXT] ~= '' then texts[#texts + 1] = ARGV[at + EVENT_TEXT] end
       if ARGV[at + EVENT_REASONING] ~= '' then reasonings[#reasonings + 1] = ARGV[at + EVENT_REASONING] end
       if last_seq == 0 then

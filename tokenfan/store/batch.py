@@ -1,0 +1,92 @@
+"""Many script calls at once: one pipeline per node, every node at the same time.
+
+Each call's keys lie in one slot. On one Redis, all calls go in one pipeline. On a cluster, calls are
+grouped by the node that serves their slot, and each group is pipelined on that node's own connection,
+all nodes in parallel. A call a node refuses because its slot is elsewhere now (MOVED, ASK), or because
+the cluster is settling (TRYAGAIN, CLUSTERDOWN, LOADING, READONLY after a failover), is sent again once the
+slot map is reloaded; a node that cannot be reached sends its calls there too. Sending again is safe: every
+script of the store is idempotent (by generation id, start token, attempt or seq).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from tokenfan.store.slots import key_slot
+from tokenfan.store.topology import Topology
+
+__all__ = ["ScriptCall", "run_calls"]
+
+#: One script call: the script, its keys (one slot), its arguments.
+ScriptCall = tuple[AsyncScript, Sequence[str], Sequence[Any]]
+
+#: Replies that mean "not here, or not now": the call goes again after the slot map is reloaded.
+_UNSETTLED = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN")
+_ROUNDS = 6  # about 3 s with the backoff below: a failover with a one-second node timeout fits
+_BACKOFF = 0.05
+
+
+async def run_calls(topology: Topology, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Each call's reply, in order. Raises the first reply that is an error of the call itself, and a
+    `RedisError` when the cluster does not settle (the store's boundary makes it `StorageUnavailable`)."""
+    if not topology.is_cluster:
+        return await _pipeline(topology, "single", calls, raise_on_error=True)
+    results: list[Any] = [None] * len(calls)
+    pending = list(range(len(calls)))
+    for round_ in range(_ROUNDS):
+        pending = await _round(topology, calls, pending, results)
+        if not pending:
+            return results
+        await asyncio.sleep(_BACKOFF * 2**round_)
+        await topology.refresh()
+    raise RedisConnectionError(f"{len(pending)} script calls found no node to run them")
+
+
+async def _round(
+    topology: Topology, calls: Sequence[ScriptCall], pending: list[int], results: list[Any]
+) -> list[int]:
+    """Send every pending call once; returns the ones to send again."""
+    groups: dict[str, list[int]] = defaultdict(list)
+    for index in pending:
+        groups[topology.node_of(key_slot(calls[index][1][0]))].append(index)
+    names = list(groups)
+    outcomes = await asyncio.gather(
+        *(
+            _pipeline(topology, name, [calls[i] for i in groups[name]], raise_on_error=False)
+            for name in names
+        ),
+        return_exceptions=True,
+    )
+    again: list[int] = []
+    for name, outcome in zip(names, outcomes, strict=True):
+        if isinstance(outcome, RedisConnectionError | RedisTimeoutError | OSError):
+            again += groups[name]  # the node is away: its replica may be taking over
+            continue
+        if isinstance(outcome, BaseException):
+            raise outcome
+        for index, reply in zip(groups[name], outcome, strict=True):
+            if isinstance(reply, ResponseError) and str(reply).startswith(_UNSETTLED):
+                again.append(index)
+            elif isinstance(reply, RedisError):
+                raise reply
+            else:
+                results[index] = reply
+    return again
+
+
+async def _pipeline(
+    topology: Topology, name: str, calls: Sequence[ScriptCall], *, raise_on_error: bool
+) -> list[Any]:
+    async with topology.client(name).pipeline(transaction=False) as pipe:
+        for script, keys, args in calls:
+            await script(keys=keys, args=args, client=pipe)
+        replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+    return replies
