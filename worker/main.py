@@ -140,7 +140,7 @@ async def run_worker(
         merge=settings.coalesce,
     )
     upstream = Upstream(settings)
-    queue = await create_queue(settings.redis_url.reveal())
+    queue = await create_queue(settings.queue_url)
     job = _generation_job(settings, store, queue, writer, upstream)
     background: list[asyncio.Task[None]] = []
 

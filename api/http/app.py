@@ -100,7 +100,7 @@ def create_app(settings: Settings) -> FastAPI:
 @asynccontextmanager
 async def _lifespan(app: FastAPI, *, settings: Settings, auth: Authenticator) -> AsyncIterator[None]:
     store = Store.from_settings(settings)
-    queue = await create_queue(settings.redis_url.reveal())
+    queue = await create_queue(settings.queue_url)
     bus = LiveBus.from_settings(store, settings)
     bus.start()
     app.state.services = Services(settings, auth, store, queue, bus)

@@ -108,6 +108,7 @@ async def _every_script(store: Store) -> None:
     assert finished.outcome is WriteOutcome.OK
     assert written.last_offset is not None
     await store.snapshot(session_id)
+    await store.generation(first)
     await store.snapshot(session_id, since=written.last_offset.stream_id)
     await store.check_resume(session_id, Offset(written.last_offset.epoch, written.last_offset.stream_id))
     await store.read_after(session_id, written.last_offset.stream_id, 10)

@@ -18,11 +18,18 @@ class RunningStack:
 
     redis_url: str
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: With a cluster: `redis_url` lists its seed nodes, and the job queue lives on this plain Redis.
+    queue_url: str = ""
     children: list[ChildProcess] = field(default_factory=list)
     logs: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="tokenfan-test-logs-")))
     simulator_url: str = ""
     relay_url: str = ""
+    relay_urls: list[str] = field(default_factory=list)
     api_url: str = ""
+
+    @property
+    def cluster(self) -> bool:
+        return bool(self.queue_url)
 
     @property
     def env(self) -> dict[str, str]:
@@ -37,6 +44,8 @@ class RunningStack:
             # Security has its own tests (tests/system/test_security.py, on a stack with keys); elsewhere it is noise.
             TOKENFAN_INSECURE_DEV_MODE="true",
         )
+        if self.cluster:
+            env.update(TOKENFAN_REDIS_CLUSTER="true", TOKENFAN_QUEUE_REDIS_URL=self.queue_url)
         env.update(self.extra_env)
         return env
 
@@ -48,7 +57,13 @@ class RunningStack:
         return child
 
     def start(
-        self, *, workers: int = 1, api: bool = True, relay_port: int = 0, keyed_simulator: bool = False
+        self,
+        *,
+        workers: int = 1,
+        relays: int = 1,
+        api: bool = True,
+        relay_port: int = 0,
+        keyed_simulator: bool = False,
     ) -> RunningStack:
         """Start what is missing, in dependency order: a simulator (unless `simulator_url` names one; with
         `keyed_simulator`, a `KeyedSimulator`: set OPENAI_API_KEY in `extra_env`), a relay on `relay_port`
@@ -57,7 +72,11 @@ class RunningStack:
         try:
             if not self.simulator_url:
                 self.simulator_url = self._start_simulator(keyed=keyed_simulator)
-            self.relay_url = self.spawn("relay", ["--port", str(relay_port)], name="relay").wait_ready()
+            for index in range(relays):
+                port = str(relay_port if index == 0 else 0)
+                name = "relay" if index == 0 else f"relay-{index + 1}"
+                self.relay_urls.append(self.spawn("relay", ["--port", port], name=name).wait_ready())
+            self.relay_url = self.relay_urls[0]
             if api:
                 self.api_url = self.spawn("api", ["--port", "0"], name="api").wait_ready()
             for _ in range(workers):
@@ -95,7 +114,12 @@ def start_frontends(
 ) -> RunningStack:
     """A relay (and, with `api`, an API) with settings of their own, beside `base` and against its Redis.
     Generations accepted by either API are run by `base`'s workers. Stop it with `stop()`."""
-    front = RunningStack(redis_url=base.redis_url, extra_env=extra_env, simulator_url=base.simulator_url)
+    front = RunningStack(
+        redis_url=base.redis_url,
+        extra_env=extra_env,
+        queue_url=base.queue_url,
+        simulator_url=base.simulator_url,
+    )
     return front.start(workers=0, api=api, relay_port=relay_port)
 
 

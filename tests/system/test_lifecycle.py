@@ -8,12 +8,15 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 
 from tests.support.requests import SIMULATOR, accept, expected_text, user_message
 from tests.support.stack import RunningStack
 from tests.support.watchers import Watcher, finished
 from tokenfan.cli.simulator import reply_chunks
 from tokenfan.contract.events import GenerationStatus, text_sha256
+
+pytestmark = pytest.mark.cluster_too
 
 
 async def simulator_stats(stack: RunningStack) -> dict[str, int]:

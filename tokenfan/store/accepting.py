@@ -18,7 +18,7 @@ from tokenfan.contract.keys import (
     rate_limit_key,
 )
 from tokenfan.store.boundary import storage_call
-from tokenfan.store.core import StoreCore, now_ms
+from tokenfan.store.core import StoreCore, now_ms, pairs
 from tokenfan.store.records import AcceptOutcome, AcceptReply, AcceptResult, GenerationRecord
 
 __all__ = ["Accepting"]
@@ -96,14 +96,15 @@ class Accepting(StoreCore):
         if session_id is None:
             return None
         keys = SessionKeys(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hgetall(keys.generation(generation_id))
-            pipe.get(keys.generation_text(generation_id))
-            pipe.get(keys.generation_reasoning(generation_id))
-            raw, text, reasoning = await pipe.execute()
+        names = [
+            keys.generation(generation_id),
+            keys.generation_text(generation_id),
+            keys.generation_reasoning(generation_id),
+        ]
+        raw, text, reasoning = await self.scripts.generation(keys=names)
         if not raw:
             return None
-        return GenerationRecord.from_fields(session_id, generation_id, raw, text or b"", reasoning or b"")
+        return GenerationRecord.from_fields(session_id, generation_id, pairs(raw), text, reasoning)
 
     @storage_call
     async def request_cancel(

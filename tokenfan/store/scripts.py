@@ -41,6 +41,7 @@ _COMMON = _read("common")
 SOURCES: dict[str, str] = {
     "accept": _COMMON + _read("accept"),
     "cancel": _read("cancel"),
+    "generation": _read("generation"),
     "lease": _read("lease"),
     "position": _COMMON + _read("position"),
     "rate": _read("rate"),
@@ -55,11 +56,12 @@ class Scripts:
     """The scripts, registered on one client. Registering sends nothing: a call goes out as EVALSHA, and
     redis-py loads the script on the one reply that says Redis does not hold it."""
 
-    __slots__ = ("accept", "cancel", "lease", "position", "rate", "read", "snapshot", "start", "write")
+    __slots__ = ("accept", "cancel", "generation", "lease", "position", "rate", "read", "snapshot", "start", "write")
 
     def __init__(self, redis: Client) -> None:
         self.accept = AsyncScript(redis, SOURCES["accept"])  # type: ignore[arg-type]
         self.cancel = AsyncScript(redis, SOURCES["cancel"])  # type: ignore[arg-type]
+        self.generation = AsyncScript(redis, SOURCES["generation"])  # type: ignore[arg-type]
         self.lease = AsyncScript(redis, SOURCES["lease"])  # type: ignore[arg-type]
         self.position = AsyncScript(redis, SOURCES["position"])  # type: ignore[arg-type]
         self.rate = AsyncScript(redis, SOURCES["rate"])  # type: ignore[arg-type]

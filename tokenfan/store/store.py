@@ -6,7 +6,7 @@ from tokenfan.runtime.settings import Settings
 from tokenfan.store.accepting import Accepting
 from tokenfan.store.attempts import Attempts
 from tokenfan.store.boundary import storage_call
-from tokenfan.store.connection import redis_client
+from tokenfan.store.connection import cluster_client, redis_client
 from tokenfan.store.presence import Presence
 from tokenfan.store.resume import Resume
 from tokenfan.store.snapshots import Snapshots
@@ -26,10 +26,11 @@ class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume):
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Store:
-        """A store on a new client for ``TOKENFAN_REDIS_URL``, with the settings' TTL, stream length, lease
-        and attempts. Close it with `close()`."""
+        """A store on a new client for ``REDIS_URL`` (a cluster client with ``TOKENFAN_REDIS_CLUSTER``), with
+        the settings' TTL, stream length, lease and attempts. Close it with `close()`."""
+        url = settings.redis_url.reveal()
         return cls(
-            redis_client(settings.redis_url.reveal()),
+            cluster_client(url) if settings.redis_cluster else redis_client(url),
             session_ttl_seconds=settings.session_ttl_seconds,
             stream_max_length=settings.stream_max_length,
             lease_ms=int(settings.lease_seconds * 1000),

@@ -18,6 +18,8 @@ from tests.support.watchers import Watcher, completed_session, finished
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.keys import SessionKeys
 
+pytestmark = pytest.mark.cluster_too
+
 
 @pytest.fixture
 async def opened() -> AsyncIterator[Closer]:

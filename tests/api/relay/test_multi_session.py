@@ -19,6 +19,8 @@ from tests.support.waiting import Closer
 from tests.support.watchers import MultiWatcher, Watcher, completed_session, finished
 from tokenfan.contract.events import GenerationStatus
 
+pytestmark = pytest.mark.cluster_too
+
 #: TOKENFAN_RELAY_MAX_SUBSCRIPTIONS of the `few_subscriptions` relay.
 MAX_SUBSCRIPTIONS = 3
 

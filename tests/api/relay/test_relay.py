@@ -17,6 +17,8 @@ from tests.support.stack import RunningStack
 from tests.support.watchers import Watcher, close_reason, completed_session, finished, stream_url
 from tokenfan.contract.keys import SessionKeys
 
+pytestmark = pytest.mark.cluster_too
+
 
 async def test_resuming_after_any_offset_yields_exactly_the_events_after_it(
     stack: RunningStack, api: httpx.AsyncClient, session_id: str
