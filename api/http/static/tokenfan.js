@@ -161,6 +161,8 @@ class ResumingStream extends Emitter {
     this.state = "idle";
     this.failures = 0;
     this.freshTokenRefused = false;
+    /** When the token of the current connection expires, if it says (a session token does). */
+    this.times = null;
     this.timer = null;
     this.queue = null;
     this.waiter = null;
@@ -281,8 +283,10 @@ class ResumingStream extends Emitter {
   closed(code, reason) {
     const action = this.afterClose(code);
     this.emit("close", { code, reason, resuming: action !== "stop" });
-    if (action === "fresh") {
-      this.freshTokenRefused = true; // the token ran out: reconnect at once with a fresh one, once
+    if (action === "expired") {
+      this.connectSoon(0); // the token ran out: go on at once with a fresh one
+    } else if (action === "fresh") {
+      this.freshTokenRefused = true; // refused before its time: one more try, with a fresh one
       this.connectSoon(0);
     } else if (action === "rebuild") {
       this.rebuild();
@@ -293,10 +297,15 @@ class ResumingStream extends Emitter {
     }
   }
 
-  /** @param {number} code @returns {"none" | "fresh" | "rebuild" | "stop" | "backoff"} */
+  /** @param {number} code @returns {"none" | "expired" | "fresh" | "rebuild" | "stop" | "backoff"} */
   afterClose(code) {
     if (this.state === "closed" || this.state === "paused") return "none";
-    if (code === 4401 && typeof this.token === "function" && !this.freshTokenRefused) return "fresh";
+    if (code === 4401 && typeof this.token === "function") {
+      // An expiry is told apart from a refusal by the token's own `exp` (a second of clock skew allowed),
+      // so that a quiet stream, which receives no frame between two expiries, still goes on.
+      if (this.times && this.times.expiresAt * 1000 <= Date.now() + 1000) return "expired";
+      if (!this.freshTokenRefused) return "fresh";
+    }
     if (REBUILD.has(code) && this.api) return "rebuild";
     if (FATAL.has(code) || REBUILD.has(code)) return "stop";
     return "backoff";
@@ -392,6 +401,7 @@ export class SessionStream extends ResumingStream {
 
   /** @param {string | null} token */
   connect(token) {
+    this.times = tokenTimes(token);
     const socket = new WebSocket(this.url(token));
     this.socket = socket;
     socket.onopen = () => {
@@ -399,7 +409,7 @@ export class SessionStream extends ResumingStream {
       this.state = "open";
       this.connections += 1;
       this.emit("open", { connection: this.connections, after: this.offset });
-      this.scheduleRefresh(tokenTimes(token));
+      this.scheduleRefresh(this.times);
     };
     socket.onmessage = (event) => {
       if (this.socket === socket) this.received(JSON.parse(event.data));
@@ -425,6 +435,8 @@ export class SessionStream extends ResumingStream {
     if (frame.type === "refreshed") {
       this.refreshes += 1;
       this.failures = 0;
+      this.freshTokenRefused = false;
+      this.times = this.pendingTimes;
       this.emit("refreshed", { expiresAt: frame.expires_at ?? null });
       this.scheduleRefresh(this.pendingTimes);
     } else if (frame.type === "error") {
@@ -493,6 +505,7 @@ export class SseStream extends ResumingStream {
 
   /** @param {string | null} token */
   connect(token) {
+    this.times = tokenTimes(token);
     const source = new EventSource(this.url(token));
     this.source = source;
     this.currentUrl = source.url;
