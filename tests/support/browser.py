@@ -43,7 +43,7 @@ CHROMIUM_ARGS = [
 ]
 
 _INSTALL_HINT = (
-    "Chromium is not installed: run `apt-get install -y chromium` (Debian, as root), "
+    "Chromium is not installed ({path} is missing): run `apt-get install -y chromium` (Debian, as root), "
     "or set TOKENFAN_CHROMIUM to a Chromium binary"
 )
 
@@ -52,7 +52,7 @@ def chromium_path() -> str:
     """The browser to drive: ``TOKENFAN_CHROMIUM``, else Debian's. Fails the test when it is missing."""
     path = os.environ.get("TOKENFAN_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
     if not Path(path).is_file():
-        pytest.fail(_INSTALL_HINT, pytrace=False)
+        pytest.fail(_INSTALL_HINT.format(path=path), pytrace=False)
     return path
 
 

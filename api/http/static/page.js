@@ -151,6 +151,8 @@ class Pane {
 
   received(frame) {
     this.frames.push(frame);
+    const box = this.field("generations");
+    const following = box.scrollHeight - box.scrollTop - box.clientHeight < 40; // the reader is at the end
     try {
       const generation = this.transcript.apply(frame);
       if (generation) this.render(generation);
@@ -162,6 +164,7 @@ class Pane {
       console.error(`pane ${this.number}: ${error.message}`);
     }
     this.showStats();
+    if (following) box.scrollTop = box.scrollHeight;
   }
 
   renderAll() {
