@@ -68,6 +68,8 @@ export interface StreamOptions {
   maxBackoff?: number;
   /** Frames an iterator may have unread before the stream pauses its connection (1000). */
   maxBuffered?: number;
+  /** Failed connections in a row before the stream gives up with a fatal 1006 (default: never). */
+  maxAttempts?: number;
 }
 
 export interface SessionStreamOptions extends StreamOptions {

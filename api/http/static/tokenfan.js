@@ -153,6 +153,7 @@ class ResumingStream extends Emitter {
     this.minBackoff = options.minBackoff ?? 100;
     this.maxBackoff = options.maxBackoff ?? 5000;
     this.maxBuffered = options.maxBuffered ?? 1000;
+    this.maxAttempts = options.maxAttempts ?? Infinity;
     /** Frames received (snapshots included), connections opened, tokens refreshed without a reconnect. */
     this.frames = 0;
     this.connections = 0;
@@ -245,6 +246,9 @@ class ResumingStream extends Emitter {
   /** Try again later: exponential backoff from `minBackoff` to `maxBackoff`, with jitter. */
   retry() {
     this.failures += 1;
+    if (this.failures > this.maxAttempts) {
+      return this.fail(new TokenfanError(1006, `unreachable after ${this.maxAttempts} attempts`));
+    }
     const delay = Math.min(this.maxBackoff, this.minBackoff * 2 ** Math.min(this.failures - 1, 10));
     this.connectSoon(delay * (0.5 + Math.random() / 2));
   }
@@ -313,6 +317,7 @@ class ResumingStream extends Emitter {
 
   /** Our position is lost (4410, 4404): take the session's snapshot, yield it, continue after its offset. */
   async rebuild() {
+    if (this.state === "closed") return;
     this.state = "waiting";
     let response;
     try {
@@ -325,6 +330,7 @@ class ResumingStream extends Emitter {
       this.timer = setTimeout(() => this.rebuild(), this.maxBackoff);
       return;
     }
+    if (this.state === "closed") return;
     if (response.status === 401 || response.status === 403) {
       return this.fail(new TokenfanError(response.status === 401 ? 4401 : 4403, await errorText(response)));
     }
