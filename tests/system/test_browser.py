@@ -172,7 +172,7 @@ async def test_a_dropped_pane_and_a_relay_killed_mid_generation_end_with_the_exa
 ) -> None:
     session_id = new_session_id()
     await demo.open(session_id, KEY)
-    generation_id = await demo.send(prompt("Survive this.", tokens=300, rate=60))
+    generation_id = await demo.send(prompt("Survive this.", tokens=360, rate=60))
     await demo.wait_for_deltas(1, generation_id, 5)
     await demo.page.click('[data-pane="1"] .drop')
     await until(demo.page, "() => demo.panes[0].stream.connections === 2")
@@ -200,7 +200,7 @@ async def test_a_pane_that_joins_late_gets_the_history_then_the_live_tail(
 ) -> None:
     session_id = new_session_id()
     await demo.open(session_id, KEY)
-    generation_id = await demo.send(prompt("Join me late.", tokens=200, rate=60))
+    generation_id = await demo.send(prompt("Join me late.", tokens=240, rate=60))
     await demo.wait_for_deltas(1, generation_id, 10)
     await demo.page.click("#join-late")
     await demo.page.check("#use-sse")
@@ -295,4 +295,75 @@ REBUILD_AND_REFUSE = """async ({relay, session, token, other, key}) => {
     keyInUrl = error instanceof TokenfanError ? error.code : String(error);
   }
   return { frames, verification, refused, keyInUrl };
+}"""
+
+
+async def test_one_multi_session_connection_resumes_each_session_and_rebuilds_one_alone(
+    demo: DemoPage, site: RunningStack, service: httpx.AsyncClient, redis: Redis
+) -> None:
+    fresh, rebuilt = new_session_id(), new_session_id()
+    watcher = await Watcher(site.relay_url, rebuilt).connect(credential=KEY)
+    before = await service.post(
+        f"/v1/sessions/{rebuilt}/generations",
+        json={"model": "tokenfan-sim", "messages": [{"role": "user", "content": "before"}]},
+    )
+    await watcher.receive_until(watcher_finished(before.json()["generation_id"]))
+    await watcher.close()
+    await demo.open(fresh)
+    result = await demo.page.evaluate(
+        MULTI_SESSION,
+        {
+            "relay": site.relay_url,
+            "sessions": [fresh, rebuilt],
+            "key": KEY,
+            "prompt": prompt("Both.", tokens=120, rate=60),
+        },
+    )
+    assert result["connections"] >= 2  # dropped on purpose mid-generation, and resumed
+    await assert_exact_delivery(redis, fresh, result["frames"][fresh])
+    snapshot, *live = result["frames"][rebuilt]
+    assert (snapshot["type"], snapshot["reason"]) == ("snapshot", "offset_gone")
+    assert [g["generation_id"] for g in snapshot["generations"]] == [before.json()["generation_id"]]
+    for session_id, frames in result["frames"].items():
+        generation_id = frames[-1]["generation_id"]
+        view = (await service.get(f"/v1/generations/{generation_id}")).json()
+        assert transcript_of(frames).generations[generation_id].text == view["text"], session_id
+    assert live[0]["type"] == "generation.started"  # after the snapshot, only what followed it
+    assert demo.console.errors() == []
+
+
+#: In the page: one `/v1/stream` connection watching two sessions, each with a token function; one starts
+#: from a position that is gone (4410, rebuilt from its snapshot alone); the connection is dropped once
+#: mid-generation. Generations are enqueued once both subscriptions stand.
+MULTI_SESSION = """async ({relay, sessions: [fresh, rebuilt], key, prompt}) => {
+  const { MultiStream } = await import("/v1/client/tokenfan.js");
+  const headers = { Authorization: `Bearer ${key}`, "content-type": "application/json" };
+  const mint = async (session) =>
+    (await (await fetch(`/v1/sessions/${session}/tokens`, { method: "POST", headers })).json()).token;
+  const enqueue = (session) => fetch(`/v1/sessions/${session}/generations`, { method: "POST", headers,
+    body: JSON.stringify({ model: "tokenfan-sim", messages: [{ role: "user", content: prompt }] }) });
+  const multi = new MultiStream({ relay, api: location.origin });
+  const frames = { [fresh]: [], [rebuilt]: [] };
+  const subscribed = new Set();
+  let enqueued = false;
+  multi.on("subscribed", ({ session }) => {  // again after every reconnect: enqueue once
+    subscribed.add(session);
+    if (!enqueued && subscribed.size === 2 && frames[rebuilt].length) {
+      enqueued = true;
+      enqueue(fresh);
+      enqueue(rebuilt);
+    }
+  });
+  multi.subscribe(fresh, { token: () => mint(fresh) });
+  multi.subscribe(rebuilt, { token: () => mint(rebuilt), after: "zzzzzzzz:1-0" });
+  let dropped = false;
+  const ended = new Set();
+  for await (const frame of multi) {
+    frames[frame.session_id].push(frame);
+    const deltas = frames[fresh].filter((f) => f.type === "delta").length;
+    if (!dropped && deltas >= 5) { dropped = true; multi.reconnect(); }
+    if (frame.type === "generation.completed" && frame.generation_id !== frames[rebuilt][0]?.generations?.[0]?.generation_id) ended.add(frame.session_id);
+    if (ended.size === 2) break;
+  }
+  return { frames, connections: multi.connections };
 }"""

@@ -54,7 +54,18 @@ export interface ToolCall {
   arguments: string;
 }
 
-export interface StreamOptions {
+/** How a stream retries and buffers. */
+export interface ConnectionOptions {
+  /** First retry delay in milliseconds (100); doubles per failure up to `maxBackoff` (5000), with jitter. */
+  minBackoff?: number;
+  maxBackoff?: number;
+  /** Frames an iterator may have unread before the stream pauses its connection (1000). */
+  maxBuffered?: number;
+  /** Failed connections in a row before the stream gives up with a fatal 1006 (default: never). */
+  maxAttempts?: number;
+}
+
+export interface StreamOptions extends ConnectionOptions {
   /** The session id. */
   session: string;
   /** A session token (never an API key: it would travel in a URL), or a function returning a fresh one. */
@@ -63,13 +74,6 @@ export interface StreamOptions {
   after?: string | null;
   /** The request API's base URL: needed to rebuild from a snapshot after 4410/4404 (and for SSE). */
   api?: string;
-  /** First retry delay in milliseconds (100); doubles per failure up to `maxBackoff` (5000), with jitter. */
-  minBackoff?: number;
-  maxBackoff?: number;
-  /** Frames an iterator may have unread before the stream pauses its connection (1000). */
-  maxBuffered?: number;
-  /** Failed connections in a row before the stream gives up with a fatal 1006 (default: never). */
-  maxAttempts?: number;
 }
 
 export interface SessionStreamOptions extends StreamOptions {
@@ -152,6 +156,54 @@ export declare class TokenfanError extends Error {
   readonly code: number;
   readonly reason: string;
   readonly fatal: boolean;
+  /** On a `MultiStream`: the session whose subscription this error ended (the others go on). */
+  session?: string;
+}
+
+export interface MultiStreamOptions extends ConnectionOptions {
+  /** The relay's base URL, `ws://…` or `wss://…`. */
+  relay: string;
+  /** The request API's base URL: needed to rebuild a subscription after 4410/4404. */
+  api?: string;
+}
+
+export interface SubscribeOptions {
+  /** This session's token (sent in the subscribe message, not in a URL), or a function returning a fresh one. */
+  token?: TokenSource;
+  /** Resume after this offset; without it, the session's whole retained history comes first. */
+  after?: string | null;
+}
+
+export interface MultiStreamEvents {
+  frame: Frame;
+  open: OpenEvent;
+  close: CloseEvent;
+  error: TokenfanError;
+  subscribed: { session: string };
+  refreshed: RefreshedEvent & { session: string };
+}
+
+/** Several sessions over one relay connection (`/v1/stream`), each resumed after its own last offset. */
+export declare class MultiStream implements AsyncIterable<Frame> {
+  constructor(options: MultiStreamOptions);
+  readonly relay: string;
+  readonly frames: number;
+  readonly connections: number;
+  readonly state: StreamState;
+  /** Watch `session` too; connects if needed. Throws if already subscribed. */
+  subscribe(session: string, options?: SubscribeOptions): this;
+  /** Stop watching `session`: no frame of it follows. */
+  unsubscribe(session: string): this;
+  /** Offset of the last frame received of `session` (null: none yet, or not subscribed). */
+  offset(session: string): string | null;
+  start(): this;
+  close(): void;
+  /** Drop the connection on purpose; every subscription resumes after its last offset. */
+  reconnect(): void;
+  on<K extends keyof MultiStreamEvents>(type: K, listener: (value: MultiStreamEvents[K]) => void): () => void;
+  off<K extends keyof MultiStreamEvents>(type: K, listener: (value: MultiStreamEvents[K]) => void): void;
+  /** Frames of every session (each with its `session_id`), once, in each session's order. */
+  [Symbol.asyncIterator](): AsyncIterator<Frame>;
 }
 
 /** The frames do not form a valid stream: a gap, a duplicate, or an offset out of order. */

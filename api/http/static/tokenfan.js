@@ -7,9 +7,9 @@
  *   const transcript = new Transcript();
  *   for await (const frame of stream) transcript.apply(frame);
  *
- * `SessionStream` (WebSocket) and `SseStream` (EventSource, where WebSockets are blocked) remember the offset
- * of the last frame they received and resume after it by themselves, so a consumer sees every event once,
- * in order, whatever happens to the connection. `Transcript` assembles generations from frames and proves
+ * `SessionStream` (WebSocket), `SseStream` (EventSource, where WebSockets are blocked) and `MultiStream`
+ * (several sessions over one connection) remember the offset of the last frame they received and resume
+ * after it by themselves, so a consumer sees every event once, in order, whatever happens to the connection. `Transcript` assembles generations from frames and proves
  * it: it refuses a gap or a duplicate, and checks each completed text's length and SHA-256 (WebCrypto).
  *
  * Credentials: give the browser a session token (minted by your backend with its API key), never an API
@@ -137,33 +137,24 @@ class Emitter {
 }
 
 /**
- * What both transports share: the position, the frames handed out (callbacks and the async iterator,
- * whose buffer is bounded), backoff with jitter, credentials, and rebuilding from a snapshot.
+ * What every stream shares: the frames handed out (callbacks, and an async iterator whose buffer is
+ * bounded), the connection's lifecycle, and backoff with jitter. Subclasses open and drop the connection
+ * (`prepare` then `connect`, and `disconnect`).
  */
-class ResumingStream extends Emitter {
-  /** @param {import("./tokenfan").StreamOptions} options */
-  constructor(options) {
+class FrameSource extends Emitter {
+  /** @param {import("./tokenfan").ConnectionOptions} options */
+  constructor(options = {}) {
     super();
-    if (!options?.session) throw new TypeError("session is required");
-    this.session = options.session;
-    this.api = options.api ? options.api.replace(/\/+$/, "") : null;
-    this.token = options.token ?? null;
-    /** Offset of the last frame received: the stream resumes after it. */
-    this.offset = options.after ?? null;
     this.minBackoff = options.minBackoff ?? 100;
     this.maxBackoff = options.maxBackoff ?? 5000;
     this.maxBuffered = options.maxBuffered ?? 1000;
     this.maxAttempts = options.maxAttempts ?? Infinity;
-    /** Frames received (snapshots included), connections opened, tokens refreshed without a reconnect. */
+    /** Frames received (snapshots included), and connections opened. */
     this.frames = 0;
     this.connections = 0;
-    this.refreshes = 0;
     /** @type {"idle" | "connecting" | "open" | "waiting" | "paused" | "closed"} */
     this.state = "idle";
     this.failures = 0;
-    this.freshTokenRefused = false;
-    /** When the token of the current connection expires, if it says (a session token does). */
-    this.times = null;
     this.timer = null;
     this.queue = null;
     this.waiter = null;
@@ -217,12 +208,10 @@ class ResumingStream extends Emitter {
     waiter?.();
   }
 
-  /** One frame received: remember its offset, hand it out. */
-  deliver(frame) {
-    if (frame.offset !== undefined) this.offset = frame.offset;
+  /** Hand one frame out, to the listeners and to the iterator. */
+  handOut(frame) {
     this.frames += 1;
     this.failures = 0;
-    this.freshTokenRefused = false;
     this.emit("frame", frame);
     if (!this.queue) return;
     this.queue.push(frame);
@@ -249,8 +238,7 @@ class ResumingStream extends Emitter {
     if (this.failures > this.maxAttempts) {
       return this.fail(new TokenfanError(1006, `unreachable after ${this.maxAttempts} attempts`));
     }
-    const delay = Math.min(this.maxBackoff, this.minBackoff * 2 ** Math.min(this.failures - 1, 10));
-    this.connectSoon(delay * (0.5 + Math.random() / 2));
+    this.connectSoon(backoff(this.failures, this.minBackoff, this.maxBackoff));
   }
 
   /** @param {number} delay milliseconds */
@@ -263,27 +251,112 @@ class ResumingStream extends Emitter {
   async connectNow() {
     if (this.state === "closed") return;
     this.state = "connecting";
-    let token;
+    let prepared;
     try {
-      token = await this.credential();
+      prepared = await this.prepare();
     } catch (error) {
       if (error instanceof TokenfanError && error.fatal) return this.fail(error);
       this.emit("error", new TokenfanError(0, `getting a token failed: ${error}`, { fatal: false }));
       return this.retry();
     }
-    if (this.state === "connecting") this.connect(token);
+    if (this.state === "connecting") this.connect(prepared);
   }
 
-  /** The token for the next connection: the string given, or a fresh one from the function. */
-  async credential() {
-    const token = typeof this.token === "function" ? await this.token() : this.token;
-    if (typeof token === "string" && token.startsWith("tfk_")) {
-      throw new TokenfanError(4401, "an API key never goes in a URL: hand the browser a session token");
-    }
-    return token || null;
+  /** What `connect` needs, fetched first (a token). */
+  async prepare() {
+    return null;
+  }
+}
+
+/**
+ * The wait before attempt `failures` + 1: from `min`, doubling, up to `max`, each randomized between half
+ * and all of it, so that many clients cut off at once do not come back at once.
+ */
+function backoff(failures, min, max) {
+  return Math.min(max, min * 2 ** Math.min(failures - 1, 10)) * (0.5 + Math.random() / 2);
+}
+
+/**
+ * The token a function returns (or the one given). An API key is refused: a browser has no business
+ * holding one, and a WebSocket or EventSource would have to put it in a URL.
+ * @param {import("./tokenfan").TokenSource | undefined} source
+ * @returns {Promise<string | null>}
+ */
+async function resolveToken(source) {
+  const token = typeof source === "function" ? await source() : source;
+  if (typeof token === "string" && token.startsWith("tfk_")) {
+    throw new TokenfanError(4401, "an API key never goes in a URL: hand the browser a session token");
+  }
+  return token || null;
+}
+
+/**
+ * Whether a 4401 means the token ran out (judged by its own `exp`, a second of clock skew allowed) rather
+ * than that it was refused: a quiet stream receives no frame between two expiries, and must still go on.
+ */
+function hasExpired(times) {
+  return times !== null && times.expiresAt * 1000 <= Date.now() + 1000;
+}
+
+/**
+ * Milliseconds until a fresh token should be sent: a third of the token's lifetime before it expires, at
+ * least one second and at most a minute before; null when the token says nothing of its expiry.
+ */
+function refreshDelay(times) {
+  if (!times) return null;
+  const margin = Math.min(60, Math.max(1, times.lifetime / 3)) * 1000;
+  return Math.max(0, times.expiresAt * 1000 - margin - Date.now());
+}
+
+/**
+ * A session's snapshot as the frame a rebuild yields (`reason: "offset_gone"`), or the HTTP error that
+ * refused it. A session that is gone altogether is an empty snapshot without an offset: start over.
+ * @returns {Promise<{frame: any} | {status: number, reason: string}>}
+ */
+async function snapshotFrame(api, session, token) {
+  const response = await fetch(`${api}/v1/sessions/${encodeURIComponent(session)}`, {
+    headers: token ? { Authorization: `Bearer ${token}` } : {},
+  });
+  if (response.status === 404) {
+    return { frame: { type: "snapshot", offset: null, session_id: session, reason: "offset_gone", generations: [] } };
+  }
+  if (!response.ok) return { status: response.status, reason: await errorText(response) };
+  return { frame: { type: "snapshot", reason: "offset_gone", ...(await response.json()) } };
+}
+
+/**
+ * One session's stream: its position, its token, and what to do when the server ends it (resume,
+ * reconnect with a fresh token, rebuild from a snapshot, or stop).
+ */
+class ResumingStream extends FrameSource {
+  /** @param {import("./tokenfan").StreamOptions} options */
+  constructor(options) {
+    super(options);
+    if (!options?.session) throw new TypeError("session is required");
+    this.session = options.session;
+    this.api = options.api ? options.api.replace(/\/+$/, "") : null;
+    this.token = options.token ?? null;
+    /** Offset of the last frame received: the stream resumes after it. */
+    this.offset = options.after ?? null;
+    /** Tokens refreshed without a reconnect. */
+    this.refreshes = 0;
+    this.freshTokenRefused = false;
+    /** When the token of the current connection expires, if it says (a session token does). */
+    this.times = null;
   }
 
-  /** The relay or API closed our stream with `code`: resume, rebuild, reconnect with a fresh token, or stop. */
+  /** One frame received: remember its offset, hand it out. */
+  deliver(frame) {
+    if (frame.offset !== undefined) this.offset = frame.offset;
+    this.freshTokenRefused = false;
+    this.handOut(frame);
+  }
+
+  async prepare() {
+    return resolveToken(this.token);
+  }
+
+  /** The server closed our stream with `code`: resume, rebuild, reconnect with a fresh token, or stop. */
   closed(code, reason) {
     const action = this.afterClose(code);
     this.emit("close", { code, reason, resuming: action !== "stop" });
@@ -305,9 +378,7 @@ class ResumingStream extends Emitter {
   afterClose(code) {
     if (this.state === "closed" || this.state === "paused") return "none";
     if (code === 4401 && typeof this.token === "function") {
-      // An expiry is told apart from a refusal by the token's own `exp` (a second of clock skew allowed),
-      // so that a quiet stream, which receives no frame between two expiries, still goes on.
-      if (this.times && this.times.expiresAt * 1000 <= Date.now() + 1000) return "expired";
+      if (hasExpired(this.times)) return "expired";
       if (!this.freshTokenRefused) return "fresh";
     }
     if (REBUILD.has(code) && this.api) return "rebuild";
@@ -319,34 +390,23 @@ class ResumingStream extends Emitter {
   async rebuild() {
     if (this.state === "closed") return;
     this.state = "waiting";
-    let response;
+    let result;
     try {
-      const token = await this.credential();
-      response = await fetch(`${this.api}/v1/sessions/${encodeURIComponent(this.session)}`, {
-        headers: token ? { Authorization: `Bearer ${token}` } : {},
-      });
+      result = await snapshotFrame(this.api, this.session, await resolveToken(this.token));
     } catch (error) {
-      this.emit("error", new TokenfanError(0, `rebuilding failed: ${error}`, { fatal: false }));
-      this.timer = setTimeout(() => this.rebuild(), this.maxBackoff);
-      return;
+      result = { status: 0, reason: String(error) };
     }
     if (this.state === "closed") return;
-    if (response.status === 401 || response.status === 403) {
-      return this.fail(new TokenfanError(response.status === 401 ? 4401 : 4403, await errorText(response)));
+    if (result.status === 401 || result.status === 403) {
+      return this.fail(new TokenfanError(result.status === 401 ? 4401 : 4403, result.reason));
     }
-    if (response.status === 404) {
-      // The session is gone altogether: start again from whatever comes next.
-      this.offset = null;
-      this.deliver({ type: "snapshot", offset: null, session_id: this.session, reason: "offset_gone", generations: [] });
-    } else if (response.ok) {
-      const snapshot = await response.json();
-      this.offset = snapshot.offset;
-      this.deliver({ type: "snapshot", reason: "offset_gone", ...snapshot });
-    } else {
-      this.emit("error", new TokenfanError(response.status, await errorText(response), { fatal: false }));
+    if (!result.frame) {
+      this.emit("error", new TokenfanError(result.status, `rebuilding failed: ${result.reason}`, { fatal: false }));
       this.timer = setTimeout(() => this.rebuild(), this.maxBackoff);
       return;
     }
+    this.offset = result.frame.offset;
+    this.deliver(result.frame);
     if (this.state !== "closed" && this.state !== "paused") this.connectSoon(0);
   }
 }
@@ -457,16 +517,15 @@ export class SessionStream extends ResumingStream {
    */
   scheduleRefresh(times) {
     clearTimeout(this.refreshTimer);
-    if (!times || typeof this.token !== "function") return;
-    const margin = Math.min(60, Math.max(1, times.lifetime / 3)) * 1000;
-    const delay = Math.max(0, times.expiresAt * 1000 - margin - Date.now());
+    const delay = refreshDelay(times);
+    if (delay === null || typeof this.token !== "function") return;
     this.refreshTimer = setTimeout(() => this.refresh(), delay);
   }
 
   async refresh() {
     const socket = this.socket;
     try {
-      const token = await this.credential();
+      const token = await resolveToken(this.token);
       this.pendingTimes = tokenTimes(token);
       if (socket && this.socket === socket && this.state === "open") {
         socket.send(JSON.stringify({ type: "refresh", token }));
@@ -551,6 +610,227 @@ export class SseStream extends ResumingStream {
     const status = await httpStatus(this.currentUrl);
     const code = { 400: 4400, 401: 4401, 403: 4403, 404: 4404, 410: 4410 }[status] ?? 1006;
     this.closed(code, `HTTP ${status ?? "unreachable"}`);
+  }
+}
+
+/**
+ * Several sessions over one relay connection (`/v1/stream`), for dashboards and collaboration clients.
+ * Each subscription has its own token (sent in its `subscribe` message, never in a URL) and its own
+ * position: after a drop, the stream reconnects and subscribes to each session again after its last
+ * offset. A subscription's own troubles (its token expired, its position is gone) are handled for that
+ * subscription alone; one that cannot go on is reported as a fatal `error` carrying its `session`, and
+ * the others go on. Frames of every session come through the same callbacks and iterator, each with its
+ * `session_id`.
+ */
+export class MultiStream extends FrameSource {
+  /** @param {import("./tokenfan").MultiStreamOptions} options */
+  constructor(options) {
+    super(options);
+    if (!options?.relay) throw new TypeError("relay is required (ws:// or wss://)");
+    this.relay = options.relay.replace(/\/+$/, "");
+    this.api = options.api ? options.api.replace(/\/+$/, "") : null;
+    /** @type {Map<string, any>} the live subscriptions, by session */
+    this.subscriptions = new Map();
+    this.socket = null;
+  }
+
+  /**
+   * Watch `session` too, after `after` (default: its whole history), with its own token or token function.
+   * @param {string} session
+   * @param {{token?: import("./tokenfan").TokenSource, after?: string | null}} [options]
+   */
+  subscribe(session, { token = null, after = null } = {}) {
+    if (this.subscriptions.has(session)) throw new TypeError(`already subscribed to ${session}`);
+    const subscription = {
+      session, token, offset: after, frames: 0, refreshes: 0, failures: 0, times: null,
+      pendingTimes: null, freshTokenRefused: false, rebuilding: false, timer: null,
+    };
+    this.subscriptions.set(session, subscription);
+    if (this.state === "open") this.sendSubscribe(subscription);
+    else this.start();
+    return this;
+  }
+
+  /** Stop watching `session`; no frame of it follows. @param {string} session */
+  unsubscribe(session) {
+    const subscription = this.subscriptions.get(session);
+    if (!subscription) return this;
+    clearTimeout(subscription.timer);
+    this.subscriptions.delete(session);
+    if (this.state === "open") this.send({ type: "unsubscribe", session_id: session });
+    return this;
+  }
+
+  /** Offset of the last frame received of `session`. @param {string} session */
+  offset(session) {
+    return this.subscriptions.get(session)?.offset ?? null;
+  }
+
+  /** Drop the connection on purpose; every subscription resumes after its last offset. */
+  reconnect() {
+    if (this.socket && this.state === "open") this.socket.close(DROPPED, "dropped by the client");
+  }
+
+  connect() {
+    const socket = new WebSocket(`${this.relay}/v1/stream`);
+    this.socket = socket;
+    socket.onopen = () => {
+      if (this.socket !== socket) return;
+      this.state = "open";
+      this.connections += 1;
+      this.emit("open", { connection: this.connections, after: null });
+      for (const subscription of this.subscriptions.values()) {
+        if (!subscription.rebuilding) this.sendSubscribe(subscription); // a rebuild subscribes when done
+      }
+    };
+    socket.onmessage = (event) => {
+      if (this.socket === socket) this.received(JSON.parse(event.data));
+    };
+    socket.onclose = (event) => {
+      if (this.socket !== socket) return;
+      this.socket = null;
+      for (const subscription of this.subscriptions.values()) clearTimeout(subscription.timer);
+      this.connectionClosed(event.code, event.reason);
+    };
+  }
+
+  disconnect() {
+    for (const subscription of this.subscriptions.values()) clearTimeout(subscription.timer);
+    const socket = this.socket;
+    if (this.state !== "paused") this.socket = null;
+    socket?.close(1000, this.state === "paused" ? "paused: the reader fell behind" : "closed by the client");
+  }
+
+  /** The connection ended: reconnect (the subscriptions follow), wait for a subscription, or stop. */
+  connectionClosed(code, reason) {
+    if (this.state === "closed" || this.state === "paused") return;
+    const stop = code === 4429 || code === 1009;
+    this.emit("close", { code, reason, resuming: !stop });
+    if (stop) return this.fail(new TokenfanError(code, reason));
+    if (this.subscriptions.size) return this.retry();
+    this.state = "idle"; // nothing to watch: the relay closes idle anonymous connections; wait for a subscribe
+  }
+
+  /** @param {object} message */
+  send(message) {
+    if (this.socket?.readyState === WebSocket.OPEN) this.socket.send(JSON.stringify(message));
+  }
+
+  /** Subscribe (again) after the subscription's last offset, with a token fetched now. */
+  async sendSubscribe(subscription) {
+    const socket = this.socket;
+    let token;
+    try {
+      token = await resolveToken(subscription.token);
+    } catch (error) {
+      if (error instanceof TokenfanError) return this.endSubscription(subscription, error);
+      this.emit("error", new TokenfanError(0, `getting a token failed: ${error}`, { fatal: false }));
+      return this.resubscribeLater(subscription);
+    }
+    if (this.socket !== socket || this.subscriptions.get(subscription.session) !== subscription) return;
+    subscription.times = tokenTimes(token);
+    const message = { type: "subscribe", session_id: subscription.session };
+    if (subscription.offset) message.after = subscription.offset;
+    if (token) message.token = token;
+    this.send(message);
+  }
+
+  resubscribeLater(subscription) {
+    subscription.failures += 1;
+    const delay = backoff(subscription.failures, this.minBackoff, this.maxBackoff);
+    subscription.timer = setTimeout(() => this.sendSubscribe(subscription), delay);
+  }
+
+  /** A frame with an offset is an event of one session; the others answer our messages. */
+  received(frame) {
+    const subscription = this.subscriptions.get(frame.session_id);
+    if (frame.offset !== undefined) {
+      if (!subscription) return; // sent before our unsubscribe reached the relay
+      subscription.offset = frame.offset;
+      subscription.frames += 1;
+      subscription.failures = 0;
+      subscription.freshTokenRefused = false;
+      return this.handOut(frame);
+    }
+    if (frame.type === "subscribed" && subscription) {
+      this.scheduleRefresh(subscription, subscription.times);
+      this.emit("subscribed", { session: frame.session_id });
+    } else if (frame.type === "refreshed" && subscription) {
+      Object.assign(subscription, { times: subscription.pendingTimes, freshTokenRefused: false });
+      subscription.refreshes += 1;
+      this.scheduleRefresh(subscription, subscription.times);
+      this.emit("refreshed", { session: frame.session_id, expiresAt: frame.expires_at ?? null });
+    } else if (frame.type === "error" && subscription) {
+      this.subscriptionEnded(subscription, frame.code, frame.reason);
+    } else if (frame.type === "error") {
+      // A refused refresh, or a message the relay could not read: nothing ended yet.
+      this.emit("error", new TokenfanError(frame.code, frame.reason, { fatal: false }));
+    }
+  }
+
+  /** The relay ended one subscription with `code`, as it would have closed a single-session stream. */
+  subscriptionEnded(subscription, code, reason) {
+    clearTimeout(subscription.timer);
+    if (code === 4401 && typeof subscription.token === "function") {
+      if (hasExpired(subscription.times)) return this.sendSubscribe(subscription);
+      if (!subscription.freshTokenRefused) {
+        subscription.freshTokenRefused = true;
+        return this.sendSubscribe(subscription);
+      }
+    }
+    if (REBUILD.has(code) && this.api) return this.rebuild(subscription);
+    if (FATAL.has(code) || REBUILD.has(code)) return this.endSubscription(subscription, new TokenfanError(code, reason));
+    this.resubscribeLater(subscription);
+  }
+
+  /** Report that `subscription` cannot go on, and forget it; the connection and the others go on. */
+  endSubscription(subscription, error) {
+    clearTimeout(subscription.timer);
+    this.subscriptions.delete(subscription.session);
+    error.session = subscription.session;
+    this.emit("error", error);
+  }
+
+  /** This subscription's position is lost: yield its session's snapshot, subscribe after its offset. */
+  async rebuild(subscription) {
+    subscription.rebuilding = true;
+    let result;
+    try {
+      result = await snapshotFrame(this.api, subscription.session, await resolveToken(subscription.token));
+    } catch (error) {
+      result = { status: 0, reason: String(error) };
+    }
+    if (this.state === "closed" || this.subscriptions.get(subscription.session) !== subscription) return;
+    if (result.frame || result.status === 401 || result.status === 403) subscription.rebuilding = false;
+    if (result.status === 401 || result.status === 403) {
+      return this.endSubscription(subscription, new TokenfanError(result.status === 401 ? 4401 : 4403, result.reason));
+    }
+    if (!result.frame) {
+      this.emit("error", new TokenfanError(result.status, `rebuilding failed: ${result.reason}`, { fatal: false }));
+      subscription.timer = setTimeout(() => this.rebuild(subscription), this.maxBackoff);
+      return;
+    }
+    subscription.offset = result.frame.offset;
+    subscription.frames += 1;
+    this.handOut(result.frame);
+    if (this.state === "open") this.sendSubscribe(subscription);
+  }
+
+  scheduleRefresh(subscription, times) {
+    clearTimeout(subscription.timer);
+    const delay = refreshDelay(times);
+    if (delay === null || typeof subscription.token !== "function") return;
+    subscription.timer = setTimeout(() => this.refresh(subscription), delay);
+  }
+
+  async refresh(subscription) {
+    try {
+      const token = await resolveToken(subscription.token);
+      subscription.pendingTimes = tokenTimes(token);
+      this.send({ type: "refresh", token, session_id: subscription.session });
+    } catch (error) {
+      this.emit("error", new TokenfanError(0, `refreshing the token failed: ${error}`, { fatal: false }));
+    }
   }
 }
 
