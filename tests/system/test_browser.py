@@ -367,3 +367,70 @@ MULTI_SESSION = """async ({relay, sessions: [fresh, rebuilt], key, prompt}) => {
   }
   return { frames, connections: multi.connections };
 }"""
+
+
+async def test_a_page_given_only_a_session_token_watches_and_cannot_enqueue(
+    demo: DemoPage, site: RunningStack, service: httpx.AsyncClient, redis: Redis
+) -> None:
+    session_id = new_session_id()
+    token = (await service.post(f"/v1/sessions/{session_id}/tokens")).json()["token"]
+    await demo.page.goto(f"{site.api_url}/?session={session_id}#token={token}")
+    await until(
+        demo.page, "() => demo.panes.length === 3 && demo.panes.every(p => p.stream.state === 'open')"
+    )
+    assert await demo.page.is_hidden("#prompt-form")
+    assert await demo.page.is_hidden("#backend-form")  # no key asked for, none held
+    accepted = await service.post(
+        f"/v1/sessions/{session_id}/generations",
+        json={"model": "tokenfan-sim", "messages": [{"role": "user", "content": "for viewers"}]},
+    )
+    await demo.wait_verified(accepted.json()["generation_id"], panes=3)
+    await assert_every_pane_exact(demo, service, redis, session_id, accepted.json()["generation_id"])
+    assert demo.console.errors() == []
+
+
+async def test_a_reader_that_falls_behind_pauses_the_connection_and_resumes_exactly(
+    demo: DemoPage, site: RunningStack, redis: Redis
+) -> None:
+    session_id = new_session_id()
+    await demo.open(session_id)
+    frames = await demo.page.evaluate(
+        SLOW_READER,
+        {
+            "relay": site.relay_url,
+            "session": session_id,
+            "key": KEY,
+            "prompt": prompt("Slowly.", tokens=80, rate=100),
+        },
+    )
+    assert frames["state"] == "paused"
+    assert frames["connections"] >= 2  # paused while unread, resumed after the last offset
+    await assert_exact_delivery(redis, session_id, frames["frames"])
+    assert demo.console.errors() == []
+
+
+#: In the page: a `for await` reader that stops reading after the first frame. The stream stops receiving
+#: once four frames wait unread (`maxBuffered`), and resumes after its offset when the reader catches up.
+SLOW_READER = """async ({relay, session, key, prompt}) => {
+  const { SessionStream } = await import("/v1/client/tokenfan.js");
+  const headers = { Authorization: `Bearer ${key}`, "content-type": "application/json" };
+  const mint = async () =>
+    (await (await fetch(`/v1/sessions/${session}/tokens`, { method: "POST", headers })).json()).token;
+  const stream = new SessionStream({ relay, session, token: mint, maxBuffered: 4 });
+  const opened = new Promise((resolve) => stream.on("open", resolve));
+  const paused = new Promise((resolve) => stream.on("close", resolve));
+  const reader = stream[Symbol.asyncIterator]();
+  await opened;
+  fetch(`/v1/sessions/${session}/generations`, { method: "POST", headers,
+    body: JSON.stringify({ model: "tokenfan-sim", messages: [{ role: "user", content: prompt }] }) });
+  const frames = [(await reader.next()).value];
+  await paused;  // nobody reads: the buffer fills, and the stream lets go of its connection
+  const state = stream.state;
+  for (;;) {
+    const { value } = await reader.next();
+    frames.push(value);
+    if (value.type === "generation.completed") break;
+  }
+  await reader.return();
+  return { frames, connections: stream.connections, state };
+}"""
