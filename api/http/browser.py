@@ -5,8 +5,8 @@ live demo page at ``/``.
 None of these hold data: the client is code, and the page asks for a credential before it reads or
 enqueues anything, through the same authenticated endpoints as every other client. Serving them openly is
 what lets an app load the client from here; CORS (the allowed origins only) comes from the app's
-middleware, as for every route. Files are read once and answered with an ETag, so a revalidation costs a
-304.
+middleware, as for every route. Files are read once per process (restart the API to serve an edit) and
+answered with an ETag, so a revalidation costs a 304.
 """
 
 from __future__ import annotations
