@@ -223,11 +223,13 @@ async def test_a_token_that_expires_mid_stream_is_refreshed_by_the_function(
 ) -> None:
     session_id = new_session_id()
     await demo.open(session_id, KEY)
-    generation_id = await demo.send(prompt("Outlive your token.", tokens=240, rate=30))  # 8 s: two lifetimes
+    generation_id = await demo.send(
+        prompt("Outlive your token.", tokens=150, rate=30)
+    )  # 5 s: past a lifetime
     await demo.wait_verified(generation_id, panes=3)
     panes = await assert_every_pane_exact(demo, service, redis, session_id, generation_id)
     for pane in panes[:2]:  # WebSocket: fresh tokens over the open connection, never a reconnect
-        assert pane["refreshes"] >= 2, pane["number"]
+        assert pane["refreshes"] >= 1, pane["number"]
         assert pane["connections"] == 1, pane["number"]
     # SSE cannot send a token: at expiry it reopens with a fresh one, after its last offset.
     assert panes[2]["connections"] >= 2
