@@ -9,6 +9,7 @@ page's console must stay free of errors; screenshots go to the test output folde
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -164,6 +165,9 @@ async def test_panes_on_one_session_show_the_api_text_reasoning_tool_calls_and_t
     assert tools == ['Tool call: search({"query": "fan-out"})'] * 3
     assert await demo.page.text_content(f'#queue li[data-id="{generation_id}"] .status') == "completed"
     await demo.screenshot("panes-verified")
+    await demo.page.set_viewport_size({"width": 390, "height": 844})  # a phone: nothing wider than it
+    assert await demo.page.evaluate("() => document.documentElement.scrollWidth <= innerWidth")
+    await demo.screenshot("phone")
     assert demo.console.errors() == []
 
 
@@ -202,9 +206,12 @@ async def test_a_pane_that_joins_late_gets_the_history_then_the_live_tail(
     await demo.open(session_id, KEY)
     generation_id = await demo.send(prompt("Join me late.", tokens=240, rate=60))
     await demo.wait_for_deltas(1, generation_id, 10)
-    await demo.page.click("#join-late")
-    await demo.page.check("#use-sse")
-    await demo.page.click("#join-late")
+    await demo.page.focus("#join-late")  # by keyboard, as anyone may
+    await demo.page.keyboard.press("Enter")
+    await demo.page.keyboard.press("Tab")
+    await demo.page.keyboard.press("Space")  # the "over SSE" box
+    await demo.page.focus("#join-late")
+    await demo.page.keyboard.press("Enter")
     first = (await demo.panes())[0]["frames"]
     assert not any(f["type"] == "generation.completed" for f in first)  # they joined mid-generation
 
@@ -435,4 +442,53 @@ SLOW_READER = """async ({relay, session, key, prompt}) => {
   }
   await reader.return();
   return { frames, connections: stream.connections, state };
+}"""
+
+
+async def test_the_browser_transcript_discards_restarts_replaces_on_snapshots_and_refuses_duplicates(
+    demo: DemoPage,
+) -> None:
+    await demo.open(new_session_id())
+    text = "Fan-out 🌍 ünïcode"  # astral and combining-free accents: code points, not UTF-16 units
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    result = await demo.page.evaluate(TRANSCRIPT_CASES, {"text": text, "length": len(text), "sha256": digest})
+    assert result == {
+        "restarted": {"content": text, "restarts": 1, "ok": True, "sha256": digest},
+        "snapshot": {"content": "from the snapshot", "reasoning": "why", "lastSeq": 7, "fromSnapshot": True},
+        "duplicate": "TranscriptError",
+        "gap": "TranscriptError",
+        "mismatch": False,
+    }
+
+
+#: In the page: `Transcript` on frames no server produced, for the cases a healthy stream seldom shows.
+TRANSCRIPT_CASES = """async ({text, length, sha256}) => {
+  const { Transcript } = await import("/v1/client/tokenfan.js");
+  const g = "gen_01M90AAAAAAAAAAAAAAAAAAAAA", base = { session_id: "s", generation_id: g };
+  const at = (n) => `e1:${1000 + n}-0`;
+  const frames = [
+    { ...base, offset: at(1), seq: 1, type: "generation.started", attempt: 1 },
+    { ...base, offset: at(2), seq: 2, type: "delta", content: "lost to a crash" },
+    { ...base, offset: at(3), seq: 3, type: "generation.restarted", attempt: 2 },
+    { ...base, offset: at(4), seq: 4, type: "delta", content: text.slice(0, 9) },
+    { ...base, offset: at(5), seq: 5, type: "delta", content: text.slice(9) },
+    { ...base, offset: at(6), seq: 6, type: "generation.completed", length, sha256 },
+  ];
+  const transcript = new Transcript();
+  frames.forEach((frame) => transcript.apply(frame));
+  const done = transcript.generations.get(g);
+  const verification = await done.verification;
+  const restarted = { content: done.content, restarts: done.restarts, ok: verification.ok, sha256: verification.sha256 };
+  transcript.apply({ type: "snapshot", offset: at(7), session_id: "s", generations: [
+    { generation_id: g, status: "running", text: "from the snapshot", reasoning: "why", tool_calls: [], seq: 7, attempt: 1 }] });
+  const after = transcript.generations.get(g);
+  const snapshot = { content: after.content, reasoning: after.reasoning, lastSeq: after.lastSeq, fromSnapshot: after.fromSnapshot };
+  const refused = (frame) => { try { transcript.apply(frame); return "accepted"; } catch (error) { return error.name; } };
+  const duplicate = refused({ ...base, offset: at(7), seq: 8, type: "delta", content: "x" });
+  const gap = refused({ ...base, offset: at(9), seq: 10, type: "delta", content: "x" });
+  const other = new Transcript();
+  frames.slice(0, 5).forEach((frame) => other.apply(frame));
+  other.apply({ ...frames[5], length: length + 1 });
+  const mismatch = (await other.generations.get(g).verification).ok;
+  return { restarted, snapshot, duplicate, gap, mismatch };
 }"""
