@@ -23,6 +23,7 @@ from playwright.async_api import BrowserContext, ConsoleMessage, Error, Page, as
 
 __all__ = [
     "CHROMIUM_ARGS",
+    "DemoPage",
     "PageConsole",
     "chromium",
     "chromium_path",
