@@ -16,6 +16,7 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from api.http.browser import browser_router
 from api.http.errors import install_error_handlers
 from api.http.limits import BodySizeLimit
 from api.http.routes import router
@@ -90,6 +91,7 @@ def create_app(settings: Settings) -> FastAPI:
         openapi_url="/openapi.json" if open_docs else None,
     )
     app.include_router(router)
+    app.include_router(browser_router)  # the client module and the demo page: open, they hold no data
     if not open_docs:
         _serve_docs_to_callers(app)
     install_error_handlers(app)

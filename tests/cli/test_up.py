@@ -10,10 +10,20 @@ import socket
 import sys
 
 import httpx
+from websockets.asyncio.client import connect
+from websockets.typing import Origin
 
-from tests.support.requests import accept, expected_text, user_message
+from tests.support.requests import accept, bearer, expected_text, user_message
 from tests.support.watchers import Watcher, finished
 from tokenfan.contract.events import GenerationStatus
+
+
+async def assert_the_relay_admits_the_page(relay_url: str, page_origin: str, key: str) -> None:
+    """The page's origin (the API's) is allowed on the relay, as http://localhost:PORT too."""
+    port = page_origin.rsplit(":", 1)[1]
+    for origin in (page_origin, f"http://localhost:{port}"):
+        async with connect(f"{relay_url}/v1/stream", origin=Origin(origin), additional_headers=bearer(key)):
+            pass
 
 
 def port_open(url: str) -> bool:
@@ -52,7 +62,11 @@ async def test_up_serves_a_generation_end_to_end_and_ctrl_c_stops_everything() -
     body = user_message("hello from the README")
     async with httpx.AsyncClient(base_url=api_url.group(1)) as anonymous:
         refused = await anonymous.post("/v1/sessions/readme/generations", json=body)
+        page = await anonymous.get("/")
     assert refused.status_code == 401  # secure by default, even for the demo
+    assert re.search(rf"live page\s+{re.escape(api_url.group(1))}/\s", text), text
+    assert page.status_code == 200  # the page needs no key to load, only to enqueue
+    await assert_the_relay_admits_the_page(relay_url.group(1), api_url.group(1), key.group(1))
     watcher = await Watcher(relay_url.group(1), "readme").connect(credential=key.group(1))
     headers = {"Authorization": f"Bearer {key.group(1)}"}
     async with httpx.AsyncClient(base_url=api_url.group(1), headers=headers) as api:

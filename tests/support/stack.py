@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -63,12 +64,13 @@ class RunningStack:
         relays: int = 1,
         api: bool = True,
         relay_port: int = 0,
+        api_port: int = 0,
         keyed_simulator: bool = False,
     ) -> RunningStack:
         """Start what is missing, in dependency order: a simulator (unless `simulator_url` names one; with
         `keyed_simulator`, a `KeyedSimulator`: set OPENAI_API_KEY in `extra_env`), a relay on `relay_port`
-        (0: a free one), an API (unless not `api`) and `workers` workers. When a component fails to start,
-        prints the logs and stops what was started before raising."""
+        and an API on `api_port` (0: a free one; unless not `api`), and `workers` workers. When a component
+        fails to start, prints the logs and stops what was started before raising."""
         try:
             if not self.simulator_url:
                 self.simulator_url = self._start_simulator(keyed=keyed_simulator)
@@ -78,7 +80,7 @@ class RunningStack:
                 self.relay_urls.append(self.spawn("relay", ["--port", port], name=name).wait_ready())
             self.relay_url = self.relay_urls[0]
             if api:
-                self.api_url = self.spawn("api", ["--port", "0"], name="api").wait_ready()
+                self.api_url = self.spawn("api", ["--port", str(api_port)], name="api").wait_ready()
             for _ in range(workers):
                 self.spawn("worker").wait_ready()
         except BaseException:
@@ -121,6 +123,14 @@ def start_frontends(
         simulator_url=base.simulator_url,
     )
     return front.start(workers=0, api=api, relay_port=relay_port)
+
+
+def free_port() -> int:
+    """A port free now, for a process that must be known by its address before it starts (a page's
+    origin, a relay restarted in place). Another process could take it in between: rare, and loud."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def clean_environment() -> dict[str, str]:

@@ -27,13 +27,25 @@ __all__ = ["Stack"]
 
 
 def _port_or_free(host: str, wanted: int) -> int:
+    """`wanted` if it is free, else any free port (0 asks for any): the number, known before the start."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, wanted))
-            return wanted
         except OSError:
             probe.bind((host, 0))
-            return int(probe.getsockname()[1])
+        return int(probe.getsockname()[1])
+
+
+def _with_page_origins(env: dict[str, str], host: str, api_port: int) -> str:
+    """TOKENFAN_ALLOWED_ORIGINS plus the origin of the page the API serves, so that the page may open
+    relay connections; a loopback host is reached as ``localhost`` too."""
+    origins = [origin.strip() for origin in env.get("TOKENFAN_ALLOWED_ORIGINS", "").split(",")]
+    hosts = [host, "localhost"] if host in ("127.0.0.1", "localhost") else [host]
+    for name in hosts:
+        origin = f"http://{name}:{api_port}"
+        if origin not in origins:
+            origins.append(origin)
+    return ",".join(origin for origin in origins if origin)
 
 
 @dataclass
@@ -85,12 +97,7 @@ class Stack:
     def _start(self) -> None:
         env = dict(self.environ)
         env.setdefault("TOKENFAN_LOG_FORMAT", "console")
-        self.demo_key = None
-        if not env.get("TOKENFAN_API_KEYS") and env.get("TOKENFAN_INSECURE_DEV_MODE", "").lower() != "true":
-            # Secure by default, even for the demo: a fresh key and token secret for this run only.
-            self.demo_key = new_api_key()
-            env["TOKENFAN_API_KEYS"] = f"demo:{self.demo_key}"
-            env.setdefault("TOKENFAN_TOKEN_SECRETS", new_token_secret())
+        self._demo_credentials(env)
         redis_note = "from REDIS_URL"
         if not env.get("REDIS_URL"):
             self.redis = EmbeddedRedis().start()
@@ -105,16 +112,27 @@ class Stack:
             )
             env["OPENAI_BASE_URL"] = simulator.wait_ready() + "/v1"
             upstream_note = f"built-in simulator, {self.tokens_per_second:g} tokens/s"
+        # The API's port is chosen first: the relay must know the page's origin before it starts.
+        api_port = _port_or_free(self.host, self.api_port)
+        env["TOKENFAN_ALLOWED_ORIGINS"] = _with_page_origins(env, self.host, api_port)
         relay_port = _port_or_free(self.host, self.relay_port)
         relay = self._spawn("relay", ["--host", self.host, "--port", str(relay_port)], env)
         env["TOKENFAN_PUBLIC_RELAY_URL"] = relay.wait_ready()
-        api_port = _port_or_free(self.host, self.api_port)
         api = self._spawn("api", ["--host", self.host, "--port", str(api_port)], env)
         workers = [self._spawn("worker", [], env, name=f"worker-{n + 1}") for n in range(self.workers)]
         api.wait_ready()
         for worker in workers:
             worker.wait_ready()
         print(self._banner(api.url, relay.url, env, redis_note, upstream_note), flush=True)
+
+    def _demo_credentials(self, env: dict[str, str]) -> None:
+        """Secure by default, even for the demo: without keys (and not in development mode), a fresh API
+        key and token secret for this run only."""
+        self.demo_key = None
+        if not env.get("TOKENFAN_API_KEYS") and env.get("TOKENFAN_INSECURE_DEV_MODE", "").lower() != "true":
+            self.demo_key = new_api_key()
+            env["TOKENFAN_API_KEYS"] = f"demo:{self.demo_key}"
+            env.setdefault("TOKENFAN_TOKEN_SECRETS", new_token_secret())
 
     def _spawn(
         self, role: str, args: list[str], env: dict[str, str], name: str | None = None
@@ -139,6 +157,7 @@ class Stack:
         return f"""
 tokenfan is up.
 
+  live page     {api}/    (open it in a browser: it asks for the API key below)
   request API   {api}
   relay         {relay}
   Redis         {redis_url}    ({redis_note})

@@ -237,7 +237,7 @@ class Settings:
     public_relay_url: str | None = _env(
         "TOKENFAN_PUBLIC_RELAY_URL",
         "The relay's public WebSocket base URL (e.g. `wss://relay.example.com`); when set, accepted "
-        "generations link to their session's stream.",
+        "generations link to their session's stream, and the live page (`/`) connects to it.",
         default=None,
     )
     # --- relay

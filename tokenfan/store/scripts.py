@@ -56,7 +56,18 @@ class Scripts:
     """The scripts, registered on one client. Registering sends nothing: a call goes out as EVALSHA, and
     redis-py loads the script on the one reply that says Redis does not hold it."""
 
-    __slots__ = ("accept", "cancel", "generation", "lease", "position", "rate", "read", "snapshot", "start", "write")
+    __slots__ = (
+        "accept",
+        "cancel",
+        "generation",
+        "lease",
+        "position",
+        "rate",
+        "read",
+        "snapshot",
+        "start",
+        "write",
+    )
 
     def __init__(self, redis: Client) -> None:
         self.accept = AsyncScript(redis, SOURCES["accept"])  # type: ignore[arg-type]
