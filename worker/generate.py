@@ -127,8 +127,12 @@ class GenerationJob:
             context = HookContext(stream, request)
             outcome = await self._run(stream, start, context)
             await self._finish(stream, request, context, outcome)
-        except Fenced:
+        except Fenced as exc:
+            # Usually another attempt took over. But a failover can also lose this attempt's start (the
+            # promoted replica had not received it): then nobody runs the generation. Run the job again
+            # later, and `start` decides: done (terminal), another worker's (busy), or a clean restart.
             log.warning("attempt_fenced", attempt=start.attempt)
+            raise Retry(defer=self.store.lease_ms / 1000) from exc
         except ServiceUnavailable as exc:
             # Redis is away; arq retries the job, and by then the lease has run out: a clean restart.
             log.error("redis_unavailable", error=exc.message)

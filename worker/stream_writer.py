@@ -29,7 +29,7 @@ from tokenfan.contract.errors import ServiceUnavailable, StorageUnavailable
 from tokenfan.contract.events import EventType, encode_body, event_body
 from tokenfan.contract.offsets import Offset
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
-from worker.coalesce import Coalescer
+from worker.coalesce import Coalescer, PendingEvent
 
 __all__ = ["Fenced", "GenerationStream", "StreamWriter"]
 
@@ -65,6 +65,8 @@ class GenerationStream:
         self.unwatched_since: float | None = None
         self._finish: Finish | None = None
         self._finish_sent = False
+        self._sent: list[EventWrite] = []  # this attempt's events as written: resent if Redis lost them
+        self._resend: list[EventWrite] = []
         self._done: asyncio.Future[WriteResult] | None = None
         self._error: BaseException | None = None
         self._writing: asyncio.Task[None] | None = None  # merge=False: this generation's own writer
@@ -144,6 +146,9 @@ class GenerationStream:
     def _take(self, *, one: bool = False) -> WriteItem | None:
         """What to write next: everything pending, or only the oldest event (``one``). The finish rides
         with the last event."""
+        if one and self._resend:
+            return self._item([self._resend.pop(0)], None)
+        events, self._resend = self._resend, []
         if one:
             first = self.coalescer.pop_first()
             pending = [first] if first is not None else []
@@ -152,8 +157,16 @@ class GenerationStream:
         finish = None
         if self._finish is not None and not self._finish_sent and not self.coalescer:
             finish = self._finish
-        if not pending and finish is None:
+        if not pending and not events and finish is None:
             return None
+        fresh = self._encode(pending)
+        self._sent += fresh
+        if finish is not None:
+            self._finish_sent = True
+        return self._item(events + fresh, finish)
+
+    def _encode(self, pending: list[PendingEvent]) -> list[EventWrite]:
+        """Pending events as written: each with the next seq, its body encoded once."""
         events = []
         prefix = self._delta_prefix
         for event in pending:
@@ -175,8 +188,9 @@ class GenerationStream:
                 )
             events.append(EventWrite(self.next_seq, body, event.text, event.reasoning))
             self.next_seq += 1
-        if finish is not None:
-            self._finish_sent = True
+        return events
+
+    def _item(self, events: list[EventWrite], finish: Finish | None) -> WriteItem:
         tool_calls = ""
         if self._tool_calls_changed:
             tool_calls = json.dumps([self.tool_calls[i] for i in sorted(self.tool_calls)], ensure_ascii=False)
@@ -192,9 +206,25 @@ class GenerationStream:
             self.fenced = True
             self._fail(Fenced(f"attempt {self.attempt} of {self.generation_id} was fenced ({result.status})"))
         elif result.outcome is WriteOutcome.GAP:
-            self._fail(RuntimeError(f"seq gap writing {self.generation_id}: a bug in the writer"))
+            self._rewind(item, result.last_seq)
         elif item.finish is not None and self._done is not None and not self._done.done():
             self._done.set_result(result)
+
+    def _rewind(self, item: WriteItem, stored_seq: int) -> None:
+        """Redis holds fewer of this attempt's events than it acknowledged: a failover promoted a replica
+        that had not received the last writes (replication is asynchronous). Write them again, with the
+        generation's tool calls and, if it was on its way, the finish. Subscribers that saw the lost
+        entries learn of it from the broken predecessor chain (4410) and rebuild from a snapshot."""
+        lost = [event for event in self._sent if event.seq > stored_seq]
+        if not lost or lost[0].seq != stored_seq + 1:
+            self._fail(RuntimeError(f"seq gap writing {self.generation_id}: events before this attempt lost"))
+            return
+        log.warning("stream_rewound", generation_id=self.generation_id, stored_seq=stored_seq, lost=len(lost))
+        self._resend = lost
+        self._tool_calls_changed = bool(self.tool_calls)
+        if item.finish is not None:
+            self._finish_sent = False
+        self.writer.wake(self, urgent=True)
 
     def _fail(self, error: BaseException) -> None:
         self._error = error

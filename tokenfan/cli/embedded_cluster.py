@@ -142,6 +142,12 @@ class EmbeddedCluster:
             break
         raise RuntimeError(f"no live primary serves slot {slot}")
 
+    def replicas_of(self, primary: EmbeddedRedis) -> list[EmbeddedRedis]:
+        """The live replicas of `primary`, as it knows them."""
+        lines = command(self.host, primary.port, "CLUSTER", "REPLICAS", self.node_id(primary))
+        ports = [int(str(line).split()[1].split("@")[0].rsplit(":", 1)[1]) for line in lines]  # type: ignore[attr-defined]
+        return [self._by_port(port) for port in ports]
+
     def wait_healthy(self, timeout: float = 30.0) -> None:
         """Until every live node says ``cluster_state:ok`` (after a failover, say)."""
         self._wait(self._healthy, timeout, "the cluster to be ready")
