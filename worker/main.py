@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gc
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -35,9 +36,13 @@ __all__ = ["run_worker"]
 log = structlog.get_logger("tokenfan.worker")
 
 
-async def _heartbeat(store: Store, queue: JobQueue, writer: StreamWriter, interval: float) -> None:
+async def _heartbeat(
+    store: Store, queue: JobQueue, writer: StreamWriter, interval: float, alive_file: Path | None
+) -> None:
     while True:
         await asyncio.sleep(interval)
+        if alive_file is not None:
+            alive_file.touch()  # noqa: ASYNC240 - one utime a few seconds apart: the loop turns
         streams = list(writer.streams.values())
         if not streams:
             continue
@@ -115,9 +120,14 @@ def _generation_job(
     )
 
 
-def _background_tasks(store: Store, queue: JobQueue, writer: StreamWriter) -> list[asyncio.Task[None]]:
+def _background_tasks(
+    store: Store, queue: JobQueue, writer: StreamWriter, alive_file: str | None
+) -> list[asyncio.Task[None]]:
     """The tasks that run beside the jobs for the process's life."""
-    heartbeat = _heartbeat(store, queue, writer, store.lease_ms / 3000)
+    alive = Path(alive_file) if alive_file else None
+    if alive is not None:
+        alive.touch()
+    heartbeat = _heartbeat(store, queue, writer, store.lease_ms / 3000, alive)
     cancellations = listen_for_cancellations(store.topology, _cancel_running(writer))
     return [
         asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"),
@@ -152,7 +162,7 @@ async def run_worker(
             log.info("worker_resumed")
             return
         _tune_gc()
-        background.extend(_background_tasks(store, queue, writer))
+        background.extend(_background_tasks(store, queue, writer, settings.worker_alive_file))
         log.info("worker_ready", concurrency=concurrency or settings.worker_concurrency)
         write_ready_file(ready_file, "", role="worker")
 

@@ -34,6 +34,7 @@ from tokenfan.contract.errors import (
     InvalidRequest,
     InvalidSessionId,
     RateLimited,
+    StorageUnavailable,
     TokenfanError,
 )
 from tokenfan.contract.ids import is_session_id
@@ -196,10 +197,16 @@ def _parse_request(request: Request | None) -> tuple[str, str | None]:
 
 
 def _process_request(relay: Relay) -> object:
-    def process_request(connection: ServerConnection, request: Request) -> Response | None:
+    async def process_request(connection: ServerConnection, request: Request) -> Response | None:
         path = urlsplit(request.path).path
         if path == "/healthz":
             return connection.respond(HTTPStatus.OK, "ok\n")
+        if path == "/readyz":  # ready means able to serve: Redis answers
+            try:
+                await relay.store.ping()
+            except StorageUnavailable:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "storage unreachable\n")
+            return connection.respond(HTTPStatus.OK, "ready\n")
         if path == "/stats":
             try:
                 relay.auth.authenticate(bearer_token(request.headers.get("Authorization"))).require_service()

@@ -29,6 +29,7 @@ PUBLIC = {
     "WriteResult",
     "redis_client",
     "slot_of",
+    "verify_storage",
 }
 
 

@@ -9,6 +9,8 @@ with one shard fewer replica.
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, cast
 
@@ -17,10 +19,10 @@ import pytest
 from redis.asyncio import Redis
 
 from tests.support.requests import accept, expected_text, new_session_id, user_message
-from tests.support.stack import RunningStack
-from tests.support.watchers import Watcher, finished
+from tests.support.stack import RunningStack, clean_environment, start_frontends
+from tests.support.watchers import Watcher, close_reason, finished, http_url, stream_url
 from tokenfan.cli.embedded_cluster import EmbeddedCluster, command
-from tokenfan.cli.embedded_redis import EmbeddedRedis
+from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
 from tokenfan.client import SessionStream, Transcript
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.keys import SessionKeys
@@ -201,3 +203,65 @@ async def test_a_primary_killed_mid_generation_is_replaced_and_its_subscribers_e
     for follower in followers:
         assert (follower.status, follower.text) == ("completed", final["text"])
     assert all(child.alive() for child in running)  # no process needed a restart
+
+
+def start_up_error(env: dict[str, str], role: str) -> str:
+    """Run `tokenfan ROLE` expecting it to refuse to start; the last line of its standard error."""
+    done = subprocess.run(
+        [sys.executable, "-m", "tokenfan", role, *(["--port", "0"] if role != "worker" else [])],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("role", ["api", "relay", "worker"])
+def test_a_misconfigured_cluster_is_one_line_at_start_up(
+    role: str, cluster: EmbeddedCluster, queue: EmbeddedRedis
+) -> None:
+    base = {**clean_environment(), "TOKENFAN_INSECURE_DEV_MODE": "true", "TOKENFAN_LOG_FORMAT": "json"}
+    not_a_cluster = start_up_error(
+        {
+            **base,
+            "REDIS_URL": queue.url,
+            "TOKENFAN_REDIS_CLUSTER": "true",
+            "TOKENFAN_QUEUE_REDIS_URL": queue.url,
+        },
+        role,
+    )
+    assert (
+        not_a_cluster == f"tokenfan {role}: TOKENFAN_REDIS_CLUSTER=true, but REDIS_URL is not a cluster node"
+    )
+    a_cluster = start_up_error({**base, "REDIS_URL": cluster.primaries[0].url}, role)
+    assert a_cluster == f"tokenfan {role}: REDIS_URL is a Redis Cluster node: set TOKENFAN_REDIS_CLUSTER=true"
+    no_queue = start_up_error({**base, "REDIS_URL": cluster.url, "TOKENFAN_REDIS_CLUSTER": "true"}, role)
+    assert no_queue.startswith(f"tokenfan {role}: TOKENFAN_REDIS_CLUSTER=true needs TOKENFAN_QUEUE_REDIS_URL")
+
+
+async def test_an_unreachable_cluster_is_503_and_1013_while_it_lasts(
+    cstack: RunningStack, queue: EmbeddedRedis
+) -> None:
+    nowhere = f"redis://127.0.0.1:{free_port()},redis://127.0.0.1:{free_port()}"
+    front = start_frontends(
+        cstack,
+        {"REDIS_URL": nowhere, "TOKENFAN_REDIS_CLUSTER": "true", "TOKENFAN_QUEUE_REDIS_URL": queue.url},
+    )
+    try:
+        async with httpx.AsyncClient(timeout=30) as client:
+            posted = await client.post(
+                f"{front.api_url}/v1/sessions/{new_session_id()}/generations", json=user_message("hello?")
+            )
+            assert posted.status_code == 503
+            assert posted.json()["error"]["code"] == "unavailable"
+            assert posted.headers["Retry-After"] == "1"
+            assert (await client.get(f"{front.api_url}/readyz")).status_code == 503
+            assert (await client.get(f"{http_url(front.relay_url)}/readyz")).status_code == 503
+        code, _ = await close_reason(stream_url(front.relay_url, new_session_id()), timeout=30)
+        assert code == 1013
+        assert all(child.alive() for child in front.children)  # nothing crashed: it waits for Redis
+    finally:
+        front.stop()

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
@@ -69,6 +70,10 @@ def _parser() -> argparse.ArgumentParser:
     simulator.add_argument("--tokens-per-second", type=float, default=50.0, help="0 = as fast as possible")
     simulator.add_argument("--reply-tokens", type=int, default=48, help="default reply length")
 
+    alive = commands.add_parser("alive", help="exit 0 while a liveness file is fresh (a probe)")
+    alive.add_argument("file", help="the file a worker touches (TOKENFAN_WORKER_ALIVE_FILE)")
+    alive.add_argument("--within", type=float, default=30.0, help="seconds it may be old (default: 30)")
+
     watch = commands.add_parser("watch", help="print a session live")
     watch.add_argument("session_id")
     watch.add_argument("--relay", default="ws://127.0.0.1:8001", help="relay base URL")
@@ -94,11 +99,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(2) from None
 
 
+def _verify_storage(settings: Settings) -> None:
+    """A Redis that is not what the settings say is a configuration error: say so in one line, at once."""
+    from tokenfan.store import verify_storage
+
+    _run(verify_storage(settings))
+
+
 def _api(args: argparse.Namespace, settings: Settings) -> None:
     from api.http.app import create_app
     from tokenfan.runtime.serving import serve_asgi
 
     app = create_app(settings)
+    _verify_storage(settings)
     # SSE responses never end by themselves: give them a few seconds, then close them on shutdown.
     _run(
         serve_asgi(
@@ -117,12 +130,14 @@ def _api(args: argparse.Namespace, settings: Settings) -> None:
 def _relay(args: argparse.Namespace, settings: Settings) -> None:
     from api.relay.server import run_relay
 
+    _verify_storage(settings)
     _run(run_relay(settings, host=args.host, port=args.port, ready_file=args.ready_file))
 
 
 def _worker(args: argparse.Namespace, settings: Settings) -> None:
     from worker.main import run_worker
 
+    _verify_storage(settings)
     _run(run_worker(settings, concurrency=args.concurrency, ready_file=args.ready_file))
 
 
@@ -139,6 +154,18 @@ def _watch(args: argparse.Namespace, settings: Settings) -> None:
     _run(watch(args.relay, args.session_id, after=args.after, as_json=args.json, credential=args.credential))
 
 
+def _alive(args: argparse.Namespace, settings: Settings) -> None:
+    """A liveness probe: fails, with one line, once the worker's loop stopped touching its file."""
+    try:
+        age = time.time() - os.stat(args.file).st_mtime
+    except OSError as exc:
+        print(f"tokenfan alive: {args.file}: {exc.strerror}", file=sys.stderr)
+        raise SystemExit(1) from None
+    if age > args.within:
+        print(f"tokenfan alive: {args.file} last touched {age:.0f}s ago", file=sys.stderr)
+        raise SystemExit(1)
+
+
 def _up(args: argparse.Namespace, settings: Settings) -> None:
     from tokenfan.cli.up import Stack
 
@@ -152,6 +179,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], None]] = {
     "worker": _worker,
     "simulator": _simulator,
     "watch": _watch,
+    "alive": _alive,
     "up": _up,
 }
 

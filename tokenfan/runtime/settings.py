@@ -222,6 +222,12 @@ class Settings:
         "`package.module:attribute` of worker hooks (custom events such as RAG sources; see worker/hooks.py).",
         default=None,
     )
+    worker_alive_file: str | None = _env(
+        "TOKENFAN_WORKER_ALIVE_FILE",
+        "A file the worker touches every third of a lease while its event loop runs: a liveness signal for "
+        "an orchestrator (`tokenfan alive FILE --within 30` exits 0 while it is fresh).",
+        default=None,
+    )
     # --- HTTP API
     max_body_bytes: int = _env(
         "TOKENFAN_MAX_BODY_BYTES", "Largest request body the API accepts (413 beyond).", default=1_048_576

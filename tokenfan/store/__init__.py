@@ -40,7 +40,7 @@ from tokenfan.store.records import (
     WriteResult,
 )
 from tokenfan.store.slots import slot_of
-from tokenfan.store.store import Store
+from tokenfan.store.store import Store, verify_storage
 from tokenfan.store.write_layout import EventWrite, Finish, WriteItem
 
 __all__ = [
@@ -59,4 +59,5 @@ __all__ = [
     "WriteResult",
     "redis_client",
     "slot_of",
+    "verify_storage",
 ]

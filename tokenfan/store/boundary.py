@@ -8,7 +8,7 @@ import functools
 from collections.abc import Awaitable, Callable, Iterator
 from typing import ParamSpec, TypeVar
 
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from tokenfan.contract.errors import StorageUnavailable
 
@@ -17,8 +17,10 @@ __all__ = ["storage_call", "storage_errors"]
 P = ParamSpec("P")
 R = TypeVar("R")
 
-#: What a Redis client raises when Redis is away, slow, or refusing (OSError: a socket failed under it).
-_STORAGE_FAILURES = (RedisError, OSError)
+#: What a Redis client raises when Redis is away, slow, or refusing (OSError: a socket failed under it;
+#: RedisClusterException: a cluster client that found no usable cluster, which redis-py does not count
+#: among its RedisErrors).
+_STORAGE_FAILURES = (RedisError, RedisClusterException, OSError)
 
 
 @contextlib.contextmanager

@@ -28,10 +28,13 @@ class Resume(StoreCore):
 
         Raises `OffsetGone` when the offset's epoch is not the stream's (deleted and recreated, or expired)
         or when entries after it were trimmed, and `UnknownOffset` when it names no entry this stream had.
+        Without an offset it still asks the session's node, so a subscriber learns at once (1013, 503) that
+        storage is unreachable instead of waiting for it.
         """
-        if offset is None:
-            return StreamId.ZERO
         keys = SessionKeys(session_id)
+        if offset is None:
+            await self.redis.exists(keys.meta)
+            return StreamId.ZERO
         reply = await self.scripts.position(
             keys=[keys.meta, keys.events], args=[offset.epoch, str(offset.stream_id)]
         )

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from tokenfan.runtime.settings import Settings
+import contextlib
+
+import structlog
+from redis.exceptions import RedisClusterException, RedisError
+
+from tokenfan.runtime.settings import Settings, SettingsError
 from tokenfan.store.accepting import Accepting
 from tokenfan.store.attempts import Attempts
 from tokenfan.store.boundary import storage_call
@@ -12,7 +17,9 @@ from tokenfan.store.resume import Resume
 from tokenfan.store.snapshots import Snapshots
 from tokenfan.store.writes import Writes
 
-__all__ = ["Store"]
+__all__ = ["Store", "verify_storage"]
+
+log = structlog.get_logger("tokenfan.store")
 
 
 class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume):
@@ -47,3 +54,30 @@ class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume):
     async def ping(self) -> None:
         """Raises `StorageUnavailable` unless Redis answers."""
         await self.redis.ping()
+
+
+async def verify_storage(settings: Settings) -> None:
+    """Check at start-up that `REDIS_URL` is what the settings say: a cluster with
+    ``TOKENFAN_REDIS_CLUSTER``, one Redis without it. Raises `SettingsError` (a one-line message) when it is
+    not; an unreachable Redis is not an error here: the process starts, and answers 503 meanwhile."""
+    store = Store.from_settings(settings)
+    try:
+        await _verify(store, settings.redis_cluster)
+    finally:
+        with contextlib.suppress(Exception):
+            await store.close()
+
+
+async def _verify(store: Store, cluster: bool) -> None:
+    try:
+        if cluster:
+            await store.topology.ready()
+            return
+        info = await store.redis.info("cluster")
+    except RedisClusterException:  # the topology raises it only for a node that is no cluster node
+        raise SettingsError("TOKENFAN_REDIS_CLUSTER=true, but REDIS_URL is not a cluster node") from None
+    except (RedisError, OSError) as exc:
+        log.warning("redis_unreachable_at_start", error=str(exc))
+        return
+    if info.get("cluster_enabled"):
+        raise SettingsError("REDIS_URL is a Redis Cluster node: set TOKENFAN_REDIS_CLUSTER=true")

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Iterator
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisClusterException
 
 from tokenfan.store.connection import Client, node_client
 
@@ -35,9 +38,11 @@ class Topology:
         return isinstance(self.redis, RedisCluster)
 
     async def ready(self) -> None:
-        """Learn the slot map (once; a cluster client does it on its first command anyway)."""
+        """Learn the slot map (once; a cluster client does it on its first command anyway). Raises a
+        `RedisError` when no node answers (redis-py's own exception there is not one)."""
         if isinstance(self.redis, RedisCluster):
-            await self.redis.initialize()
+            with _as_redis_error():
+                await self.redis.initialize()
 
     def node_of(self, slot: int) -> str:
         """The name of the node serving `slot` now (as last learnt)."""
@@ -66,10 +71,21 @@ class Topology:
             return
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.ensure_future(self.redis.nodes_manager.initialize())
-        await asyncio.shield(self._refreshing)
+        with _as_redis_error():
+            await asyncio.shield(self._refreshing)
 
     async def close(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+@contextlib.contextmanager
+def _as_redis_error() -> Iterator[None]:
+    try:
+        yield
+    except RedisClusterException as exc:
+        if "not enabled" in str(exc):
+            raise  # not an outage: a node that is no cluster node (Store.verify reports it)
+        raise RedisConnectionError(str(exc)) from exc
