@@ -125,7 +125,7 @@ async def _accept(
 
 def _answer(
     services: Services,
-    request: Request,
+    address: str,
     record: tuple[str, str, StreamId],
     fold: Fold,
     serve: Serve,
@@ -143,9 +143,7 @@ def _answer(
         max_buffer_bytes=settings.relay_max_buffer_bytes,
         expires_at=expires_at,
     )
-    return FollowingResponse(
-        follower, serve, streams=services.sse_streams, address=_stream_slot(services, request)
-    )
+    return FollowingResponse(follower, serve, streams=services.sse_streams, address=address)
 
 
 async def _readable(
@@ -172,7 +170,7 @@ async def create_chat_completion(
     principal.require_service()
     call = chat_call(json_object(await request.body()))
     services = services_of(request)
-    _stream_slot(services, request)  # refused before anything is stored
+    address = _stream_slot(services, request)  # refused before anything is stored
     await check_limits(services, principal.name, call.request)
     result, session_id, start = await _accept(services, session, call.request, idempotency_key)
     generation_id = result.generation_id
@@ -187,7 +185,7 @@ async def create_chat_completion(
     identity = Identity(session_id, generation_id)
     keepalive = services.settings.sse_keepalive_seconds
     serve = chat_stream(identity, fold, keepalive) if call.stream else chat_whole(identity, fold)
-    return _answer(services, request, (session_id, generation_id, start), fold, serve)
+    return _answer(services, address, (session_id, generation_id, start), fold, serve)
 
 
 @router.get("/v1/chat/completions/{completion_id}", include_in_schema=False)
@@ -195,6 +193,7 @@ async def get_chat_completion(
     completion_id: str, request: Request, principal: Caller, last_event_id: LastEventId = None
 ) -> Response:
     services = services_of(request)
+    address = _stream_slot(services, request)
     generation_id = "gen_" + completion_id.removeprefix("chatcmpl-")
     found = await _readable(services, principal, generation_id)
     if found is None:
@@ -215,7 +214,7 @@ async def get_chat_completion(
     serve = chat_stream(identity, fold, keepalive) if stream else chat_whole(identity, fold)
     return _answer(
         services,
-        request,
+        address,
         (record.session_id, generation_id, start),
         fold,
         serve,
@@ -250,7 +249,7 @@ async def create_response(
     principal.require_service()
     call = response_call(json_object(await request.body()))
     services = services_of(request)
-    _stream_slot(services, request)
+    address = _stream_slot(services, request)
     await check_limits(services, principal.name, call.request)
     result, session_id, start = await _accept(services, session, call.request, idempotency_key)
     generation_id, echo = result.generation_id, call.echo
@@ -271,7 +270,7 @@ async def create_response(
         serve = response_stream(identity, sse, opening, services.settings.sse_keepalive_seconds)
     else:
         serve = response_whole(identity, events, until_end=True)
-    return _answer(services, request, (session_id, generation_id, start), sse, serve)
+    return _answer(services, address, (session_id, generation_id, start), sse, serve)
 
 
 def _headers(identity: Identity) -> dict[str, str]:
@@ -309,6 +308,7 @@ def _starting_after(request: Request) -> int:
 @router.get("/v1/responses/{response_id}", include_in_schema=False)
 async def get_response(response_id: str, request: Request, principal: Caller) -> Response:
     services = services_of(request)
+    address = _stream_slot(services, request)
     stream, starting_after = _flag(request, "stream"), _starting_after(request)
     record, start, echo = await _response(services, principal, response_id)
     generation_id = record.generation_id
@@ -323,7 +323,7 @@ async def get_response(response_id: str, request: Request, principal: Caller) ->
         serve = response_whole(identity, events, until_end=False)
     return _answer(
         services,
-        request,
+        address,
         (record.session_id, generation_id, start),
         sse,
         serve,
@@ -335,6 +335,7 @@ async def get_response(response_id: str, request: Request, principal: Caller) ->
 async def cancel_response(response_id: str, request: Request, principal: Caller) -> Response:
     principal.require_service()
     services = services_of(request)
+    address = _stream_slot(services, request)
     record, start, echo = await _response(services, principal, response_id)
     result = await cancel_record(services, record)
     log.info("openai_response_cancel", status=result.status)
@@ -343,4 +344,4 @@ async def cancel_response(response_id: str, request: Request, principal: Caller)
     sse.opening()
     identity = Identity(record.session_id, record.generation_id)
     serve = response_whole(identity, events, until_end=True, within=_CANCEL_WAIT_SECONDS)
-    return _answer(services, request, (record.session_id, record.generation_id, start), sse, serve)
+    return _answer(services, address, (record.session_id, record.generation_id, start), sse, serve)
