@@ -43,6 +43,7 @@ class Identity:
 
     session_id: str
     generation_id: str
+    replayed: bool = False  # an Idempotency-Key seen before: this answers the first request's generation
 
     def headers(self, content_type: str) -> list[tuple[bytes, bytes]]:
         headers = [
@@ -50,6 +51,8 @@ class Identity:
             (b"x-tokenfan-session", self.session_id.encode()),
             (b"x-tokenfan-generation", self.generation_id.encode()),
         ]
+        if self.replayed:
+            headers.append((b"idempotent-replayed", b"true"))
         if content_type.startswith("text/event-stream"):
             headers += [(b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
         return headers

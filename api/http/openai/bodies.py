@@ -89,7 +89,7 @@ def json_object(raw: bytes) -> dict[str, Any]:
     """The request body as a JSON object; raises `InvalidJson` or `InvalidRequest`."""
     try:
         body = json.loads(raw)
-    except ValueError:  # JSONDecodeError and UnicodeDecodeError alike
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, and nesting past the stack
         raise InvalidJson("We could not parse the JSON body of your request.") from None
     if not isinstance(body, dict):
         raise InvalidRequest("The request body must be a JSON object.")

@@ -182,7 +182,7 @@ async def create_chat_completion(
         include_usage=call.include_usage,
         emit=call.stream,
     )
-    identity = Identity(session_id, generation_id)
+    identity = Identity(session_id, generation_id, replayed=result.outcome is AcceptOutcome.DUPLICATE)
     keepalive = services.settings.sse_keepalive_seconds
     serve = chat_stream(identity, fold, keepalive) if call.stream else chat_whole(identity, fold)
     return _answer(services, address, (session_id, generation_id, start), fold, serve)
@@ -261,20 +261,21 @@ async def create_response(
     events = ResponseEvents(
         _response_id(generation_id), echo, created_at=generation_time_ms(generation_id) // 1000
     )
-    identity = Identity(session_id, generation_id)
-    if call.background and not call.stream:
+    replayed = result.outcome is AcceptOutcome.DUPLICATE
+    identity = Identity(session_id, generation_id, replayed=replayed)
+    if call.background and not call.stream and not replayed:
         return JSONResponse(events.response(), headers=_headers(identity))
     sse = ResponseSse(events, emit=call.stream)
     opening = sse.opening()
     if call.stream:
         serve = response_stream(identity, sse, opening, services.settings.sse_keepalive_seconds)
-    else:
-        serve = response_whole(identity, events, until_end=True)
+    else:  # in the background, a replayed request answers the first one's response as it is now
+        serve = response_whole(identity, events, until_end=not call.background)
     return _answer(services, address, (session_id, generation_id, start), sse, serve)
 
 
 def _headers(identity: Identity) -> dict[str, str]:
-    return {"X-Tokenfan-Session": identity.session_id, "X-Tokenfan-Generation": identity.generation_id}
+    return {key.decode(): value.decode() for key, value in identity.headers("application/json")[1:]}
 
 
 async def _response(

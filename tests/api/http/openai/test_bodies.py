@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from api.http.openai.bodies import chat_call, json_object, response_call
 from tokenfan.contract.errors import (
@@ -261,3 +264,59 @@ def test_response_refusals_name_the_member(
         response_call({**RESPONSE, **members})
     assert type(caught.value) is error
     assert caught.value.param == param
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+    max_leaves=12,
+)
+CHAT_MEMBERS = st.sampled_from(
+    [
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "n",
+        "tools",
+        "tool_choice",
+        "store",
+        "temperature",
+        "audio",
+    ]
+)
+RESPONSE_MEMBERS = st.sampled_from(
+    [
+        "model",
+        "input",
+        "instructions",
+        "tools",
+        "tool_choice",
+        "text",
+        "reasoning",
+        "stream_options",
+        "store",
+        "include",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    base=st.sampled_from([CHAT, RESPONSE]),
+    members=st.dictionaries(CHAT_MEMBERS | RESPONSE_MEMBERS, JSON, max_size=4),
+)
+def test_any_body_is_accepted_or_refused_as_an_invalid_request_never_anything_else(
+    base: dict[str, Any], members: dict[str, Any]
+) -> None:
+    body = {**base, **members}
+    for check in (chat_call, response_call):
+        with contextlib.suppress(InvalidRequest):
+            check(body)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=64) | st.builds(lambda depth: b"[" * depth + b"]" * depth, st.integers(0, 100_000)))
+def test_any_bytes_are_a_json_object_or_refused(raw: bytes) -> None:
+    with contextlib.suppress(InvalidRequest):
+        assert isinstance(json_object(raw), dict)

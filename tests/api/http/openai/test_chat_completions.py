@@ -337,3 +337,30 @@ async def test_concurrent_requests_in_one_session_run_in_order(aclient: openai.A
     for body, raw in zip(bodies, answers, strict=True):
         assert raw.headers["x-tokenfan-session"] == session_id
         assert raw.parse().choices[0].message.content == expected_text({"model": MODEL, "messages": body})
+
+
+async def test_a_retried_request_with_an_idempotency_key_answers_the_first_generation(
+    aclient: openai.AsyncOpenAI,
+) -> None:
+    session_id = new_session_id()
+    headers = {"X-Tokenfan-Session": session_id, "Idempotency-Key": "order-7"}
+    messages = prompt("only once", {"tokens": 15})
+    first = await aclient.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, extra_headers=headers
+    )
+    again = await aclient.chat.completions.with_raw_response.create(
+        model=MODEL, messages=messages, stream=True, extra_headers=headers
+    )
+    assert again.headers["x-tokenfan-generation"] == first.headers["x-tokenfan-generation"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert "idempotent-replayed" not in first.headers
+    chunks = [chunk async for chunk in astreamed(again.parse())]  # the first one's, from its beginning
+    assert (
+        content_of(chunks)
+        == first.parse().choices[0].message.content
+        == expected_text({"model": MODEL, "messages": messages})
+    )
+    with pytest.raises(openai.BadRequestError):
+        await aclient.chat.completions.create(
+            model=MODEL, messages=messages, extra_headers={"Idempotency-Key": "not allowed!"}
+        )
