@@ -103,14 +103,22 @@ def _flag(request: Request, name: str) -> bool:
     return value in ("true", "1")
 
 
-async def _accept(
-    services: Services, session_header: str | None, body: GenerationRequest, idempotency_key: str | None
-) -> tuple[AcceptResult, str, StreamId]:
-    """Accept the generation; returns it, its session, and the position to follow it from."""
+def _target(session_header: str | None, idempotency_key: str | None) -> tuple[str, str]:
+    """The session and the id of a new generation, once the headers that name them are checked."""
     if idempotency_key is not None and not _IDEMPOTENCY_KEY.fullmatch(idempotency_key):
         raise InvalidRequest("Idempotency-Key must be 1-128 of A-Z a-z 0-9 . _ : -")
     generation_id = new_generation_id()
-    session_id = _session(session_header, generation_id)
+    return _session(session_header, generation_id), generation_id
+
+
+async def _accept(
+    services: Services,
+    target: tuple[str, str],
+    body: GenerationRequest,
+    idempotency_key: str | None,
+) -> tuple[AcceptResult, str, StreamId]:
+    """Accept the generation; returns it, its session, and the position to follow it from."""
+    session_id, generation_id = target
     # Before accepting: every event of the new generation comes after this position.
     _, start = await services.store.tail(session_id)
     result = await accept_generation(services, session_id, body, idempotency_key, generation_id)
@@ -169,10 +177,11 @@ async def create_chat_completion(
 ) -> Response:
     principal.require_service()
     call = chat_call(json_object(await request.body()))
+    target = _target(session, idempotency_key)
     services = services_of(request)
     address = _stream_slot(services, request)  # refused before anything is stored
     await check_limits(services, principal.name, call.request)
-    result, session_id, start = await _accept(services, session, call.request, idempotency_key)
+    result, session_id, start = await _accept(services, target, call.request, idempotency_key)
     generation_id = result.generation_id
     log.info("openai_chat_accepted", stream=call.stream, outcome=result.outcome.value)
     fold = ChatStream(
@@ -248,10 +257,11 @@ async def create_response(
 ) -> Response:
     principal.require_service()
     call = response_call(json_object(await request.body()))
+    target = _target(session, idempotency_key)
     services = services_of(request)
     address = _stream_slot(services, request)
     await check_limits(services, principal.name, call.request)
-    result, session_id, start = await _accept(services, session, call.request, idempotency_key)
+    result, session_id, start = await _accept(services, target, call.request, idempotency_key)
     generation_id, echo = result.generation_id, call.echo
     if result.outcome is AcceptOutcome.ACCEPTED:
         await save_response_record(services.store, session_id, generation_id, echo)

@@ -364,3 +364,21 @@ async def test_a_retried_request_with_an_idempotency_key_answers_the_first_gener
         await aclient.chat.completions.create(
             model=MODEL, messages=messages, extra_headers={"Idempotency-Key": "not allowed!"}
         )
+
+
+@pytest.mark.parametrize(
+    ("headers", "code"),
+    [
+        ({"X-Tokenfan-Session": "{braces}"}, "invalid_session_id"),
+        ({"Idempotency-Key": "a b"}, "invalid_request"),
+    ],
+)
+async def test_malformed_headers_are_refused_before_anything_is_stored(
+    aclient: openai.AsyncOpenAI, redis: Redis, headers: dict[str, str], code: str
+) -> None:
+    before = await generation_index_keys(redis)
+    with pytest.raises(openai.BadRequestError) as failure:
+        await aclient.chat.completions.create(model=MODEL, messages=prompt("hi"), extra_headers=headers)
+    assert isinstance(failure.value.body, dict)
+    assert failure.value.body["code"] == code
+    assert await generation_index_keys(redis) == before
