@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from api.http.browser import browser_router
 from api.http.errors import install_error_handlers
 from api.http.limits import BodySizeLimit
+from api.http.openai.routes import router as openai_router
 from api.http.routes import router
 from api.http.security import caller
 from api.live.feed import LiveBus
@@ -92,6 +93,7 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(browser_router)  # the client module and the demo page: open, they hold no data
+    app.include_router(openai_router)
     if not open_docs:
         _serve_docs_to_callers(app)
     install_error_handlers(app)
@@ -134,8 +136,20 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             CORSMiddleware,
             allow_origins=origins,
             allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Last-Event-ID"],
-            expose_headers=["Location", "Idempotent-Replayed", "Retry-After"],
+            allow_headers=[
+                "Authorization",
+                "Content-Type",
+                "Idempotency-Key",
+                "Last-Event-ID",
+                "X-Tokenfan-Session",
+            ],
+            expose_headers=[
+                "Location",
+                "Idempotent-Replayed",
+                "Retry-After",
+                "X-Tokenfan-Session",
+                "X-Tokenfan-Generation",
+            ],
             max_age=600,
         )
     app.add_middleware(AccessLog)

@@ -1,4 +1,5 @@
-"""Every HTTP error leaves as ``{"error": {"code", "message", "status", "details"?}}`` (docs/PROTOCOL.md)."""
+"""Every HTTP error leaves as ``{"error": {"code", "message", "status", "type", "param", "details"?}}``
+(docs/PROTOCOL.md): tokenfan's members, and OpenAI's (``type``, ``param``) so that its SDKs read it too."""
 
 from __future__ import annotations
 
@@ -12,14 +13,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from tokenfan.contract.errors import (
+    InvalidParameter,
     InvalidRequest,
     RateLimited,
     ServiceUnavailable,
     TokenfanError,
     Unauthorized,
+    error_type,
 )
 
-__all__ = ["error_response", "install_error_handlers"]
+__all__ = ["error_body", "error_response", "install_error_handlers"]
 
 log = structlog.get_logger("tokenfan.api")
 
@@ -32,14 +35,20 @@ _HTTP_CODES = {
 }
 
 
+def error_body(status: int, code: str, message: str, param: str | None = None) -> dict[str, Any]:
+    """The ``error`` object of every HTTP error (and of an OpenAI stream's error event)."""
+    return {"code": code, "message": message, "status": status, "type": error_type(status), "param": param}
+
+
 def error_response(
     status: int,
     code: str,
     message: str,
     details: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
+    param: str | None = None,
 ) -> JSONResponse:
-    body: dict[str, Any] = {"code": code, "message": message, "status": status}
+    body = error_body(status, code, message, param)
     if details:
         body["details"] = details
     return JSONResponse({"error": body}, status_code=status, headers=headers)
@@ -76,7 +85,8 @@ def install_error_handlers(app: FastAPI) -> None:
             headers["WWW-Authenticate"] = "Bearer"
         elif isinstance(exc, RateLimited):
             headers["Retry-After"] = str(max(1, math.ceil(exc.retry_after)))
-        return error_response(exc.http_status, exc.code, exc.message, headers=headers or None)
+        param = exc.param if isinstance(exc, InvalidParameter) else None
+        return error_response(exc.http_status, exc.code, exc.message, headers=headers or None, param=param)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

@@ -46,6 +46,8 @@ class BodySizeLimit:
                     "code": "payload_too_large",
                     "message": f"request bodies are limited to {self.max_bytes} bytes",
                     "status": 413,
+                    "type": "invalid_request_error",
+                    "param": None,
                 }
             }
         ).encode()

@@ -7,7 +7,6 @@ here talks to the upstream or formats stream events.
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Annotated, Any
@@ -17,6 +16,7 @@ from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.responses import JSONResponse
 
+from api.http.generations import accept_generation, cancel_record, check_limits, services_of
 from api.http.schemas import (
     CancelResult,
     ErrorResponse,
@@ -29,28 +29,12 @@ from api.http.schemas import (
 )
 from api.http.security import Caller
 from api.http.sse import event_stream
-from tokenfan.contract.errors import (
-    Conflict,
-    GenerationNotFound,
-    InvalidRequest,
-    PayloadTooLarge,
-    RateLimited,
-    SessionNotFound,
-)
-from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
-from tokenfan.contract.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN, new_generation_id
+from tokenfan.contract.errors import GenerationNotFound, InvalidRequest, RateLimited, SessionNotFound
+from tokenfan.contract.events import GenerationStatus
+from tokenfan.contract.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN
 from tokenfan.contract.offsets import parse_offset
 from tokenfan.runtime.settings import Settings
-from tokenfan.store import (
-    AcceptOutcome,
-    AcceptResult,
-    EventWrite,
-    Finish,
-    GenerationRecord,
-    WriteItem,
-    WriteOutcome,
-)
-from tokenfan.store.jobs import enqueue_generation, hand_over
+from tokenfan.store import AcceptOutcome, GenerationRecord
 
 if TYPE_CHECKING:
     from api.http.app import Services
@@ -75,11 +59,6 @@ IdempotencyKey = Annotated[
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 409, 413, 422, 429, 503)
 }
-
-
-def _services(request: Request) -> Services:
-    services: Services = request.app.state.services
-    return services
 
 
 def _view(record: GenerationRecord) -> GenerationView:
@@ -115,9 +94,9 @@ async def create_generation(
     idempotency_key: IdempotencyKey = None,
 ) -> GenerationAccepted:
     principal.require_service()
-    services = _services(request)
-    await _check_limits(services, principal.name, body)
-    result = await _accept(services, session_id, body, idempotency_key)
+    services = services_of(request)
+    await check_limits(services, principal.name, body)
+    result = await accept_generation(services, session_id, body, idempotency_key)
     status = GenerationStatus.QUEUED
     if result.outcome is AcceptOutcome.DUPLICATE:
         response.headers["Idempotent-Replayed"] = "true"
@@ -143,42 +122,6 @@ async def create_generation(
     )
 
 
-async def _check_limits(services: Services, key_name: str, body: GenerationRequest) -> None:
-    settings = services.settings
-    wait = await services.store.rate_limit(key_name, settings.rate_limit_per_minute)
-    if wait:
-        raise RateLimited(f"at most {settings.rate_limit_per_minute} generations a minute", retry_after=wait)
-    if len(body.messages) > settings.max_messages:
-        raise PayloadTooLarge(f"at most {settings.max_messages} messages per request")
-    if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
-        raise PayloadTooLarge(f"metadata is limited to {settings.max_metadata_bytes} bytes of JSON")
-
-
-async def _accept(
-    services: Services, session_id: str, body: GenerationRequest, idempotency_key: str | None
-) -> AcceptResult:
-    """Record the generation in its session's queue, making sure the head of the queue has a job."""
-    generation_id = new_generation_id()
-    # The job first: if this process dies right after accepting, the generation still has a job. A job
-    # that finds its generation missing or not yet at the head of its queue does nothing.
-    await enqueue_generation(services.queue, session_id, generation_id)
-    result = await services.store.accept(
-        session_id,
-        generation_id,
-        request=body.model_dump(exclude_none=True, exclude={"policy"}),
-        model=body.model,
-        policy=body.policy,
-        idempotency_key=idempotency_key,
-    )
-    if result.outcome is AcceptOutcome.CONFLICT:
-        raise Conflict(f"session is busy with {result.generation_id} and policy is 'reject'")
-    if result.queue_position == 1:
-        # Again: the early job may have run before the generation existed. For a duplicate, its own
-        # enqueue may be what failed. arq ignores a copy of a job that is still queued or running.
-        await enqueue_generation(services.queue, session_id, result.generation_id)
-    return result
-
-
 def _token(services: Services, session_id: str, minted_by: str) -> tuple[str | None, int | None]:
     if not services.auth.signer:
         return None, None  # development mode without token secrets: nothing to sign with, nothing checked
@@ -195,7 +138,7 @@ def _token(services: Services, session_id: str, minted_by: str) -> tuple[str | N
 )
 async def create_token(session_id: SessionId, request: Request, principal: Caller) -> TokenGrant:
     principal.require_service()
-    token, expires_at = _token(_services(request), session_id, principal.name)
+    token, expires_at = _token(services_of(request), session_id, principal.name)
     if token is None or expires_at is None:
         raise InvalidRequest("tokens are not configured: set TOKENFAN_TOKEN_SECRETS")
     return TokenGrant(session_id=session_id, token=token, expires_at=expires_at)
@@ -203,7 +146,7 @@ async def create_token(session_id: SessionId, request: Request, principal: Calle
 
 @router.get("/v1/generations/{generation_id}", response_model=GenerationView, responses=_ERRORS)
 async def get_generation(generation_id: GenerationId, request: Request, principal: Caller) -> GenerationView:
-    record = await _services(request).store.generation(generation_id)
+    record = await services_of(request).store.generation(generation_id)
     if record is None or not (principal.is_service or principal.session_id == record.session_id):
         # The same answer for another session's generation: a token must not reveal what exists elsewhere.
         raise GenerationNotFound(f"no generation {generation_id} (unknown or expired)")
@@ -223,57 +166,20 @@ async def cancel_generation(
     generation_id: GenerationId, request: Request, response: Response, principal: Caller
 ) -> CancelResult:
     principal.require_service()
-    services = _services(request)
+    services = services_of(request)
     record = await services.store.generation(generation_id)
     if record is None:
         raise GenerationNotFound(f"no generation {generation_id} (unknown or expired)")
-    if record.status.is_terminal:
-        status = "cancelled" if record.status is GenerationStatus.CANCELLED else record.status.value
-        return CancelResult(generation_id=generation_id, status=status, cancelled=False)
-    if record.status is GenerationStatus.QUEUED and await _cancel_queued(services, record):
-        return CancelResult(generation_id=generation_id, status="cancelled", cancelled=True)
-    found = await services.store.request_cancel(record.session_id, generation_id, "requested")
-    if found is not None and found.is_terminal:  # it finished between our read and the request
-        return CancelResult(generation_id=generation_id, status=found.value, cancelled=False)
-    response.status_code = 202
-    return CancelResult(generation_id=generation_id, status="cancelling", cancelled=True)
-
-
-async def _cancel_queued(services: Services, record: GenerationRecord) -> bool:
-    """End a generation that has not started, in one step; False when it started meanwhile."""
-    body = event_body(
-        EventType.GENERATION_CANCELLED,
-        session_id=record.session_id,
-        generation_id=record.generation_id,
-        seq=record.seq + 1,
-        reason="requested",
-        usage=None,
-    )
-    item = WriteItem(
-        record.session_id,
-        record.generation_id,
-        record.attempt,
-        [EventWrite(record.seq + 1, encode_body(body))],
-        Finish(GenerationStatus.CANCELLED),
-    )
-    (result,) = await services.store.write([item])
-    if result.outcome is not WriteOutcome.OK:
-        return False
-    next_id = result.next_generation_id
-    if next_id is not None:
-        await hand_over(
-            services.queue,
-            record.session_id,
-            next_id,
-            lambda: services.store.is_queued(record.session_id, next_id),
-        )
-    return True
+    result = await cancel_record(services, record)
+    if result.status == "cancelling":
+        response.status_code = 202
+    return result
 
 
 @router.get("/v1/sessions/{session_id}", response_model=SessionView, responses=_ERRORS)
 async def get_session(session_id: SessionId, request: Request, principal: Caller) -> SessionView:
     principal.require_session(session_id)
-    snapshot = await _services(request).store.snapshot(session_id)
+    snapshot = await services_of(request).store.snapshot(session_id)
     if snapshot is None:
         raise SessionNotFound(f"no session {session_id} (no generation yet, or expired)")
     return SessionView(
@@ -305,7 +211,7 @@ async def session_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     principal.require_session(session_id)
-    services = _services(request)
+    services = services_of(request)
     address = request.client.host if request.client else "unknown"
     if services.sse_streams[address] >= services.settings.sse_max_streams_per_address:
         raise RateLimited("too many open event streams from your address; close one first", retry_after=5)
@@ -335,7 +241,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz", include_in_schema=False)
 async def readyz(request: Request) -> JSONResponse:
-    await _services(request).store.ping()
+    await services_of(request).store.ping()
     return JSONResponse({"status": "ready"})
 
 

@@ -144,6 +144,10 @@ class ErrorBody(BaseModel):
     code: str
     message: str
     status: int
+    type: str = Field(
+        description="`invalid_request_error`, `requests` (429) or `server_error`, as OpenAI names them."
+    )
+    param: str | None = Field(description="The request member at fault, when one is.")
     details: list[dict[str, Any]] | None = None
 
 

@@ -86,12 +86,18 @@ class Subscriber:
         *,
         max_buffer_bytes: int,
         slow_policy: SlowPolicy,
+        merge: bool = True,
     ) -> None:
         self.bus = bus
         self.session_id = session_id
         self.sink = sink
         self.core = Subscription(position, slow_policy)
         self.max_buffer_bytes = max_buffer_bytes
+        #: False: catch-up sends every entry as its own frame. A sink that numbers what it derives from each
+        #: stored event (the OpenAI front door's sequence numbers) must see the same events live or replayed.
+        self.merge = merge
+        #: Set once the subscription has sent everything the stream held and joined the live feed.
+        self.caught_up = asyncio.Event()
         self.feed: SessionFeed | None = None
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
@@ -152,6 +158,7 @@ class Subscriber:
             if action is Action.JOIN_FEED:
                 assert self.feed is not None
                 self.feed.join(self)
+                self.caught_up.set()
             elif action is Action.LEAVE_FEED:
                 if self.feed is not None:
                     self.feed.leave(self)
@@ -220,7 +227,8 @@ class Subscriber:
                 if core.state is not State.CATCHING_UP:
                     return  # ended while a page was on its way
                 page = await feed.read_page(core.position)
-                for frame in feed.page_frames(core.on_page(page)):
+                fresh = core.on_page(page)
+                for frame in feed.page_frames(fresh) if self.merge else [entry.frame() for entry in fresh]:
                     await self.sink.send(frame)
         self._execute(core.go_live(feed.position))
 

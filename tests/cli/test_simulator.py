@@ -120,11 +120,12 @@ async def stream_all(
     *,
     include_usage: bool = True,
     received: list[ChatCompletionChunk] | None = None,
+    model: str = MODEL,
 ) -> list[ChatCompletionChunk]:
     """Every chunk of one streamed completion; `received` keeps what arrived even if the stream fails."""
     chunks = [] if received is None else received
     stream = await client.chat.completions.create(
-        model=MODEL, messages=messages, stream=True, stream_options={"include_usage": include_usage}
+        model=model, messages=messages, stream=True, stream_options={"include_usage": include_usage}
     )
     async with stream:
         async for chunk in stream:
@@ -436,6 +437,19 @@ async def test_wrong_api_key_is_a_401() -> None:
             with pytest.raises(openai.AuthenticationError):
                 await wrong.models.list()
             assert content(await stream_all(right, chat("hello"))) == expected(chat("hello"), config)
+
+
+async def test_a_simulator_told_its_models_refuses_any_other_as_openai_does() -> None:
+    config = SimulatorConfig(tokens_per_second=0, models=(MODEL, "other-sim"))
+    with serving(config) as url:
+        async with openai_client(url) as client:
+            with pytest.raises(openai.NotFoundError) as failure:
+                await stream_all(client, chat("hello"), model="gpt-nonexistent")
+            assert isinstance(failure.value.body, dict)
+            assert failure.value.body["code"] == "model_not_found"
+            assert "gpt-nonexistent" in failure.value.body["message"]
+            assert [m.id for m in (await client.models.list()).data] == [MODEL, "other-sim"]
+            assert content(await stream_all(client, chat("hello"))) == expected(chat("hello"), config)
 
 
 @pytest.mark.parametrize(

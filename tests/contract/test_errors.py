@@ -14,13 +14,16 @@ from tokenfan.contract.errors import (
     Conflict,
     Forbidden,
     GenerationNotFound,
+    InvalidJson,
     InvalidOffset,
+    InvalidParameter,
     InvalidRequest,
     InvalidSessionId,
     NotFound,
     OffsetGone,
     PayloadTooLarge,
     RateLimited,
+    ResponseNotFound,
     ServerError,
     ServiceUnavailable,
     SessionNotFound,
@@ -28,6 +31,9 @@ from tokenfan.contract.errors import (
     TokenfanError,
     Unauthorized,
     UnknownOffset,
+    UnknownParameter,
+    UnsupportedParameter,
+    error_type,
 )
 
 #: (class, parent, http status, close code or None where the tree shows none, code) as in errors.py.
@@ -35,11 +41,13 @@ ERROR_TABLE: list[tuple[type[TokenfanError], type[Exception], int, int | None, s
     (InvalidRequest, ClientError, 400, 4400, "invalid_request"),
     (InvalidSessionId, InvalidRequest, 400, 4400, "invalid_session_id"),
     (InvalidOffset, InvalidRequest, 400, 4400, "invalid_offset"),
+    (InvalidJson, InvalidRequest, 400, 4400, "invalid_json"),
     (Unauthorized, ClientError, 401, 4401, "unauthorized"),
     (Forbidden, ClientError, 403, 4403, "forbidden"),
     (NotFound, ClientError, 404, 4404, "not_found"),
     (GenerationNotFound, NotFound, 404, None, "generation_not_found"),
     (SessionNotFound, NotFound, 404, None, "session_not_found"),
+    (ResponseNotFound, NotFound, 404, None, "response_not_found"),
     (UnknownOffset, NotFound, 404, 4404, "unknown_offset"),
     (Conflict, ClientError, 409, 4409, "conflict"),
     (OffsetGone, ClientError, 410, 4410, "offset_gone"),
@@ -72,6 +80,37 @@ def test_error_carries_its_wire_consequence(
     assert json.loads(json.dumps(error.to_body())) == error.to_body()
 
 
+#: The errors that name the request member at fault, as OpenAI's errors do: (class, parent, code).
+PARAMETER_ERRORS: list[tuple[type[InvalidParameter], type[Exception], str]] = [
+    (InvalidParameter, InvalidRequest, "invalid_parameter"),
+    (UnknownParameter, InvalidParameter, "unknown_parameter"),
+    (UnsupportedParameter, InvalidParameter, "unsupported_parameter"),
+]
+
+
+@pytest.mark.parametrize(
+    ("cls", "parent", "code"), PARAMETER_ERRORS, ids=[row[0].__name__ for row in PARAMETER_ERRORS]
+)
+def test_parameter_errors_name_the_member_at_fault(
+    cls: type[InvalidParameter], parent: type[Exception], code: str
+) -> None:
+    assert issubclass(cls, parent)
+    error = cls("Invalid 'temperature': above 2.", param="temperature")
+    assert (error.http_status, error.close_code, error.code) == (400, 4400, code)
+    assert error.param == "temperature"
+    assert error.message == "Invalid 'temperature': above 2."
+    assert cls("no member to blame", param=None).param is None
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, "invalid_request_error"), (404, "invalid_request_error"), (429, "requests"), (500, "server_error"),
+     (503, "server_error")],
+)  # fmt: skip
+def test_the_error_type_follows_the_status_as_openai_names_it(status: int, kind: str) -> None:
+    assert error_type(status) == kind
+
+
 def test_error_tree_roots() -> None:
     assert issubclass(ClientError, TokenfanError)
     assert issubclass(ServerError, TokenfanError)
@@ -85,4 +124,6 @@ def test_error_tree_roots() -> None:
 
 def test_error_table_covers_every_exported_error() -> None:
     listed = {row[0].__name__ for row in ERROR_TABLE} | {"TokenfanError", "ClientError", "ServerError"}
-    assert listed == set(errors.__all__)
+    listed |= {row[0].__name__ for row in PARAMETER_ERRORS}
+    exported_errors = {name for name in errors.__all__ if isinstance(getattr(errors, name), type)}
+    assert listed == exported_errors

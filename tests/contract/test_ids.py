@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from tokenfan.contract.ids import (
     GENERATION_ID_PATTERN,
     SESSION_ID_MAX_LENGTH,
+    generation_time_ms,
     is_generation_id,
     is_session_id,
     new_epoch,
@@ -111,3 +112,16 @@ def test_epochs_are_short_lowercase_base36_and_fresh() -> None:
         assert re.fullmatch(EPOCH_PATTERN, epoch)
         assert parse_offset(f"{epoch}:1-0").epoch == epoch
     assert len(set(epochs)) == len(epochs)
+
+
+@given(st.integers(min_value=0, max_value=(1 << 48) - 1))
+def test_a_generation_id_tells_when_it_was_minted(now_ms: int) -> None:
+    assert generation_time_ms(new_generation_id(now_ms)) == now_ms
+
+
+@pytest.mark.parametrize(
+    "value", ["", "gen_", "resp_01M85JSR67842W2YC56KNRN9TW", "gen_01m85jsr67842w2yc56knrn9tw"]
+)
+def test_only_a_generation_id_has_a_mint_time(value: str) -> None:
+    with pytest.raises(ValueError, match="not a generation id"):
+        generation_time_ms(value)

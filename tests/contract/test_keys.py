@@ -42,6 +42,7 @@ def test_session_keys_share_one_hash_tag_and_slot(session_id: str) -> None:
         keys.generation(generation_id),
         keys.generation_text(generation_id),
         keys.generation_reasoning(generation_id),
+        keys.generation_response(generation_id),
         f"{keys.tag}:idem:some-key",
     ]
     assert len(set(names)) == len(names)
@@ -66,7 +67,12 @@ def test_global_names_sit_outside_every_session() -> None:
 def test_keys_of_two_generations_never_collide() -> None:
     keys = SessionKeys("s1")
     first, second = new_generation_id(), new_generation_id()
-    per_generation = [keys.generation, keys.generation_text, keys.generation_reasoning]
+    per_generation = [
+        keys.generation,
+        keys.generation_text,
+        keys.generation_reasoning,
+        keys.generation_response,
+    ]
     names = [name(generation_id) for generation_id in (first, second) for name in per_generation]
     assert len(set(names)) == len(names)
 

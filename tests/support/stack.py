@@ -10,6 +10,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tests.support.requests import SIMULATOR
 from tokenfan.cli.processes import ChildProcess
 
 
@@ -91,9 +92,18 @@ class RunningStack:
 
     def _start_simulator(self, *, keyed: bool) -> str:
         if not keyed:
-            return self.spawn(
-                "simulator", ["--port", "0", "--tokens-per-second", "0", "--reply-tokens", "48"]
-            ).wait_ready()
+            # It serves only the model tests ask for: any other is refused, as a real provider refuses it.
+            args = [
+                "--port",
+                "0",
+                "--tokens-per-second",
+                "0",
+                "--reply-tokens",
+                "48",
+                "--models",
+                SIMULATOR.model,
+            ]
+            return self.spawn("simulator", args).wait_ready()
         with (self.logs / "simulator.log").open("ab") as log:  # the child keeps its own descriptor
             simulator = KeyedSimulator("simulator", env=self.env, stderr=log, name="simulator").start()
         self.children.append(simulator)

@@ -12,6 +12,7 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator
 
 import httpx
+import openai
 import pytest
 from redis.asyncio import Redis
 
@@ -240,6 +241,35 @@ async def test_a_generation_nobody_watches_is_cancelled_when_it_asked_to_be(
         assert asyncio.get_running_loop().time() < deadline, "never cancelled"
         await asyncio.sleep(0.2)  # polling the API for a state change that takes seconds by design
     late = await Watcher(faults.relay_url, session_id).connect()
+    await late.receive_until(finished(generation_id))
+    assert late.frames[-1]["reason"] == "unwatched"
+    await late.close()
+
+
+async def test_an_openai_client_that_leaves_leaves_its_generation_to_the_unwatched_policy(
+    faults: RunningStack, fapi: httpx.AsyncClient
+) -> None:
+    sdk = openai.AsyncOpenAI(base_url=f"{faults.api_url}/v1", api_key="unused", max_retries=0)
+    messages = user_message("walk away from the front door", {"tokens": 5000, "rate": 50})["messages"]
+    raw = await sdk.chat.completions.with_raw_response.create(
+        model="tokenfan-sim",
+        messages=messages,
+        stream=True,
+        extra_body={"cancel_when_unwatched_seconds": 1},
+        extra_headers={"Authorization": openai.omit},  # development mode: no key exists, so send none
+    )
+    generation_id = raw.headers["x-tokenfan-generation"]
+    stream = raw.parse()
+    async for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            break
+    await stream.close()
+    await sdk.close()
+    deadline = asyncio.get_running_loop().time() + 20
+    while (await fapi.get(f"/v1/generations/{generation_id}")).json()["status"] != "cancelled":
+        assert asyncio.get_running_loop().time() < deadline, "never cancelled"
+        await asyncio.sleep(0.2)  # polling the API for a state change that takes seconds by design
+    late = await Watcher(faults.relay_url, raw.headers["x-tokenfan-session"]).connect()
     await late.receive_until(finished(generation_id))
     assert late.frames[-1]["reason"] == "unwatched"
     await late.close()

@@ -274,6 +274,11 @@ async def test_every_endpoint_without_a_credential_is_a_401_with_the_documented_
         ("GET", f"/v1/sessions/{session_id}/events", None),
         ("GET", f"/v1/generations/{generation_id}", None),
         ("POST", f"/v1/generations/{generation_id}/cancel", None),
+        ("POST", "/v1/chat/completions", user_message("hi")),
+        ("GET", f"/v1/chat/completions/chatcmpl-{generation_id[4:]}", None),
+        ("POST", "/v1/responses", {"model": "tokenfan-sim", "input": "hi"}),
+        ("GET", f"/v1/responses/resp_{generation_id[4:]}", None),
+        ("POST", f"/v1/responses/resp_{generation_id[4:]}/cancel", None),
     ]
     for method, path, body in requests:
         response = await anonymous.request(method, path, json=body)
@@ -409,6 +414,41 @@ async def test_a_session_token_watches_its_own_session_and_nothing_else(
     # ...and the generation was not cancelled by the refused request.
     after = await service.get(f"/v1/generations/{generation_a}")
     assert after.json()["status"] == "completed"
+
+
+async def test_the_openai_front_door_creates_with_an_api_key_and_lets_a_token_read_its_session_only(
+    service: httpx.AsyncClient, anonymous: httpx.AsyncClient
+) -> None:
+    session_a, session_b = new_session_id(), new_session_id()
+    created = []
+    for session_id in (session_a, session_b):
+        response = await service.post(
+            "/v1/responses",
+            json={"model": "tokenfan-sim", "input": f"for {session_id}"},
+            headers={"X-Tokenfan-Session": session_id},
+        )
+        assert response.status_code == 200, response.text
+        assert response.json()["status"] == "completed"
+        created.append(response.json())
+    token_a = (await service.post(f"/v1/sessions/{session_a}/tokens")).json()["token"]
+    SEEN_TOKENS.append(token_a)
+    as_a = bearer(token_a)
+    mine = await anonymous.get(f"/v1/responses/{created[0]['id']}", headers=as_a)
+    assert mine.status_code == 200, mine.text
+    assert mine.json()["output"] == created[0]["output"]
+    chat_id = "chatcmpl-" + created[0]["id"].removeprefix("resp_")
+    assert (await anonymous.get(f"/v1/chat/completions/{chat_id}", headers=as_a)).status_code == 200
+    refused = [
+        await anonymous.post("/v1/chat/completions", json=user_message("x"), headers=as_a),
+        await anonymous.post("/v1/responses", json={"model": "tokenfan-sim", "input": "x"}, headers=as_a),
+        await anonymous.post(f"/v1/responses/{created[0]['id']}/cancel", headers=as_a),
+    ]
+    for response in refused:
+        assert_error(response, 403, "forbidden")
+    # Another session's response looks exactly like one that does not exist.
+    assert_error(
+        await anonymous.get(f"/v1/responses/{created[1]['id']}", headers=as_a), 404, "response_not_found"
+    )
 
 
 def _segment(value: dict[str, Any]) -> str:

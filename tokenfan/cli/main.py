@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     _server_flags(simulator, 8002)
     simulator.add_argument("--tokens-per-second", type=float, default=50.0, help="0 = as fast as possible")
     simulator.add_argument("--reply-tokens", type=int, default=48, help="default reply length")
+    simulator.add_argument(
+        "--models", help="comma-separated models to serve; others are refused with 404 (default: any model)"
+    )
 
     alive = commands.add_parser("alive", help="exit 0 while a liveness file is fresh (a probe)")
     alive.add_argument("file", help="the file a worker touches (TOKENFAN_WORKER_ALIVE_FILE)")
@@ -144,7 +147,10 @@ def _worker(args: argparse.Namespace, settings: Settings) -> None:
 def _simulator(args: argparse.Namespace, settings: Settings) -> None:
     from tokenfan.cli.simulator import SimulatorConfig, serve
 
-    config = SimulatorConfig(tokens_per_second=args.tokens_per_second, reply_tokens=args.reply_tokens)
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip()) if args.models else None
+    config = SimulatorConfig(
+        tokens_per_second=args.tokens_per_second, reply_tokens=args.reply_tokens, models=models
+    )
     _run(serve(config, host=args.host, port=args.port, ready_file=args.ready_file))
 
 

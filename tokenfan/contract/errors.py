@@ -6,12 +6,17 @@
     ├── ClientError                     the request was wrong; retrying it unchanged will fail again
     │   ├── InvalidRequest              400  close 4400   invalid_request
     │   │   ├── InvalidSessionId        400  close 4400   invalid_session_id
-    │   │   └── InvalidOffset           400  close 4400   invalid_offset
+    │   │   ├── InvalidOffset           400  close 4400   invalid_offset
+    │   │   ├── InvalidJson             400               invalid_json
+    │   │   └── InvalidParameter        400               invalid_parameter (names its `param`)
+    │   │       ├── UnknownParameter    400               unknown_parameter
+    │   │       └── UnsupportedParameter 400              unsupported_parameter
     │   ├── Unauthorized                401  close 4401   unauthorized
     │   ├── Forbidden                   403  close 4403   forbidden
     │   ├── NotFound                    404  close 4404   not_found
     │   │   ├── GenerationNotFound      404               generation_not_found
     │   │   ├── SessionNotFound         404               session_not_found
+    │   │   ├── ResponseNotFound        404               response_not_found
     │   │   └── UnknownOffset           404  close 4404   unknown_offset
     │   ├── Conflict                    409  close 4409   conflict
     │   ├── OffsetGone                  410  close 4410   offset_gone (rebuild from a snapshot)
@@ -20,6 +25,10 @@
     └── ServerError                     our side or a dependency failed; retrying later may work
         └── ServiceUnavailable          503  close 1013   unavailable (shutting down, overloaded)
             └── StorageUnavailable      503  close 1013   unavailable (Redis unreachable or refusing)
+
+Every HTTP error body also names its `param` (the request member at fault, or null) and a `type` chosen
+by status (`error_type`), which is how OpenAI's SDKs read an error: the OpenAI-compatible front door
+answers in their shape, and so does every other endpoint.
 
 Third-party exceptions are translated at the boundary where they arise and never leak upwards: every
 Redis error leaves the store as `StorageUnavailable`, every upstream error leaves the worker's upstream
@@ -35,13 +44,16 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "GenerationNotFound",
+    "InvalidJson",
     "InvalidOffset",
+    "InvalidParameter",
     "InvalidRequest",
     "InvalidSessionId",
     "NotFound",
     "OffsetGone",
     "PayloadTooLarge",
     "RateLimited",
+    "ResponseNotFound",
     "ServerError",
     "ServiceUnavailable",
     "SessionNotFound",
@@ -49,6 +61,9 @@ __all__ = [
     "TokenfanError",
     "Unauthorized",
     "UnknownOffset",
+    "UnknownParameter",
+    "UnsupportedParameter",
+    "error_type",
 ]
 
 
@@ -86,6 +101,32 @@ class InvalidOffset(InvalidRequest):
     code = "invalid_offset"
 
 
+class InvalidJson(InvalidRequest):
+    code = "invalid_json"
+
+
+class InvalidParameter(InvalidRequest):
+    """One member of the request is wrong; `param` names it (``messages[0].role``), as OpenAI does."""
+
+    code = "invalid_parameter"
+
+    def __init__(self, message: str, *, param: str | None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class UnknownParameter(InvalidParameter):
+    """A member no version of the API knows: a typo must not silently change a request."""
+
+    code = "unknown_parameter"
+
+
+class UnsupportedParameter(InvalidParameter):
+    """A member (or a value of one) that OpenAI knows and tokenfan cannot carry, such as ``n`` above 1."""
+
+    code = "unsupported_parameter"
+
+
 class Unauthorized(ClientError):
     code = "unauthorized"
     http_status = 401
@@ -110,6 +151,10 @@ class GenerationNotFound(NotFound):
 
 class SessionNotFound(NotFound):
     code = "session_not_found"
+
+
+class ResponseNotFound(NotFound):
+    code = "response_not_found"
 
 
 class UnknownOffset(NotFound):
@@ -164,3 +209,12 @@ class StorageUnavailable(ServiceUnavailable):
 
     def __init__(self, message: str = "storage is unreachable; retry shortly") -> None:
         super().__init__(message)
+
+
+def error_type(status: int) -> str:
+    """The ``type`` member of an HTTP error with this status, in OpenAI's vocabulary: what its SDKs expect."""
+    if status >= 500:
+        return "server_error"
+    if status == 429:
+        return "requests"
+    return "invalid_request_error"

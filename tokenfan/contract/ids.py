@@ -14,6 +14,7 @@ __all__ = [
     "GENERATION_ID_PATTERN",
     "SESSION_ID_MAX_LENGTH",
     "SESSION_ID_PATTERN",
+    "generation_time_ms",
     "is_generation_id",
     "is_session_id",
     "new_epoch",
@@ -52,6 +53,17 @@ def new_generation_id(now_ms: int | None = None) -> str:
     """A ULID-shaped id: 48 bits of milliseconds then 80 random bits."""
     ms = int(time.time() * 1000) if now_ms is None else now_ms
     return "gen_" + _crockford(ms & ((1 << 48) - 1), 10) + _crockford(secrets.randbits(80), 16)
+
+
+def generation_time_ms(generation_id: str) -> int:
+    """When a generation id was minted (unix ms): its first 10 characters after ``gen_``. Lets anything made
+    from a generation (an OpenAI ``created`` stamp) carry one fixed time without storing it."""
+    if not is_generation_id(generation_id):
+        raise ValueError(f"not a generation id: {generation_id[:40]!r}")
+    number = 0
+    for char in generation_id[4:14]:
+        number = number * 32 + _CROCKFORD.index(char)
+    return number
 
 
 def new_epoch() -> str:

@@ -19,6 +19,8 @@ key                                     type     holds
 ``tf:{S}:gen:G``                        hash     generation G's record (fields in `GenerationField`)
 ``tf:{S}:gen:G:text``                   string   G's text so far (APPENDed with each delta)
 ``tf:{S}:gen:G:reasoning``              string   G's reasoning so far
+``tf:{S}:gen:G:response``               string   when G was made through ``POST /v1/responses``: the
+                                                 request members its Response object echoes (JSON)
 ``tf:{S}:watchers``                     zset     processes with subscribers of S, scored by when that
                                                  claim expires (ms): who is watching, for auto-cancel
 ``tf:{S}:live``                         channel  pub/sub: each appended entry, for relays
@@ -133,3 +135,7 @@ class SessionKeys:
         """Where an Idempotency-Key's generation is remembered. The session's tag comes first, so braces
         in a client's key cannot move it to another slot."""
         return f"{self.tag}:idem:{idempotency_key}"
+
+    def generation_response(self, generation_id: str) -> str:
+        """The OpenAI Responses request a generation was made from (``tokenfan.store.front_door``)."""
+        return f"{self.tag}:gen:{generation_id}:response"

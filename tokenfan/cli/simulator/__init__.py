@@ -30,7 +30,8 @@ from our API through the worker, which is what lets tests inject faults end to e
 ``finish_reason``   override the final finish_reason
 ==================  ==================================================================================
 
-Unknown options are a 400. ``max_completion_tokens``/``max_tokens`` cap reasoning + content (finish
+Unknown options are a 400. Started with ``--models a,b`` (`SimulatorConfig.models`), it refuses any other model
+with 404 ``model_not_found``, as OpenAI does. ``max_completion_tokens``/``max_tokens`` cap reasoning + content (finish
 reason ``length``). ``drop_after``/``stall_after``/``error_after``, ``usage`` and ``empty_deltas`` shape
 streams only; a non-streaming request ignores them.
 """

@@ -23,6 +23,9 @@ class SimulatorConfig:
     reply_tokens: int = 48
     api_key: str | None = None  # when set, requests must carry "Authorization: Bearer <key>"
     model: str = "tokenfan-sim"
+    #: When set, a request for any other model is refused with 404 ``model_not_found``, as OpenAI refuses
+    #: one; None answers every model.
+    models: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True)

@@ -112,11 +112,13 @@ class _EventStream(StreamingResponse):
         return "completed" if frame == _DONE_FRAME else "aborted"
 
 
-def _error(status: int, message: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, headers: Mapping[str, str] | None = None, *, code: str | None = None
+) -> JSONResponse:
     """An error in OpenAI's format, which the openai client maps to its exception classes by status."""
     known = {401: ("invalid_request_error", "invalid_api_key"), 429: ("requests", "rate_limit_exceeded")}
-    kind, code = known.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
-    body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    kind, known_code = known.get(status, ("server_error" if status >= 500 else "invalid_request_error", None))
+    body = {"error": {"message": message, "type": kind, "param": None, "code": code or known_code}}
     return JSONResponse(body, status_code=status, headers=headers)
 
 
@@ -149,6 +151,9 @@ class _Simulator:
             directive = self._armed(parse_directive(body))
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors too
             return _error(400, str(exc))
+        if self.config.models is not None and body["model"] not in self.config.models:
+            message = f"The model `{body['model']}` does not exist or you do not have access to it."
+            return _error(404, message, code="model_not_found")
         if directive.status is not None:
             retry = {} if directive.retry_after is None else {"retry-after": f"{directive.retry_after:g}"}
             return _error(directive.status, f"simulated HTTP {directive.status}", retry)
@@ -163,8 +168,9 @@ class _Simulator:
     async def models(self, request: Request) -> Response:
         if denied := self._unauthorized(request):
             return denied
-        model = {"id": self.config.model, "object": "model", "created": 0, "owned_by": "tokenfan"}
-        return JSONResponse({"object": "list", "data": [model]})
+        names = self.config.models if self.config.models is not None else (self.config.model,)
+        models = [{"id": name, "object": "model", "created": 0, "owned_by": "tokenfan"} for name in names]
+        return JSONResponse({"object": "list", "data": models})
 
     async def healthz(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})

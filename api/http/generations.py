@@ -1,0 +1,126 @@
+"""What every way into tokenfan shares: accepting a generation under the caller's limits, and cancelling one.
+
+The native route (``POST /v1/sessions/{id}/generations``) and the OpenAI-compatible front door
+(``/v1/chat/completions``, ``/v1/responses``) both end here, so a generation is queued, limited and
+cancelled the same way whichever door it came through.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import TYPE_CHECKING
+
+from fastapi import Request
+
+from api.http.schemas import CancelResult, GenerationRequest
+from tokenfan.contract.errors import Conflict, PayloadTooLarge, RateLimited
+from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
+from tokenfan.contract.ids import new_generation_id
+from tokenfan.store import (
+    AcceptOutcome,
+    AcceptResult,
+    EventWrite,
+    Finish,
+    GenerationRecord,
+    WriteItem,
+    WriteOutcome,
+)
+from tokenfan.store.jobs import enqueue_generation, hand_over
+
+if TYPE_CHECKING:
+    from api.http.app import Services
+
+__all__ = ["accept_generation", "cancel_record", "check_limits", "services_of"]
+
+
+def services_of(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+async def check_limits(services: Services, key_name: str, body: GenerationRequest) -> None:
+    """Raise `RateLimited` or `PayloadTooLarge` when this caller or this body is over its limit."""
+    settings = services.settings
+    wait = await services.store.rate_limit(key_name, settings.rate_limit_per_minute)
+    if wait:
+        raise RateLimited(f"at most {settings.rate_limit_per_minute} generations a minute", retry_after=wait)
+    if len(body.messages) > settings.max_messages:
+        raise PayloadTooLarge(f"at most {settings.max_messages} messages per request")
+    if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
+        raise PayloadTooLarge(f"metadata is limited to {settings.max_metadata_bytes} bytes of JSON")
+
+
+async def accept_generation(
+    services: Services,
+    session_id: str,
+    body: GenerationRequest,
+    idempotency_key: str | None,
+    generation_id: str | None = None,
+) -> AcceptResult:
+    """Record the generation in its session's queue, making sure the head of the queue has a job. Raises
+    `Conflict` when the session is busy and the policy is ``reject``."""
+    generation_id = generation_id or new_generation_id()
+    # The job first: if this process dies right after accepting, the generation still has a job. A job
+    # that finds its generation missing or not yet at the head of its queue does nothing.
+    await enqueue_generation(services.queue, session_id, generation_id)
+    result = await services.store.accept(
+        session_id,
+        generation_id,
+        request=body.model_dump(exclude_none=True, exclude={"policy"}),
+        model=body.model,
+        policy=body.policy,
+        idempotency_key=idempotency_key,
+    )
+    if result.outcome is AcceptOutcome.CONFLICT:
+        raise Conflict(f"session is busy with {result.generation_id} and policy is 'reject'")
+    if result.queue_position == 1:
+        # Again: the early job may have run before the generation existed. For a duplicate, its own
+        # enqueue may be what failed. arq ignores a copy of a job that is still queued or running.
+        await enqueue_generation(services.queue, session_id, result.generation_id)
+    return result
+
+
+async def cancel_record(services: Services, record: GenerationRecord) -> CancelResult:
+    """Cancel a queued generation at once, or ask the worker running it to stop (status ``cancelling``); a
+    finished one is left as it is (``cancelled`` false)."""
+    generation_id = record.generation_id
+    if record.status.is_terminal:
+        status = "cancelled" if record.status is GenerationStatus.CANCELLED else record.status.value
+        return CancelResult(generation_id=generation_id, status=status, cancelled=False)
+    if record.status is GenerationStatus.QUEUED and await _cancel_queued(services, record):
+        return CancelResult(generation_id=generation_id, status="cancelled", cancelled=True)
+    found = await services.store.request_cancel(record.session_id, generation_id, "requested")
+    if found is not None and found.is_terminal:  # it finished between our read and the request
+        return CancelResult(generation_id=generation_id, status=found.value, cancelled=False)
+    return CancelResult(generation_id=generation_id, status="cancelling", cancelled=True)
+
+
+async def _cancel_queued(services: Services, record: GenerationRecord) -> bool:
+    """End a generation that has not started, in one step; False when it started meanwhile."""
+    body = event_body(
+        EventType.GENERATION_CANCELLED,
+        session_id=record.session_id,
+        generation_id=record.generation_id,
+        seq=record.seq + 1,
+        reason="requested",
+        usage=None,
+    )
+    item = WriteItem(
+        record.session_id,
+        record.generation_id,
+        record.attempt,
+        [EventWrite(record.seq + 1, encode_body(body))],
+        Finish(GenerationStatus.CANCELLED),
+    )
+    (result,) = await services.store.write([item])
+    if result.outcome is not WriteOutcome.OK:
+        return False
+    next_id = result.next_generation_id
+    if next_id is not None:
+        await hand_over(
+            services.queue,
+            record.session_id,
+            next_id,
+            lambda: services.store.is_queued(record.session_id, next_id),
+        )
+    return True

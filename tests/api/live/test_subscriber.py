@@ -1,0 +1,93 @@
+"""The subscriber driver over a real Valkey and a real live tail: catch-up merges a backlog unless told not to,
+and a subscriber says when it has caught up and joined the feed."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from redis.asyncio import Redis
+
+from api.live.feed import LiveBus
+from api.live.frames import FrameBatch
+from api.live.subscriber import Subscriber
+from tests.support.requests import new_session_id
+from tokenfan.contract.events import EventType, encode_body, event_body
+from tokenfan.contract.ids import new_generation_id
+from tokenfan.contract.offsets import StreamId
+from tokenfan.store import EventWrite, Store, WriteItem
+from tokenfan.store.tail import LiveTail
+
+
+class RecordingSink:
+    """Records what a subscriber hands over: catch-up frames, and live batches entry by entry."""
+
+    def __init__(self) -> None:
+        self.frames: list[dict[str, Any]] = []
+        self.live_entries = 0
+        self.arrived = asyncio.Event()
+
+    def deliver(self, batch: FrameBatch) -> None:
+        self.live_entries += len(batch.entries)
+        self.frames += [json.loads(entry.frame()) for entry in batch.entries]
+        self.arrived.set()
+
+    async def send(self, frame: bytes) -> None:
+        self.frames.append(json.loads(frame))
+
+    def buffered(self) -> int:
+        return 0
+
+    async def drained(self) -> None:
+        return None
+
+    def end(self, code: int, reason: str) -> None:
+        raise AssertionError(f"the subscription ended: {code} {reason}")
+
+
+@pytest.fixture
+async def bus(redis: Redis) -> AsyncIterator[LiveBus]:
+    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    bus = LiveBus(store, LiveTail(store.topology))
+    bus.start()
+    yield bus
+    await bus.close()
+    await store.topology.close()
+
+
+async def write_deltas(store: Store, session_id: str, generation_id: str, attempt: int, seqs: range) -> None:
+    for seq in seqs:  # one write each: one stream entry each
+        body = event_body(
+            EventType.DELTA, session_id=session_id, generation_id=generation_id, seq=seq, content="x"
+        )
+        await store.write(
+            [WriteItem(session_id, generation_id, attempt, [EventWrite(seq, encode_body(body), "x")])]
+        )
+
+
+@pytest.mark.parametrize("merge", [True, False])
+async def test_catch_up_merges_a_backlog_only_when_allowed_then_goes_live(bus: LiveBus, merge: bool) -> None:
+    store, session_id, generation_id = bus.store, new_session_id(), new_generation_id()
+    await store.accept(session_id, generation_id, request={"model": "m", "messages": []}, model="m")
+    attempt = (await store.start(session_id, generation_id)).attempt
+    await write_deltas(store, session_id, generation_id, attempt, range(1, 6))
+    sink = RecordingSink()
+    subscriber = Subscriber(
+        bus, session_id, StreamId.ZERO, sink, max_buffer_bytes=1 << 20, slow_policy="close", merge=merge
+    )
+    subscriber.start()
+    try:
+        async with asyncio.timeout(10):
+            await subscriber.caught_up.wait()
+        caught_up = [(frame.get("seq_start", frame["seq"]), frame["seq"]) for frame in sink.frames]
+        assert caught_up == ([(1, 5)] if merge else [(n, n) for n in range(1, 6)])
+        await write_deltas(store, session_id, generation_id, attempt, range(6, 7))
+        async with asyncio.timeout(10):
+            await sink.arrived.wait()
+        assert sink.live_entries == 1
+        assert sink.frames[-1]["seq"] == 6
+    finally:
+        await subscriber.stop()
