@@ -273,3 +273,54 @@ def test_number_like_text_either_parses_or_raises_settings_error(name: str, raw:
     else:
         return
     assert name in message
+
+
+def test_a_secret_may_come_from_the_file_its_variable_names_with_file(tmp_path: Path) -> None:
+    keys = tmp_path / "api_keys"
+    keys.write_text("ops:0123456789abcdef0123\n")
+    settings = Settings.from_env({"TOKENFAN_API_KEYS_FILE": str(keys), "REDIS_URL_FILE": str(keys)})
+    assert settings.api_keys == Secret("ops:0123456789abcdef0123")  # without the trailing newline
+    assert settings.redis_url == Secret("ops:0123456789abcdef0123")
+    direct = Settings.from_env(
+        {"TOKENFAN_API_KEYS": "app:fedcba9876543210fedc", "TOKENFAN_API_KEYS_FILE": str(keys)}
+    )
+    assert direct.api_keys == Secret("app:fedcba9876543210fedc")  # the variable itself wins
+
+
+def test_a_missing_secret_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"^TOKENFAN_TOKEN_SECRETS_FILE=.*No such file"):
+        Settings.from_env({"TOKENFAN_TOKEN_SECRETS_FILE": str(tmp_path / "absent")})
+
+
+def test_only_secrets_come_from_files(tmp_path: Path) -> None:
+    level = tmp_path / "level"
+    level.write_text("debug")
+    assert Settings.from_env({"TOKENFAN_LOG_LEVEL_FILE": str(level)}).log_level == "info"
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"TOKENFAN_REDIS_CLUSTER": "true"}, "needs TOKENFAN_QUEUE_REDIS_URL"),
+        ({"REDIS_URL": "redis://a:1,redis://b:2"}, "set TOKENFAN_REDIS_CLUSTER=true"),
+        (
+            {"TOKENFAN_REDIS_CLUSTER": "true", "TOKENFAN_QUEUE_REDIS_URL": "redis://a:1,redis://b:2"},
+            "one plain Redis",
+        ),
+    ],
+)
+def test_a_cluster_configuration_that_cannot_work_is_refused(environ: dict[str, str], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_env(environ)
+
+
+def test_the_queue_lives_on_redis_url_unless_named() -> None:
+    assert Settings.from_env({"REDIS_URL": "redis://one:6379/0"}).queue_url == "redis://one:6379/0"
+    cluster = Settings.from_env(
+        {
+            "REDIS_URL": "redis://a:1,redis://b:2",
+            "TOKENFAN_REDIS_CLUSTER": "true",
+            "TOKENFAN_QUEUE_REDIS_URL": "redis://q:6379/0",
+        }
+    )
+    assert cluster.queue_url == "redis://q:6379/0"

@@ -73,6 +73,9 @@ def _parser() -> argparse.ArgumentParser:
         "--models", help="comma-separated models to serve; others are refused with 404 (default: any model)"
     )
 
+    secrets = commands.add_parser("secrets", help="make a deployment's API key and token secret files once")
+    secrets.add_argument("directory", help="where to keep api_keys and token_secrets")
+
     alive = commands.add_parser("alive", help="exit 0 while a liveness file is fresh (a probe)")
     alive.add_argument("file", help="the file a worker touches (TOKENFAN_WORKER_ALIVE_FILE)")
     alive.add_argument("--within", type=float, default=30.0, help="seconds it may be old (default: 30)")
@@ -172,6 +175,19 @@ def _alive(args: argparse.Namespace, settings: Settings) -> None:
         raise SystemExit(1)
 
 
+def _secrets(args: argparse.Namespace, settings: Settings) -> None:
+    from pathlib import Path
+
+    from tokenfan.cli.secrets import ensure_secrets
+
+    directory = Path(args.directory)
+    key = ensure_secrets(directory)
+    if key is None:
+        print(f"tokenfan secrets: {directory} already holds them; nothing changed", file=sys.stderr)
+        return
+    print(f"API key (shown once; also in {directory / 'api_keys'}): {key}")
+
+
 def _up(args: argparse.Namespace, settings: Settings) -> None:
     from tokenfan.cli.up import Stack
 
@@ -186,6 +202,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], None]] = {
     "simulator": _simulator,
     "watch": _watch,
     "alive": _alive,
+    "secrets": _secrets,
     "up": _up,
 }
 

@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal, get_args, get_type_hints
 
 __all__ = ["Secret", "Settings", "SettingsError", "settings_table", "with_settings_table"]
@@ -319,6 +320,8 @@ class Settings:
         for spec in dataclasses.fields(cls):
             name = spec.metadata["env"]
             raw = source.get(name)
+            if (raw is None or raw == "") and _is_secret(hints[spec.name]):
+                raw = _read_secret_file(name, source.get(f"{name}_FILE"))
             if raw is not None and raw != "":
                 values[spec.name] = _parse(name, raw, hints[spec.name])
         values.update({key: value for key, value in overrides.items() if value is not None})
@@ -380,6 +383,21 @@ class Settings:
             )
         if self.queue_redis_url is not None and "," in self.queue_redis_url.reveal():
             raise SettingsError("TOKENFAN_QUEUE_REDIS_URL names one plain Redis, not several nodes")
+
+
+def _is_secret(hint: Any) -> bool:
+    return hint is Secret or Secret in get_args(hint)
+
+
+def _read_secret_file(name: str, path: str | None) -> str | None:
+    """A secret may come from a file named by ``<VARIABLE>_FILE`` (Docker and Kubernetes mount secrets as
+    files): its content, without the trailing newline, unless the variable itself is set."""
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise SettingsError(f"{name}_FILE={path}: {exc.strerror or exc}") from None
 
 
 def _env_name(field_name: str) -> str:

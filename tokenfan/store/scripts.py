@@ -11,12 +11,12 @@ channel is a KEY of the write script too: the SPUBLISH documentation says a shar
 slot by the same algorithm as a key, and must be published on the node owning that slot; a script is
 checked likewise (on Valkey 9, a script whose SPUBLISH channel lies in another slot than its keys fails
 with "Script attempted to access keys that do not hash to the same slot"). So the channel is declared like
-a key, ready for the day the live channel becomes a sharded one (today it is published with PUBLISH, which
-a cluster broadcasts to every node). The global cancellation channel is a classic channel, bound to no
-slot, and stays in ARGV.
+a key: the write script publishes with SPUBLISH, so a token goes only to the node owning its session. The
+global cancellation channel is a classic channel, bound to no slot (a cluster hands it to every node: rare
+messages), and stays in ARGV.
 
-The files carry no ``#!lua`` line. With one, a cluster node would refuse cross-slot access by itself, but
-Redis 6.2, which tokenfan supports (docs/OPERATIONS.md), fails to compile such a script.
+The files carry no ``#!lua`` line: its flags would add nothing the KEYS discipline does not already give,
+and the check above covers what a cluster node cannot see.
 """
 
 from __future__ import annotations
