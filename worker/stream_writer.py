@@ -173,7 +173,8 @@ class GenerationStream:
                         **fields,
                     )
                 )
-            events.append(EventWrite(self.next_seq, body, event.text, event.reasoning))
+            restarts = 1 if event.type is EventType.GENERATION_RESTARTED else 0
+            events.append(EventWrite(self.next_seq, body, event.text, event.reasoning, restarts))
             self.next_seq += 1
         if finish is not None:
             self._finish_sent = True

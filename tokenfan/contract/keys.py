@@ -17,8 +17,9 @@ key                                     type     holds
                                                  the head is the one running or about to run
 ``tf:{S}:generations``                  list     every retained generation id of the session, in order
 ``tf:{S}:gen:G``                        hash     generation G's record (fields in `GenerationField`)
-``tf:{S}:gen:G:text``                   string   G's text so far (APPENDed with each delta)
-``tf:{S}:gen:G:reasoning``              string   G's reasoning so far
+``tf:{S}:gen:G:text``                   string   G's text so far (APPENDed with each delta; cleared
+                                                 when a new attempt restarts G)
+``tf:{S}:gen:G:reasoning``              string   G's reasoning so far (likewise)
 ``tf:{S}:watchers``                     zset     processes with subscribers of S, scored by when that
                                                  claim expires (ms): who is watching, for auto-cancel
 ``tf:{S}:live``                         channel  pub/sub: each appended entry, for relays
@@ -102,7 +103,7 @@ class GenerationField(StrEnum):
     FIRST_OFFSET = "first_offset"
     LAST_OFFSET = "last_offset"
     CANCEL_REQUESTED = "cancel_requested"
-    TOOL_CALLS = "tool_calls"  # JSON list of {index, id, name, arguments} so far
+    TOOL_CALLS = "tool_calls"  # JSON list of {index, id, name, arguments} so far (of the current attempt)
 
 
 class SessionKeys:
