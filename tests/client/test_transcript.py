@@ -177,12 +177,15 @@ def test_completion_catches_text_the_stream_never_delivered() -> None:
 
 def test_restarted_discards_the_output_so_far() -> None:
     f = Frames()
+    sources = {"type": "x.sources", "items": ["doc"]}
     frames = [
         f.frame(EventType.GENERATION_STARTED, attempt=1),
+        {**f.frame(EventType.DELTA), **sources},  # a hook's event: the new attempt's hooks send it again
         f.frame(EventType.DELTA, content="half an ans", reasoning="r1"),
         f.frame(EventType.DELTA, tool_calls=[{"index": 0, "id": "c1", "name": "f", "arguments": "{"}]),
         f.frame(EventType.GENERATION_RESTARTED, attempt=2),
         f.frame(EventType.GENERATION_STARTED, attempt=2),
+        {**f.frame(EventType.DELTA), **sources},
         f.frame(EventType.DELTA, content="the whole answer"),
         f.completed("the whole answer"),
     ]
@@ -191,6 +194,7 @@ def test_restarted_discards_the_output_so_far() -> None:
     assert generation.text == "the whole answer"
     assert generation.reasoning_text == ""
     assert generation.tool_calls == {}
+    assert [event["items"] for event in generation.other_events] == [["doc"]]
     assert generation.restarts == 1
     assert generation.attempt == 2
     assert generation.status is GenerationStatus.COMPLETED

@@ -3,7 +3,8 @@
 `Transcript.apply` folds frames in the order received into one `GenerationTranscript` per generation and
 refuses (`TranscriptError`) anything a correct stream never produces: an offset that does not follow the
 previous one, a seq that skips or repeats, or a completed generation whose length or SHA-256 differs from
-the text assembled. A ``generation.restarted`` frame discards what that generation had produced so far.
+the text assembled. A ``generation.restarted`` frame discards what that generation had produced so far,
+custom (``x.*``) events included: the new attempt's hooks emit them again.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class GenerationTranscript:
         self.content.clear()
         self.reasoning.clear()
         self.tool_calls.clear()
+        self.other_events.clear()  # the new attempt's hooks send their events again
 
 
 class Transcript:
