@@ -77,6 +77,10 @@ def _failed(failure: FailureType, message: str) -> Outcome:
     return Outcome(GenerationStatus.FAILED, error={"type": failure.value, "message": message})
 
 
+def _cancelled(stream: GenerationStream) -> Outcome:
+    return Outcome(GenerationStatus.CANCELLED, extra={"reason": stream.cancel_requested or "requested"})
+
+
 async def _nothing(generation_id: str) -> None:
     return None
 
@@ -156,19 +160,17 @@ class GenerationJob:
         if start.cancel_requested:  # cancelled (or interrupted) while it waited in the queue
             return Outcome(GenerationStatus.CANCELLED, extra={"reason": start.cancel_requested})
         stream.unwatched_limit = request.get("cancel_when_unwatched_seconds")
-        try:
-            await self.hooks.on_start(context)
-        except Exception as exc:
-            log.exception("hook_failed", hook="on_start")
-            return _failed(FailureType.INTERNAL, f"worker hook on_start failed ({type(exc).__name__})")
-        return await self._attempt(stream, request)
+        return await self._attempt(stream, request, context)
 
-    async def _attempt(self, stream: GenerationStream, request: dict[str, Any]) -> Outcome:
-        consume = asyncio.create_task(self._consume(stream, request))
-        stream.on_cancel = consume.cancel
+    async def _attempt(
+        self, stream: GenerationStream, request: dict[str, Any], context: HookContext
+    ) -> Outcome:
+        work = asyncio.create_task(self._work(stream, request, context))
+        # A cancellation heard before this point (while the started event was written) acts at once.
+        stream.cancel_with(work.cancel)
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                return await consume
+                return await work
         except TimeoutError:
             return _failed(FailureType.TIMEOUT, f"ran longer than {self.timeout_seconds:.0f}s")
         except asyncio.CancelledError:
@@ -177,14 +179,23 @@ class GenerationJob:
                 raise  # we are being cancelled ourselves, not just the upstream read
             stream._check()  # a writer failure or fencing surfaces here
             log.info("generation_cancelled", reason=stream.cancel_requested)
-            return Outcome(
-                GenerationStatus.CANCELLED, extra={"reason": stream.cancel_requested or "requested"}
-            )
+            return _cancelled(stream)
         except Exception as exc:  # a bug: report it on the stream instead of leaving it hanging
             if isinstance(exc, Fenced | ServiceUnavailable):
                 raise
             log.exception("generation_crashed")
             return _failed(FailureType.INTERNAL, f"internal error ({type(exc).__name__})")
+
+    async def _work(self, stream: GenerationStream, request: dict[str, Any], context: HookContext) -> Outcome:
+        """The hook's ``on_start``, then the upstream: one task, so that a cancellation stops either."""
+        try:
+            await self.hooks.on_start(context)
+        except Exception as exc:
+            log.exception("hook_failed", hook="on_start")
+            return _failed(FailureType.INTERNAL, f"worker hook on_start failed ({type(exc).__name__})")
+        if stream.cancel_requested:  # a hook that swallowed its cancellation must not start the upstream
+            return _cancelled(stream)
+        return await self._consume(stream, request)
 
     async def _consume(self, stream: GenerationStream, request: dict[str, Any]) -> Outcome:
         retries = 0

@@ -8,7 +8,8 @@
 ``ctx.emit("sources", items=[...])`` appends an event of type ``x.sources`` to the generation, in order with
 its other events, so every subscriber sees it where it belongs. ``ctx.request`` is the accepted request
 (with its ``metadata``). A hook that raises fails the generation with ``internal_error``; one that
-emits a malformed event is told so at once.
+emits a malformed event is told so at once. A cancellation arriving while ``on_start`` runs cancels it
+(``asyncio.CancelledError``): the generation then ends cancelled, and the upstream is never called.
 """
 
 from __future__ import annotations

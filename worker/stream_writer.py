@@ -127,6 +127,14 @@ class GenerationStream:
             if self.on_cancel is not None:
                 self.on_cancel()
 
+    def cancel_with(self, cancel: Callable[[], object]) -> None:
+        """What stops this attempt's work from now on. A cancellation, fencing or writer failure that came
+        before it was set is acted on at once: only the first request is recorded, so nothing else would
+        ever look at it again."""
+        self.on_cancel = cancel
+        if self.cancel_requested or self.fenced or self._error is not None:
+            cancel()
+
     def text(self) -> str:
         return "".join(self.text_parts)
 
