@@ -32,6 +32,7 @@ from api.http.sse import event_stream
 from tokenfan.contract.errors import (
     Conflict,
     GenerationNotFound,
+    IdempotencyKeyReused,
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
@@ -68,7 +69,8 @@ IdempotencyKey = Annotated[
     Header(
         alias="Idempotency-Key",
         pattern=r"^[A-Za-z0-9._:-]{1,128}$",
-        description="Retrying a POST with the same key returns the first generation instead of a second.",
+        description="Retrying a POST with the same key returns the first generation instead of a second; "
+        "the same key with another request is refused (422 idempotency_key_reused).",
     ),
 ]
 
@@ -116,8 +118,12 @@ async def create_generation(
 ) -> GenerationAccepted:
     principal.require_service()
     services = _services(request)
-    await _check_limits(services, principal.name, body)
-    result = await _accept(services, session_id, body, idempotency_key)
+    _check_sizes(services.settings, body)
+    # A request seen before under its Idempotency-Key is answered before anything is taken or queued for it.
+    result = await _replayed(services, session_id, body, idempotency_key)
+    if result is None:
+        await _check_rate(services, principal.name)
+        result = await _accept(services, session_id, body, idempotency_key)
     status = GenerationStatus.QUEUED
     if result.outcome is AcceptOutcome.DUPLICATE:
         response.headers["Idempotent-Replayed"] = "true"
@@ -143,15 +149,45 @@ async def create_generation(
     )
 
 
-async def _check_limits(services: Services, key_name: str, body: GenerationRequest) -> None:
-    settings = services.settings
-    wait = await services.store.rate_limit(key_name, settings.rate_limit_per_minute)
-    if wait:
-        raise RateLimited(f"at most {settings.rate_limit_per_minute} generations a minute", retry_after=wait)
+def _check_sizes(settings: Settings, body: GenerationRequest) -> None:
+    """Limits on what one request may carry. Checked first: a refused request takes nothing."""
     if len(body.messages) > settings.max_messages:
         raise PayloadTooLarge(f"at most {settings.max_messages} messages per request")
     if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise PayloadTooLarge(f"metadata is limited to {settings.max_metadata_bytes} bytes of JSON")
+
+
+async def _check_rate(services: Services, key_name: str) -> None:
+    limit = services.settings.rate_limit_per_minute
+    wait = await services.store.rate_limit(key_name, limit)
+    if wait:
+        raise RateLimited(f"at most {limit} generations a minute", retry_after=wait)
+
+
+def _stored_request(body: GenerationRequest) -> dict[str, Any]:
+    """The request as the worker reads it (the policy is the API's alone)."""
+    return body.model_dump(exclude_none=True, exclude={"policy"})
+
+
+async def _replayed(
+    services: Services, session_id: str, body: GenerationRequest, idempotency_key: str | None
+) -> AcceptResult | None:
+    """The answer to a request its Idempotency-Key has seen before; None for a new key (or none)."""
+    if idempotency_key is None:
+        return None
+    result = await services.store.replay(
+        session_id, idempotency_key, request=_stored_request(body), policy=body.policy
+    )
+    if result is not None and result.outcome is AcceptOutcome.REUSED:
+        raise _reused(idempotency_key, result.generation_id)
+    return result
+
+
+def _reused(idempotency_key: str, generation_id: str) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"Idempotency-Key {idempotency_key!r} was first sent with another request (it created "
+        f"{generation_id}); use a new key for a new request"
+    )
 
 
 async def _accept(
@@ -165,16 +201,19 @@ async def _accept(
     result = await services.store.accept(
         session_id,
         generation_id,
-        request=body.model_dump(exclude_none=True, exclude={"policy"}),
+        request=_stored_request(body),
         model=body.model,
         policy=body.policy,
         idempotency_key=idempotency_key,
     )
     if result.outcome is AcceptOutcome.CONFLICT:
         raise Conflict(f"session is busy with {result.generation_id} and policy is 'reject'")
+    if result.outcome is AcceptOutcome.REUSED:  # a concurrent request with the key won the race
+        raise _reused(str(idempotency_key), result.generation_id)
     if result.queue_position == 1:
-        # Again: the early job may have run before the generation existed. For a duplicate, its own
-        # enqueue may be what failed. arq ignores a copy of a job that is still queued or running.
+        # Again: the early job may have run before the generation existed. For a duplicate (the same key
+        # sent twice at once), the other request's enqueue may be what failed. arq ignores a copy of a job
+        # that is still queued or running.
         await enqueue_generation(services.queue, session_id, result.generation_id)
     return result
 

@@ -14,6 +14,7 @@
     │   │   ├── SessionNotFound         404               session_not_found
     │   │   └── UnknownOffset           404  close 4404   unknown_offset
     │   ├── Conflict                    409  close 4409   conflict
+    │   ├── IdempotencyKeyReused        422               idempotency_key_reused (another request, one key)
     │   ├── OffsetGone                  410  close 4410   offset_gone (rebuild from a snapshot)
     │   ├── PayloadTooLarge             413  close 1009   payload_too_large
     │   └── RateLimited                 429  close 4429   rate_limited
@@ -35,6 +36,7 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "GenerationNotFound",
+    "IdempotencyKeyReused",
     "InvalidOffset",
     "InvalidRequest",
     "InvalidSessionId",
@@ -120,6 +122,14 @@ class Conflict(ClientError):
     code = "conflict"
     http_status = 409
     close_code = 4409
+
+
+class IdempotencyKeyReused(ClientError):
+    """An ``Idempotency-Key`` came back with another request than the one it was first given: answering
+    with the first generation would pass it off as this request's."""
+
+    code = "idempotency_key_reused"
+    http_status = 422
 
 
 class OffsetGone(ClientError):

@@ -23,7 +23,8 @@ key                                     type     holds
 ``tf:{S}:watchers``                     zset     processes with subscribers of S, scored by when that
                                                  claim expires (ms): who is watching, for auto-cancel
 ``tf:{S}:live``                         channel  pub/sub: each appended entry, for relays
-``tf:{S}:idem:K``                       string   the generation accepted with Idempotency-Key K
+``tf:{S}:idem:K``                       string   ``<generation id> <digest>``: the generation accepted with
+                                                 Idempotency-Key K, and the digest of its request
 ======================================  =======  ====================================================
 
 Global (no hash tag: each name lands in a slot of its own):

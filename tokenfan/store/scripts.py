@@ -45,6 +45,7 @@ SOURCES: dict[str, str] = {
     "position": _COMMON + _read("position"),
     "rate": _read("rate"),
     "read": _read("read"),
+    "replay": _COMMON + _read("replay"),
     "snapshot": _COMMON + _read("snapshot"),
     "start": _read("start"),
     "write": _COMMON + lua_prelude() + _read("write"),
@@ -55,7 +56,18 @@ class Scripts:
     """The scripts, registered on one client. Registering sends nothing: a call goes out as EVALSHA, and
     redis-py loads the script on the one reply that says Redis does not hold it."""
 
-    __slots__ = ("accept", "cancel", "lease", "position", "rate", "read", "snapshot", "start", "write")
+    __slots__ = (
+        "accept",
+        "cancel",
+        "lease",
+        "position",
+        "rate",
+        "read",
+        "replay",
+        "snapshot",
+        "start",
+        "write",
+    )
 
     def __init__(self, redis: Redis) -> None:
         self.accept: AsyncScript = redis.register_script(SOURCES["accept"])
@@ -64,6 +76,7 @@ class Scripts:
         self.position: AsyncScript = redis.register_script(SOURCES["position"])
         self.rate: AsyncScript = redis.register_script(SOURCES["rate"])
         self.read: AsyncScript = redis.register_script(SOURCES["read"])
+        self.replay: AsyncScript = redis.register_script(SOURCES["replay"])
         self.snapshot: AsyncScript = redis.register_script(SOURCES["snapshot"])
         self.start: AsyncScript = redis.register_script(SOURCES["start"])
         self.write: AsyncScript = redis.register_script(SOURCES["write"])

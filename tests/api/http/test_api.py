@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -12,7 +13,9 @@ from redis.asyncio import Redis
 from tests.support.requests import accept, expected_text, new_session_id, user_message
 from tests.support.stack import RunningStack
 from tests.support.watchers import Watcher, finished
+from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.contract.ids import GENERATION_ID_PATTERN
+from tokenfan.contract.keys import ARQ_QUEUE
 
 
 async def session_keys(redis: Redis, session_id: str) -> list[bytes]:
@@ -94,6 +97,60 @@ async def test_an_idempotency_key_makes_a_retried_post_return_the_first_generati
     snapshot = (await api.get(f"/v1/sessions/{session_id}")).json()
     assert len(snapshot["generations"]) == 1
     await watcher.close()
+
+
+async def test_an_idempotency_key_reused_with_another_request_is_422_and_changes_nothing(
+    api: httpx.AsyncClient, session_id: str
+) -> None:
+    url, headers = f"/v1/sessions/{session_id}/generations", {"Idempotency-Key": "order-43"}
+    first = await api.post(url, json=user_message("once"), headers=headers)
+    assert first.status_code == 202
+    for other in (user_message("twice"), {**user_message("once"), "policy": "reject"}):
+        error = assert_error(await api.post(url, json=other, headers=headers), 422, "idempotency_key_reused")
+        assert "Idempotency-Key" in error["message"]
+    again = await api.post(url, json=user_message("once"), headers=headers)
+    assert (again.status_code, again.json()["generation_id"]) == (202, first.json()["generation_id"])
+    snapshot = (await api.get(f"/v1/sessions/{session_id}")).json()
+    assert [g["generation_id"] for g in snapshot["generations"]] == [first.json()["generation_id"]]
+
+
+@pytest.fixture(scope="module")
+def idle(stack: RunningStack) -> Iterator[tuple[RunningStack, str]]:
+    """An API on a Redis of its own that no worker polls (every job it enqueues stays in the queue), allowing
+    one generation a minute; and that Redis's URL."""
+    with EmbeddedRedis() as server:
+        front = RunningStack(
+            redis_url=server.url,
+            simulator_url=stack.simulator_url,
+            extra_env={"TOKENFAN_RATE_LIMIT_PER_MINUTE": "1"},
+        )
+        try:
+            yield front.start(workers=0), server.url
+        finally:
+            front.stop()
+
+
+async def test_replayed_and_refused_requests_take_no_allowance_and_enqueue_no_job(
+    idle: tuple[RunningStack, str], session_id: str
+) -> None:
+    front, redis_url = idle
+    url, headers = f"/v1/sessions/{session_id}/generations", {"Idempotency-Key": "order-44"}
+    async with httpx.AsyncClient(base_url=front.api_url, timeout=10) as client:
+        # A refused request takes nothing either: the minute's one generation is still there after it.
+        too_many = {"model": "m", "messages": [{"role": "user", "content": "x"}] * 513}
+        assert_error(await client.post(url, json=too_many), 413, "payload_too_large")
+        first = await client.post(url, json=user_message("once"), headers=headers)
+        assert first.status_code == 202, first.text
+        for _ in range(3):
+            again = await client.post(url, json=user_message("once"), headers=headers)
+            assert again.status_code == 202, again.text
+            assert again.json()["generation_id"] == first.json()["generation_id"]
+            assert again.headers["idempotent-replayed"] == "true"
+        # The allowance is real: the first request took it, and a new request is refused.
+        assert_error(await client.post(url, json=user_message("new")), 429, "rate_limited")
+    async with Redis.from_url(redis_url) as redis:
+        jobs = [job.decode() for job in await redis.zrange(ARQ_QUEUE, 0, -1)]
+    assert jobs == [first.json()["generation_id"]]
 
 
 async def test_policy_reject_refuses_a_busy_session_with_409_and_changes_nothing(
