@@ -47,7 +47,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection as SyncClientConnection
 from websockets.sync.client import connect as connect_sync
 
-from tests.support.delivery import assert_exact_delivery
+from tests.support.delivery import assert_exact_delivery, transcript_of
 from tests.support.requests import accept, bearer, expected_text, new_session_id, user_message
 from tests.support.stack import RunningStack, relay_process, rss_kib, start_frontends
 from tests.support.waiting import Closer, wait_for_condition
@@ -519,19 +519,38 @@ async def test_deeply_nested_json_is_answered_as_malformed_not_with_an_internal_
         assert (answer["type"], answer["code"]) == ("error", 4400)
 
 
-async def test_a_single_session_stream_ignores_what_the_client_sends(
+async def test_a_single_session_stream_answers_what_it_cannot_take_with_4400_and_goes_on(
     hostile: RunningStack, opened: Closer
 ) -> None:
     session_id = new_session_id()
     watcher = await opened(Watcher(hostile.relay_url, session_id)).connect(credential=KEY)
     assert watcher.connection is not None
-    for message in (b"\x00\xff", "not json", "[" * 5000, json.dumps({"type": "unsubscribe"}), "x" * 16_384):
+    messages: list[str | bytes] = [
+        b"\x00\xff",
+        json.dumps({"type": "refresh", "token": KEY}).encode(),  # a known message, in a binary frame
+        "not json",
+        "",
+        "[" * 5000,
+        "null",
+        json.dumps({"type": "unsubscribe", "session_id": session_id}),
+        json.dumps({"type": "subscribe", "session_id": new_session_id()}),
+        json.dumps({"type": "watch"}),
+        json.dumps({"type": "refresh"}),
+        "x" * 16_384,
+    ]
+    for sent, message in enumerate(messages, start=1):
         await watcher.connection.send(message)
-    body = user_message("ignored noise")
+        await watcher.receive_until(lambda frames, sent=sent: len(frames) == sent)  # type: ignore[misc]
+        answer = watcher.frames[-1]
+        assert (answer["type"], answer["code"]) == ("error", 4400), (message[:40], answer)
+        assert isinstance(answer["reason"], str)
+        assert "offset" not in answer  # a control frame, not an event
+    body = user_message("after the noise")
     async with httpx.AsyncClient(base_url=hostile.api_url, headers=AUTH, timeout=10) as api:
         generation_id = await accept(api, session_id, body)
     await watcher.receive_until(finished(generation_id))
-    assert watcher.transcript().generations[generation_id].text == expected_text(body)
+    events = [frame for frame in watcher.frames if "offset" in frame]
+    assert transcript_of(events).generations[generation_id].text == expected_text(body)
 
 
 @pytest.mark.parametrize("path", ["/v1/stream", "/v1/sessions/{session_id}/stream"])
