@@ -33,6 +33,7 @@ from tokenfan.contract.errors import (
     Conflict,
     GenerationNotFound,
     IdempotencyKeyReused,
+    InvalidOffset,
     InvalidRequest,
     PayloadTooLarge,
     RateLimited,
@@ -344,6 +345,7 @@ async def session_events(
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     principal.require_session(session_id)
+    _check_query(request)
     services = _services(request)
     address = request.client.host if request.client else "unknown"
     if services.sse_streams[address] >= services.settings.sse_max_streams_per_address:
@@ -365,6 +367,18 @@ async def session_events(
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
+
+
+def _check_query(request: Request) -> None:
+    """The event stream's query, as the relay checks it: a misspelt ``after`` ignored would replay the
+    whole history to a client that meant to resume."""
+    unknown = sorted(set(request.query_params) - {"after", "token"})
+    if unknown:
+        raise InvalidRequest(
+            f"unknown query parameter {unknown[0][:40]!r}: only 'after' and 'token' are accepted"
+        )
+    if len(request.query_params.getlist("after")) > 1:
+        raise InvalidOffset("give 'after' at most once")
 
 
 @router.get("/healthz", include_in_schema=False)

@@ -140,6 +140,20 @@ async def test_a_malformed_position_is_refused_with_invalid_offset(
     assert body["error"]["message"]
 
 
+async def test_an_unknown_query_parameter_is_refused_not_ignored(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    """A misspelt ``after`` ignored would replay the whole history to a client that meant to resume."""
+    frames = await completed_session(stack.relay_url, api, session_id)
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
+        for params in ({"aftr": frames[0]["offset"]}, {"after": frames[0]["offset"], "x": "1"}):
+            async with client.stream("GET", f"/v1/sessions/{session_id}/events", params=params) as response:
+                await response.aread()
+            assert response.status_code == 400, params
+            assert response.json()["error"]["code"] == "invalid_request"
+            assert "aftr" in response.json()["error"]["message"] or "x" in response.json()["error"]["message"]
+
+
 async def test_an_offset_of_another_incarnation_is_gone(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
