@@ -9,9 +9,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support.delivery import assert_exact_delivery, coverage
+from tests.support.delivery import assert_exact_delivery, coverage, transcript_of
 from tests.support.requests import accept, expected_text, user_message
-from tests.support.sse import SseBlock, SseWatcher
+from tests.support.slow import HEAD, LIMIT, content_length, flood
+from tests.support.sse import SseBlock, SseWatcher, StalledSseReader
 from tests.support.stack import RunningStack, start_frontends
 from tests.support.waiting import Closer, wait_for_condition
 from tests.support.watchers import Watcher, completed_session, finished
@@ -222,3 +223,108 @@ async def test_sse_and_websocket_subscribers_share_one_reader_per_process(
         return await subscribers() == 0
 
     await wait_for_condition(unsubscribed, timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ slow clients
+
+
+@pytest.fixture(scope="module")
+def snapshot_api(stack: RunningStack) -> Iterator[RunningStack]:
+    front = start_frontends(stack, {"TOKENFAN_RELAY_MAX_BUFFER_BYTES": str(LIMIT)})
+    yield front
+    front.stop()
+
+
+@pytest.fixture(scope="module")
+def closing_api(stack: RunningStack) -> Iterator[RunningStack]:
+    front = start_frontends(
+        stack, {"TOKENFAN_RELAY_MAX_BUFFER_BYTES": str(LIMIT), "TOKENFAN_RELAY_SLOW_POLICY": "close"}
+    )
+    yield front
+    front.stop()
+
+
+async def stalled_through_a_flood(
+    opened: Closer,
+    stack: RunningStack,
+    front: RunningStack,
+    redis: Redis,
+    session_id: str,
+    body: dict[str, Any],
+) -> tuple[Watcher, int, StalledSseReader, str]:
+    """A fast WebSocket subscriber throughout, and an SSE client of `front` that joins after the generation's
+    first piece and reads nothing until the generation is over (`tests.support.slow`). Returns the fast
+    one, how many of its frames precede the stalled one's position, the stalled one, and the generation."""
+    fast = await opened(Watcher(stack.relay_url, session_id)).connect()
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
+        generation_id = await accept(client, session_id, body)
+    await fast.receive_until(lambda frames: content_length(frames) >= HEAD)
+    joined_at = len(fast.frames)
+    channel = SessionKeys(session_id).live
+
+    async def readers() -> int:
+        return int((await redis.pubsub_numsub(channel))[0][1])
+
+    watching = await readers()  # the relay of the fast subscriber
+    stalled = opened(StalledSseReader(front.api_url, session_id, after=fast.frames[-1]["offset"]))
+    await stalled.open()
+
+    async def api_reads_the_session() -> bool:
+        return await readers() == watching + 1
+
+    # The API's reader of the session is subscribed: the stalled client catches up (a page at most) and
+    # goes live long before the trickle ends and the flood begins.
+    await wait_for_condition(api_reads_the_session, timeout=5, interval=0.005)
+    await fast.receive_until(finished(generation_id), timeout=30)
+    stalled.resume()
+    return fast, joined_at, stalled, generation_id
+
+
+def assert_assembles_exactly(frames: list[dict[str, Any]], generation_id: str, body: dict[str, Any]) -> None:
+    generation = transcript_of(frames).generations[generation_id]  # raises on offsets or seqs that skip
+    assert generation.status is GenerationStatus.COMPLETED
+    assert generation.text == expected_text(body)
+
+
+async def test_a_stalled_sse_client_recovers_from_a_snapshot_event(
+    opened: Closer, stack: RunningStack, snapshot_api: RunningStack, redis: Redis, session_id: str
+) -> None:
+    body = flood("flood an SSE client")
+    fast, joined_at, stalled, generation_id = await stalled_through_a_flood(
+        opened, stack, snapshot_api, redis, session_id, body
+    )
+    end = fast.frames[-1]["offset"]
+    await stalled.receive_until(lambda frames: bool(frames) and frames[-1]["offset"] == end)
+    received = stalled.frames
+    kinds = [frame["type"] for frame in received]
+    assert kinds.count("snapshot") == 1, "exactly one snapshot event replaces the skipped backlog"
+    snapshot = received[kinds.index("snapshot")]
+    assert snapshot["reason"] == "slow_consumer"
+    assert [view["generation_id"] for view in snapshot["generations"]] == [generation_id]
+    assert [block.event for block in stalled.blocks if block.is_event] == kinds  # as `event:` says too
+    assert len(coverage(received)) < len(coverage(fast.frames[joined_at:])), "the backlog was skipped"
+    assert_assembles_exactly(fast.frames[:joined_at] + received, generation_id, body)
+
+
+async def test_a_stalled_sse_client_under_the_close_policy_ends_with_4008_and_resumes_exactly(
+    opened: Closer, stack: RunningStack, closing_api: RunningStack, redis: Redis, session_id: str
+) -> None:
+    body = flood("flood an SSE client that gets closed")
+    fast, joined_at, stalled, generation_id = await stalled_through_a_flood(
+        opened, stack, closing_api, redis, session_id, body
+    )
+    await stalled.receive_until(lambda frames: False)  # until the server ends the response
+    assert stalled.status == 200
+    *events, last = [block for block in stalled.blocks if block.is_event]
+    assert last.event == "error"
+    assert last.frame()["code"] == 4008
+    received = [block.frame() for block in events]
+    assert "snapshot" not in {frame["type"] for frame in received}
+    position = received[-1]["offset"] if received else fast.frames[joined_at - 1]["offset"]
+    assert position != fast.frames[-1]["offset"], "it was ended before the generation's end"
+
+    resumed = await opened(SseWatcher(closing_api.api_url, session_id, last_event_id=position)).connect()
+    await resumed.receive_until(lambda got: bool(got) and got[-1].get("offset") == fast.frames[-1]["offset"])
+    frames = fast.frames[:joined_at] + received + resumed.frames
+    assert_assembles_exactly(frames, generation_id, body)
+    await assert_exact_delivery(redis, session_id, frames)
