@@ -265,11 +265,7 @@ class GenerationJob:
         fields: dict[str, Any] = dict(outcome.extra)
         if outcome.status is GenerationStatus.COMPLETED:
             event_type = EventType.GENERATION_COMPLETED
-            text = stream.text()
-            fields.update(finish_reason=outcome.finish_reason, usage=outcome.usage, length=len(text))
-            fields["sha256"] = text_sha256(text)
-            if stream.tool_calls:
-                fields["tool_calls"] = [_digest(stream.tool_calls[i]) for i in sorted(stream.tool_calls)]
+            fields.update(finish_reason=outcome.finish_reason, usage=outcome.usage, **_proof(stream))
         elif outcome.status is GenerationStatus.CANCELLED:
             event_type = EventType.GENERATION_CANCELLED
             fields["usage"] = outcome.usage
@@ -281,6 +277,17 @@ class GenerationJob:
         log.info("generation_finished", status=outcome.status.value, offset=str(result.last_offset))
         if result.next_generation_id is not None:
             await self.enqueue(stream.session_id, result.next_generation_id)
+
+
+def _proof(stream: GenerationStream) -> dict[str, Any]:
+    """What ``generation.completed`` states of everything the attempt produced, so that a client can verify
+    what it assembled: the text's and the reasoning's length and SHA-256, and a digest of each tool call."""
+    text, reasoning = stream.text(), stream.reasoning()
+    proof: dict[str, Any] = {"length": len(text), "sha256": text_sha256(text)}
+    proof.update(reasoning_length=len(reasoning), reasoning_sha256=text_sha256(reasoning))
+    if stream.tool_calls:
+        proof["tool_calls"] = [_digest(stream.tool_calls[i]) for i in sorted(stream.tool_calls)]
+    return proof
 
 
 def _digest(call: dict[str, Any]) -> dict[str, Any]:

@@ -156,9 +156,12 @@ async def test_reasoning_and_content_arrive_on_their_own_channels(
     thoughts = ["Let me ", "think: ", "two plus ", "two."]
     body = sim("what is 2+2", reasoning=thoughts, chunks=["It ", "is ", "4."])
     watcher = await run_one(stack, api, session_id, body)
-    (generation,) = watcher.transcript().generations.values()
+    (generation,) = watcher.transcript().generations.values()  # checks the end's digests, reasoning's too
     assert generation.reasoning_text == "".join(thoughts)
     assert generation.text == "It is 4."
+    completed = watcher.frames[-1]
+    assert completed["reasoning_length"] == len("".join(thoughts))
+    assert completed["reasoning_sha256"] == text_sha256("".join(thoughts))
     view = (await api.get(f"/v1/generations/{generation.generation_id}")).json()
     assert view["reasoning"] == "".join(thoughts)
     assert view["text"] == "It is 4."
