@@ -22,17 +22,10 @@ from tokenfan.contract.errors import ServiceUnavailable
 from tokenfan.contract.events import EventType, FailureType, GenerationStatus, text_sha256
 from tokenfan.store import Finish, StartOutcome, StartResult, Store
 from tokenfan.store.jobs import Retry
+from worker.chunks import ContentPiece, FinishPiece, ReasoningPiece, ToolCallPiece, UsagePiece
 from worker.hooks import HookContext, Hooks, load_hooks
 from worker.stream_writer import Fenced, GenerationStream, StreamWriter
-from worker.upstream import (
-    ContentPiece,
-    FinishPiece,
-    ReasoningPiece,
-    ToolCallPiece,
-    Upstream,
-    UpstreamFailure,
-    UsagePiece,
-)
+from worker.upstream import Upstream, UpstreamFailure
 from worker.usage import estimate_usage
 
 __all__ = ["GenerationJob", "Outcome", "RetryPolicy"]
