@@ -24,7 +24,7 @@ from tokenfan.store import Finish, StartOutcome, StartResult, Store
 from tokenfan.store.jobs import Retry
 from worker.chunks import ContentPiece, FinishPiece, ReasoningPiece, ToolCallPiece, UsagePiece
 from worker.hooks import HookContext, Hooks, load_hooks
-from worker.stream_writer import Fenced, GenerationStream, StreamWriter
+from worker.stream_writer import Fenced, GenerationStream, StreamWriter, WriteRefused
 from worker.upstream import Upstream, UpstreamFailure
 from worker.usage import estimate_usage
 
@@ -126,6 +126,8 @@ class GenerationJob:
             await self._finish(stream, request, context, outcome)
         except Fenced:
             log.warning("attempt_fenced", attempt=start.attempt)
+        except WriteRefused:
+            await self._end_unwritten(stream)
         except ServiceUnavailable as exc:
             # Redis is away; arq retries the job, and by then the lease has run out: a clean restart.
             log.error("redis_unavailable", error=exc.message)
@@ -137,6 +139,20 @@ class GenerationJob:
             raise
         finally:
             self.writer.close_stream(stream)
+
+    async def _end_unwritten(self, refused: GenerationStream) -> None:
+        """The writer could not write this attempt's events (a bug, logged as ``write_refused``): end the
+        generation as failed, after what Redis holds, so that its session goes on."""
+        record = await self.store.generation(refused.generation_id)
+        if record is None or record.status.is_terminal or record.attempt != refused.attempt:
+            return
+        stream = self.writer.open(refused.session_id, refused.generation_id, refused.attempt, record.seq)
+        error = _failed(FailureType.INTERNAL, "internal error (its output could not be stored)").error
+        finish = Finish(GenerationStatus.FAILED, error=error)
+        result = await stream.finish(EventType.GENERATION_FAILED, finish, error=error, usage=None)
+        log.info("generation_finished", status="failed", offset=str(result.last_offset))
+        if result.next_generation_id is not None:
+            await self.enqueue(refused.session_id, result.next_generation_id)
 
     async def _run(self, stream: GenerationStream, start: StartResult, context: HookContext) -> Outcome:
         if start.outcome is StartOutcome.EXHAUSTED or start.request is None:

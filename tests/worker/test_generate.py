@@ -35,13 +35,18 @@ pytestmark = pytest.mark.filterwarnings("ignore:open_binary is deprecated:Deprec
 
 
 class HeldHooks:
-    """An ``on_start`` that holds the generation until the test lets it go."""
+    """An ``on_start`` that holds the generation until the test lets it go; or, `unwritable`, one with a
+    bug that hands the writer an event Redis's client cannot encode."""
 
     def __init__(self) -> None:
         self.entered = asyncio.Event()
         self.release = asyncio.Event()
+        self.unwritable = False
 
     async def on_start(self, ctx: HookContext) -> None:
+        if self.unwritable:
+            ctx._stream.add_event("x.bug", note="\ud800")  # past emit's own check, as a bug would go
+            return
         self.entered.set()
         await self.release.wait()
 
@@ -179,3 +184,21 @@ def test_a_cancellation_heard_before_the_work_exists_stops_it_when_it_does(worke
         assert stopped == ["stopped"]
     finally:
         worker.writer.close_stream(stream)
+
+
+async def test_a_generation_whose_output_cannot_be_written_fails_and_the_session_goes_on(
+    worker: InProcessWorker,
+) -> None:
+    session_id = new_session_id()
+    generation_id = await accepted(worker.store, session_id)
+    waiting = await accepted(worker.store, session_id)
+    worker.hooks.unwritable = True
+    async with asyncio.timeout(10):
+        await worker.job(session_id, generation_id)
+    record = await worker.store.generation(generation_id)
+    assert record is not None
+    assert record.status is GenerationStatus.FAILED
+    assert record.error is not None
+    assert record.error["type"] == "internal_error"
+    assert worker.handed_over == [waiting]  # the next generation of the session runs
+    assert await event_types(worker.store, session_id) == ["generation.started", "generation.failed"]
