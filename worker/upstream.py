@@ -34,6 +34,7 @@ import httpx2
 import openai
 
 from tokenfan.contract.events import FailureType
+from tokenfan.contract.parameters import PASSED_THROUGH
 from tokenfan.runtime.settings import Settings
 from worker.chunks import ChunkReader, Update
 
@@ -44,6 +45,7 @@ __all__ = [
     "UpstreamFailure",
     "loads",
     "translate_error",
+    "upstream_body",
 ]
 
 
@@ -217,14 +219,17 @@ def _error_message(exc: openai.APIError) -> str:
     return str(exc.message)[:500]
 
 
-#: Request members passed through to the upstream as they are (OpenAI chat.completions parameters).
-PASSTHROUGH = frozenset(
-    {
-        "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "presence_penalty",
-        "frequency_penalty", "seed", "logit_bias", "user", "tools", "tool_choice", "parallel_tool_calls",
-        "response_format", "reasoning_effort", "top_k", "min_p", "repetition_penalty",
-    }
-)  # fmt: skip
+#: Request members passed to the upstream as they are: the contract's list, which the API's schema accepts.
+PASSTHROUGH = PASSED_THROUGH
+
+
+def upstream_body(request: dict[str, Any]) -> dict[str, Any]:
+    """The chat.completions body for an accepted request: its model, messages and every parameter the
+    contract passes through, always streamed, with the usage report asked for."""
+    body = {key: value for key, value in request.items() if key in PASSTHROUGH}
+    body.update(model=request["model"], messages=request["messages"], stream=True)
+    body["stream_options"] = {"include_usage": True}
+    return body
 
 
 def _http_client() -> Any:
@@ -257,13 +262,10 @@ class Upstream:
     async def stream(self, request: dict[str, Any]) -> AsyncGenerator[Update, None]:
         """Yield the updates of one streamed completion. Closing the iterator closes the HTTP request,
         which is how a provider learns to stop generating (and billing)."""
-        body = {key: value for key, value in request.items() if key in PASSTHROUGH}
-        body.update(model=request["model"], messages=request["messages"], stream=True)
-        body["stream_options"] = {"include_usage": True}
         try:
             stream = await self.client.post(
                 "/chat/completions",
-                body=body,
+                body=upstream_body(request),
                 cast_to=object,
                 stream=True,
                 stream_cls=openai.AsyncStream[object],

@@ -18,6 +18,7 @@ from tokenfan.contract.errors import (
     TokenfanError,
     Unauthorized,
 )
+from tokenfan.contract.parameters import NOT_CARRIED
 
 __all__ = ["error_response", "install_error_handlers"]
 
@@ -57,12 +58,23 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
     details = [
         {
             "location": [str(part) for part in error.get("loc", ())],
-            "message": error.get("msg", ""),
+            "message": _message(error),
             "type": error.get("type", ""),
         }
         for error in errors[:20]
     ]
     return error_response(422, "validation_error", "the request body does not match the schema", details)
+
+
+def _message(error: Any) -> str:
+    """pydantic's message, or for a member the schema does not know, why it is refused."""
+    location = tuple(error.get("loc", ()))
+    if error.get("type") != "extra_forbidden" or len(location) != 2 or location[0] != "body":
+        return str(error.get("msg", ""))
+    name = str(location[1])
+    if name in NOT_CARRIED:
+        return f"tokenfan cannot carry {name!r}: {NOT_CARRIED[name]}"
+    return f"{name[:40]!r} is not a member tokenfan knows (docs/PROTOCOL.md lists them)"
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -35,7 +35,10 @@ class ChatMessage(BaseModel):
 
 
 class GenerationRequest(BaseModel):
-    """``POST /v1/sessions/{session_id}/generations``: an OpenAI chat.completions request, always streamed."""
+    """``POST /v1/sessions/{session_id}/generations``: an OpenAI chat.completions request, always streamed.
+
+    Its members are tokenfan's own and those `tokenfan.contract.parameters` passes to the upstream, no
+    other (a test keeps the three in step with docs/PROTOCOL.md)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -56,6 +59,15 @@ class GenerationRequest(BaseModel):
     parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     reasoning_effort: str | None = Field(default=None, max_length=32)
+    top_k: int | None = Field(
+        default=None, ge=-1, description="Sample from the k likeliest tokens (-1: all); open-weight servers."
+    )
+    min_p: float | None = Field(
+        default=None, ge=0, le=1, description="Drop tokens below this share of the likeliest's probability."
+    )
+    repetition_penalty: float | None = Field(
+        default=None, gt=0, description="Penalty for repeated tokens (1: none); open-weight servers."
+    )
     n: Literal[1] | None = Field(default=None, description="Only 1 is supported: one generation, one stream.")
     policy: Literal["enqueue", "reject", "interrupt"] = Field(
         default="enqueue",

@@ -198,6 +198,26 @@ async def test_an_invalid_body_is_422_with_where_it_failed_and_touches_nothing(
     assert await session_keys(redis, session_id) == []
 
 
+async def test_sampling_extensions_pass_through_and_what_cannot_be_carried_is_refused_saying_why(
+    api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    url = f"/v1/sessions/{session_id}/generations"
+    extensions = {"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1}
+    accepted = await api.post(url, json={**user_message("sample me"), **extensions})
+    assert accepted.status_code == 202, accepted.text
+    for name, value in (("logprobs", True), ("stream", True), ("functions", [])):
+        error = assert_error(
+            await api.post(url, json={**user_message("x"), name: value}), 422, "validation_error"
+        )
+        (detail,) = error["details"]
+        assert detail["location"] == ["body", name]
+        assert detail["message"].startswith(f"tokenfan cannot carry {name!r}")
+    error = assert_error(
+        await api.post(url, json={**user_message("x"), "tempreature": 1}), 422, "validation_error"
+    )
+    assert "'tempreature' is not a member tokenfan knows" in error["details"][0]["message"]
+
+
 async def test_malformed_json_is_400(api: httpx.AsyncClient, redis: Redis, session_id: str) -> None:
     response = await api.post(
         f"/v1/sessions/{session_id}/generations",
