@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tokenfan.contract.events import GenerationStatus
 
@@ -19,6 +19,7 @@ __all__ = [
     "GenerationView",
     "SessionView",
     "TokenGrant",
+    "lone_surrogate_at",
 ]
 
 
@@ -83,6 +84,46 @@ class GenerationRequest(BaseModel):
         le=86_400,
         description="Cancel the generation once nobody has watched its session for this long (off by default).",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        """JSON may escape a lone UTF-16 surrogate ("\\ud800"); the text it decodes to is not Unicode that
+        any UTF-8 encoder takes (Redis's client, the upstream's), so it is refused here, naming where."""
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise ValueError(
+                f"text at {'/'.join(where) or 'the top'} holds a lone surrogate: not valid Unicode"
+            )
+        return data
+
+
+def lone_surrogate_at(value: Any, path: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Where in `value` (decoded JSON) a string, or a key, holds a lone surrogate; None when nowhere."""
+    if isinstance(value, str):
+        return None if value.isascii() or not _has_surrogate(value) else path
+    if isinstance(value, list):
+        items: Any = ((str(index), item) for index, item in enumerate(value))
+    elif isinstance(value, dict):
+        for key in value:
+            if isinstance(key, str) and _has_surrogate(key):
+                return (*path, key.encode("utf-8", "replace").decode())
+        items = ((str(key), item) for key, item in value.items())
+    else:
+        return None
+    for name, item in items:
+        found = lone_surrogate_at(item, (*path, name))
+        if found is not None:
+            return found
+    return None
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 class CancelResult(BaseModel):

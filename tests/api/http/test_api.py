@@ -218,6 +218,28 @@ async def test_sampling_extensions_pass_through_and_what_cannot_be_carried_is_re
     assert "'tempreature' is not a member tokenfan knows" in error["details"][0]["message"]
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"model": "m", "messages": [{"role": "user", "content": "half an emoji \\ud83d"}]}',
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": {"\\udfff": 1}}',
+        '{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+    ],
+    ids=["content", "metadata-key", "content-part"],
+)
+async def test_text_that_is_not_valid_unicode_is_422_and_touches_nothing(
+    api: httpx.AsyncClient, redis: Redis, session_id: str, raw: str
+) -> None:
+    """JSON may escape a lone surrogate; no UTF-8 encoder takes the text it decodes to, Redis's neither."""
+    response = await api.post(
+        f"/v1/sessions/{session_id}/generations", content=raw, headers={"content-type": "application/json"}
+    )
+    error = assert_error(response, 422, "validation_error")
+    assert "surrogate" in error["details"][0]["message"]
+    assert await session_keys(redis, session_id) == []
+    assert (await api.get("/healthz")).status_code == 200  # and the connection was answered, not dropped
+
+
 async def test_malformed_json_is_400(api: httpx.AsyncClient, redis: Redis, session_id: str) -> None:
     response = await api.post(
         f"/v1/sessions/{session_id}/generations",
