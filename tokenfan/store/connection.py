@@ -12,7 +12,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
-__all__ = ["pack_with_hiredis", "redis_client"]
+__all__ = ["REDIS_VERSION_FLOOR", "pack_with_hiredis", "redis_client"]
+
+#: The oldest Redis the store runs on (any Valkey will do): reads after an entry id use exclusive XRANGE
+#: ranges (``(<id>``, Redis 6.2), queues use LPOS (6.0.6), and no script carries a ``#!lua`` flags line
+#: (7.0). docs/OPERATIONS.md states it, and the test suite passes against a Redis 6.2 server (all but the
+#: tests that start a cluster node, which need 7.0's cluster options; the processes connect to no cluster).
+REDIS_VERSION_FLOOR = "6.2"
 
 
 def redis_client(url: str) -> Redis:
