@@ -80,6 +80,15 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+def _about(session_id: str | None = None, generation_id: str | None = None) -> None:
+    """Name the session and generation a request is about in every log line it leads to, the access log's
+    included (docs/OPERATIONS.md): the handler runs in the request's own context."""
+    ids = {"session_id": session_id, "generation_id": generation_id}
+    structlog.contextvars.bind_contextvars(
+        **{name: value for name, value in ids.items() if value is not None}
+    )
+
+
 def _services(request: Request) -> Services:
     services: Services = request.app.state.services
     return services
@@ -117,6 +126,7 @@ async def create_generation(
     principal: Caller,
     idempotency_key: IdempotencyKey = None,
 ) -> GenerationAccepted:
+    _about(session_id)
     principal.require_service()
     services = _services(request)
     _check_sizes(services.settings, body)
@@ -131,13 +141,8 @@ async def create_generation(
         record = await services.store.generation(result.generation_id)
         status = record.status if record is not None else status
     response.headers["Location"] = f"/v1/generations/{result.generation_id}"
-    log.info(
-        "generation_accepted",
-        session_id=session_id,
-        generation_id=result.generation_id,
-        outcome=result.outcome.value,
-        queue_position=result.queue_position,
-    )
+    _about(session_id, result.generation_id)
+    log.info("generation_accepted", outcome=result.outcome.value, queue_position=result.queue_position)
     token, expires_at = _token(services, session_id, principal.name)
     return GenerationAccepted(
         generation_id=result.generation_id,
@@ -234,6 +239,7 @@ def _token(services: Services, session_id: str, minted_by: str) -> tuple[str | N
     summary="Mint a short-lived token that lets its holder watch this one session",
 )
 async def create_token(session_id: SessionId, request: Request, principal: Caller) -> TokenGrant:
+    _about(session_id)
     principal.require_service()
     token, expires_at = _token(_services(request), session_id, principal.name)
     if token is None or expires_at is None:
@@ -243,10 +249,12 @@ async def create_token(session_id: SessionId, request: Request, principal: Calle
 
 @router.get("/v1/generations/{generation_id}", response_model=GenerationView, responses=_ERRORS)
 async def get_generation(generation_id: GenerationId, request: Request, principal: Caller) -> GenerationView:
+    _about(generation_id=generation_id)
     record = await _services(request).store.generation(generation_id)
     if record is None or not (principal.is_service or principal.session_id == record.session_id):
         # The same answer for another session's generation: a token must not reveal what exists elsewhere.
         raise GenerationNotFound(f"no generation {generation_id} (unknown or expired)")
+    _about(record.session_id)
     return _view(record)
 
 
@@ -262,11 +270,13 @@ async def get_generation(generation_id: GenerationId, request: Request, principa
 async def cancel_generation(
     generation_id: GenerationId, request: Request, response: Response, principal: Caller
 ) -> CancelResult:
+    _about(generation_id=generation_id)
     principal.require_service()
     services = _services(request)
     record = await services.store.generation(generation_id)
     if record is None:
         raise GenerationNotFound(f"no generation {generation_id} (unknown or expired)")
+    _about(record.session_id)
     if record.status.is_terminal:
         status = "cancelled" if record.status is GenerationStatus.CANCELLED else record.status.value
         return CancelResult(generation_id=generation_id, status=status, cancelled=False)
@@ -312,6 +322,7 @@ async def _cancel_queued(services: Services, record: GenerationRecord) -> bool:
 
 @router.get("/v1/sessions/{session_id}", response_model=SessionView, responses=_ERRORS)
 async def get_session(session_id: SessionId, request: Request, principal: Caller) -> SessionView:
+    _about(session_id)
     principal.require_session(session_id)
     snapshot = await _services(request).store.snapshot(session_id)
     if snapshot is None:
@@ -344,6 +355,7 @@ async def session_events(
     after: Annotated[str | None, Query(description="resume after this offset")] = None,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
+    _about(session_id)
     principal.require_session(session_id)
     _check_query(request)
     services = _services(request)

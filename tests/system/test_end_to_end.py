@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -16,6 +18,7 @@ from redis.asyncio import Redis
 from tests.support.delivery import assert_exact_delivery
 from tests.support.requests import accept, expected_text, user_message
 from tests.support.stack import RunningStack
+from tests.support.waiting import wait_for_condition
 from tests.support.watchers import Watcher, finished
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_generation_id
@@ -297,3 +300,45 @@ async def test_a_job_that_runs_before_its_generation_is_accepted_waits_for_it(
     await watcher.receive_until(finished(generation_id))
     assert watcher.transcript().generations[generation_id].text == expected_text(body)
     await watcher.close()
+
+
+def log_lines(stack: RunningStack, mentioning: str) -> list[dict[str, Any]]:
+    """Every JSON log line of the stack's processes in which `mentioning` appears, with its file's name."""
+    lines = []
+    for path in sorted(stack.logs.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if mentioning in line:
+                with contextlib.suppress(ValueError):
+                    lines.append({**json.loads(line), "file": path.name})
+    return lines
+
+
+async def test_every_log_line_of_a_generation_names_its_session_generation_and_job(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    """docs/OPERATIONS.md: events about a generation carry session_id, generation_id and, in the worker,
+    job_id; whichever process writes them, and whoever writes them (our code, or a library's)."""
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, user_message("log me", {"tokens": 5}))
+    await watcher.receive_until(finished(generation_id))
+    await watcher.close()
+    assert (await api.get(f"/v1/generations/{generation_id}")).status_code == 200
+    assert (await api.post(f"/v1/generations/{generation_id}/cancel")).status_code == 200
+
+    def worker_done(lines: list[dict[str, Any]]) -> bool:
+        return any(line["event"] == "generation_finished" for line in lines)
+
+    def api_done(lines: list[dict[str, Any]]) -> bool:
+        return any(line.get("path") == f"/v1/generations/{generation_id}/cancel" for line in lines)
+
+    async def written() -> bool:  # a process logs a request after answering it
+        lines = log_lines(stack, generation_id)
+        return worker_done(lines) and api_done(lines)
+
+    await wait_for_condition(written)
+    lines = log_lines(stack, generation_id)
+    assert {line["component"] for line in lines} >= {"api", "worker"}
+    for line in lines:
+        assert (line.get("session_id"), line.get("generation_id")) == (session_id, generation_id), line
+        if line["component"] == "worker":
+            assert line.get("job_id") == generation_id, line
