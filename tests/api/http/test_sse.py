@@ -69,6 +69,21 @@ async def test_a_subscriber_gets_every_event_with_id_type_and_data(
     await sse.close()
 
 
+async def test_a_subscriber_joining_mid_generation_gets_its_history_then_its_live_tail(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    body = user_message("join me midway over SSE", {"tokens": 150, "rate": 100})  # 1.5 s of tokens
+    early = await opened(Watcher(stack.relay_url, session_id)).connect()
+    generation_id = await accept(api, session_id, body)
+    await early.receive_until(lambda frames: sum(f["type"] == "delta" for f in frames) >= 5)
+    assert not finished(generation_id)(early.frames)
+    late = await opened(SseWatcher(stack.api_url, session_id)).connect()  # no position: everything, then live
+    await late.receive_until(finished(generation_id))
+    assert late.transcript().generations[generation_id].text == expected_text(body)
+    await assert_exact_delivery(redis, session_id, late.frames)
+    await early.receive_until(finished(generation_id))  # (a client that stops reading closes slowly)
+
+
 async def test_last_event_id_resumes_with_exactly_the_events_after_it(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
