@@ -25,6 +25,8 @@ __all__ = ["error_response", "install_error_handlers"]
 log = structlog.get_logger("tokenfan.api")
 
 _PATH_PARAMETER_CODES = {"session_id": "invalid_session_id", "generation_id": "invalid_generation_id"}
+#: Where a resume position travels: one that breaks the offset grammar is a 400 ``invalid_offset``.
+_POSITIONS = {("query", "after"), ("header", "Last-Event-ID")}
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -55,6 +57,10 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
             return error_response(400, _PATH_PARAMETER_CODES[name], f"{name} is malformed: {error['msg']}")
         if error.get("type") == "json_invalid":
             return error_response(400, "invalid_json", "the request body is not valid JSON")
+        if location[:2] in _POSITIONS:
+            return error_response(
+                400, "invalid_offset", "offset must look like '<epoch>:<ms>-<seq>', as received in an event"
+            )
     details = [
         {
             "location": [str(part) for part in error.get("loc", ())],

@@ -41,7 +41,7 @@ from tokenfan.contract.errors import (
 )
 from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
 from tokenfan.contract.ids import GENERATION_ID_PATTERN, SESSION_ID_PATTERN, new_generation_id
-from tokenfan.contract.offsets import parse_offset
+from tokenfan.contract.offsets import OFFSET_MAX_LENGTH, OFFSET_PATTERN, parse_offset
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import (
     AcceptOutcome,
@@ -65,6 +65,21 @@ SessionId = Annotated[
     str, Path(pattern=SESSION_ID_PATTERN, max_length=128, description="1-128 of A-Z a-z 0-9 . _ -")
 ]
 GenerationId = Annotated[str, Path(pattern=GENERATION_ID_PATTERN, max_length=30)]
+# A resume position's grammar is the schema's to state; one that breaks it is answered 400 invalid_offset,
+# as parse_offset answers one (api/http/errors.py maps the validation error).
+After = Annotated[
+    str | None,
+    Query(pattern=OFFSET_PATTERN, max_length=OFFSET_MAX_LENGTH, description="resume after this offset"),
+]
+LastEventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        pattern=OFFSET_PATTERN,
+        max_length=OFFSET_MAX_LENGTH,
+        description="resume after this offset (a browser's EventSource sends it); wins over `after`",
+    ),
+]
 IdempotencyKey = Annotated[
     str | None,
     Header(
@@ -351,9 +366,8 @@ async def session_events(
     session_id: SessionId,
     request: Request,
     principal: Caller,
-    # No max_length here: a malformed position gets the same 400 as everywhere else, from parse_offset.
-    after: Annotated[str | None, Query(description="resume after this offset")] = None,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    after: After = None,
+    last_event_id: LastEventId = None,
 ) -> StreamingResponse:
     _about(session_id)
     principal.require_session(session_id)
@@ -362,8 +376,8 @@ async def session_events(
     address = request.client.host if request.client else "unknown"
     if services.sse_streams[address] >= services.settings.sse_max_streams_per_address:
         raise RateLimited("too many open event streams from your address; close one first", retry_after=5)
-    held = last_event_id or after  # the browser resends the original URL: its Last-Event-ID is newer
-    position = await services.store.check_resume(session_id, parse_offset(held) if held else None)
+    held = last_event_id if last_event_id is not None else after  # the browser resends the original URL
+    position = await services.store.check_resume(session_id, parse_offset(held) if held is not None else None)
     settings = services.settings
     body = event_stream(
         services.bus,

@@ -186,6 +186,18 @@ async def test_policy_reject_refuses_a_busy_session_with_409_and_changes_nothing
         ),
         ({"model": "", "messages": [{"role": "user", "content": "hi"}]}, ["body", "model"]),
         (["not", "an", "object"], ["body"]),
+        # Strict types, as the schema states them: nothing is coerced into what was not sent.
+        ({**user_message("hi"), "parallel_tool_calls": 1}, ["body", "parallel_tool_calls"]),
+        ({**user_message("hi"), "temperature": "1"}, ["body", "temperature"]),
+        ({**user_message("hi"), "temperature": True}, ["body", "temperature"]),
+        ({**user_message("hi"), "max_tokens": 10.5}, ["body", "max_tokens"]),
+        ({**user_message("hi"), "max_tokens": "10"}, ["body", "max_tokens"]),
+        ({**user_message("hi"), "n": True}, ["body", "n"]),
+        ({"model": 7, "messages": [{"role": "user", "content": "hi"}]}, ["body", "model"]),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": 5}]},
+            ["body", "messages", "0", "content", "str"],
+        ),
     ],
 )
 async def test_an_invalid_body_is_422_with_where_it_failed_and_touches_nothing(
@@ -238,6 +250,17 @@ async def test_text_that_is_not_valid_unicode_is_422_and_touches_nothing(
     assert "surrogate" in error["details"][0]["message"]
     assert await session_keys(redis, session_id) == []
     assert (await api.get("/healthz")).status_code == 200  # and the connection was answered, not dropped
+
+
+async def test_a_whole_number_is_an_integer_however_it_is_written(
+    api: httpx.AsyncClient, session_id: str
+) -> None:
+    """JSON has numbers: 64.0 is the integer 64, as the schema's "integer" says; strictness refuses only
+    what is not one (64.5, "64", true)."""
+    response = await api.post(
+        f"/v1/sessions/{session_id}/generations", json={**user_message("hi"), "max_tokens": 64.0}
+    )
+    assert response.status_code == 202, response.text
 
 
 async def test_malformed_json_is_400(api: httpx.AsyncClient, redis: Redis, session_id: str) -> None:

@@ -132,16 +132,22 @@ async def test_last_event_id_wins_over_after(
         (None, "ABC:1-0"),
         (None, "abc:1-0-0"),
         (None, "9" * 70),
+        (None, "e:" + "9" * 20 + "-0"),
+        (None, ""),
         ("not-an-offset", None),
         ("9" * 70, None),
+        ("", None),
     ],
     ids=[
         "header-garbage",
         "header-uppercase-epoch",
         "header-extra-part",
         "header-too-long",
+        "header-20-digits",
+        "header-empty",
         "query",
         "query-too-long",
+        "query-empty",
     ],
 )
 async def test_a_malformed_position_is_refused_with_invalid_offset(
