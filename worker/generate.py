@@ -22,17 +22,10 @@ from tokenfan.contract.errors import ServiceUnavailable
 from tokenfan.contract.events import EventType, FailureType, GenerationStatus, text_sha256
 from tokenfan.store import Finish, StartOutcome, StartResult, Store
 from tokenfan.store.jobs import Retry
+from worker.chunks import ContentPiece, FinishPiece, ReasoningPiece, ToolCallPiece, UsagePiece
 from worker.hooks import HookContext, Hooks, load_hooks
-from worker.stream_writer import Fenced, GenerationStream, StreamWriter
-from worker.upstream import (
-    ContentPiece,
-    FinishPiece,
-    ReasoningPiece,
-    ToolCallPiece,
-    Upstream,
-    UpstreamFailure,
-    UsagePiece,
-)
+from worker.stream_writer import Fenced, GenerationStream, StreamWriter, WriteRefused
+from worker.upstream import Upstream, UpstreamFailure
 from worker.usage import estimate_usage
 
 __all__ = ["GenerationJob", "Outcome", "RetryPolicy"]
@@ -75,6 +68,10 @@ _MISSING_TRIES = 4
 
 def _failed(failure: FailureType, message: str) -> Outcome:
     return Outcome(GenerationStatus.FAILED, error={"type": failure.value, "message": message})
+
+
+def _cancelled(stream: GenerationStream) -> Outcome:
+    return Outcome(GenerationStatus.CANCELLED, extra={"reason": stream.cancel_requested or "requested"})
 
 
 async def _nothing(generation_id: str) -> None:
@@ -133,6 +130,8 @@ class GenerationJob:
             # later, and `start` decides: done (terminal), another worker's (busy), or a clean restart.
             log.warning("attempt_fenced", attempt=start.attempt)
             raise Retry(defer=self.store.lease_ms / 1000) from exc
+        except WriteRefused:
+            await self._end_unwritten(stream)
         except ServiceUnavailable as exc:
             # Redis is away; arq retries the job, and by then the lease has run out: a clean restart.
             log.error("redis_unavailable", error=exc.message)
@@ -144,6 +143,20 @@ class GenerationJob:
             raise
         finally:
             self.writer.close_stream(stream)
+
+    async def _end_unwritten(self, refused: GenerationStream) -> None:
+        """The writer could not write this attempt's events (a bug, logged as ``write_refused``): end the
+        generation as failed, after what Redis holds, so that its session goes on."""
+        record = await self.store.generation(refused.generation_id)
+        if record is None or record.status.is_terminal or record.attempt != refused.attempt:
+            return
+        stream = self.writer.open(refused.session_id, refused.generation_id, refused.attempt, record.seq)
+        error = _failed(FailureType.INTERNAL, "internal error (its output could not be stored)").error
+        finish = Finish(GenerationStatus.FAILED, error=error)
+        result = await stream.finish(EventType.GENERATION_FAILED, finish, error=error, usage=None)
+        log.info("generation_finished", status="failed", offset=str(result.last_offset))
+        if result.next_generation_id is not None:
+            await self.enqueue(refused.session_id, result.next_generation_id)
 
     async def _run(self, stream: GenerationStream, start: StartResult, context: HookContext) -> Outcome:
         if start.outcome is StartOutcome.EXHAUSTED or start.request is None:
@@ -160,19 +173,17 @@ class GenerationJob:
         if start.cancel_requested:  # cancelled (or interrupted) while it waited in the queue
             return Outcome(GenerationStatus.CANCELLED, extra={"reason": start.cancel_requested})
         stream.unwatched_limit = request.get("cancel_when_unwatched_seconds")
-        try:
-            await self.hooks.on_start(context)
-        except Exception as exc:
-            log.exception("hook_failed", hook="on_start")
-            return _failed(FailureType.INTERNAL, f"worker hook on_start failed ({type(exc).__name__})")
-        return await self._attempt(stream, request)
+        return await self._attempt(stream, request, context)
 
-    async def _attempt(self, stream: GenerationStream, request: dict[str, Any]) -> Outcome:
-        consume = asyncio.create_task(self._consume(stream, request))
-        stream.on_cancel = consume.cancel
+    async def _attempt(
+        self, stream: GenerationStream, request: dict[str, Any], context: HookContext
+    ) -> Outcome:
+        work = asyncio.create_task(self._work(stream, request, context))
+        # A cancellation heard before this point (while the started event was written) acts at once.
+        stream.cancel_with(work.cancel)
         try:
             async with asyncio.timeout(self.timeout_seconds):
-                return await consume
+                return await work
         except TimeoutError:
             return _failed(FailureType.TIMEOUT, f"ran longer than {self.timeout_seconds:.0f}s")
         except asyncio.CancelledError:
@@ -181,14 +192,23 @@ class GenerationJob:
                 raise  # we are being cancelled ourselves, not just the upstream read
             stream._check()  # a writer failure or fencing surfaces here
             log.info("generation_cancelled", reason=stream.cancel_requested)
-            return Outcome(
-                GenerationStatus.CANCELLED, extra={"reason": stream.cancel_requested or "requested"}
-            )
+            return _cancelled(stream)
         except Exception as exc:  # a bug: report it on the stream instead of leaving it hanging
             if isinstance(exc, Fenced | ServiceUnavailable):
                 raise
             log.exception("generation_crashed")
             return _failed(FailureType.INTERNAL, f"internal error ({type(exc).__name__})")
+
+    async def _work(self, stream: GenerationStream, request: dict[str, Any], context: HookContext) -> Outcome:
+        """The hook's ``on_start``, then the upstream: one task, so that a cancellation stops either."""
+        try:
+            await self.hooks.on_start(context)
+        except Exception as exc:
+            log.exception("hook_failed", hook="on_start")
+            return _failed(FailureType.INTERNAL, f"worker hook on_start failed ({type(exc).__name__})")
+        if stream.cancel_requested:  # a hook that swallowed its cancellation must not start the upstream
+            return _cancelled(stream)
+        return await self._consume(stream, request)
 
     async def _consume(self, stream: GenerationStream, request: dict[str, Any]) -> Outcome:
         retries = 0
@@ -258,11 +278,7 @@ class GenerationJob:
         fields: dict[str, Any] = dict(outcome.extra)
         if outcome.status is GenerationStatus.COMPLETED:
             event_type = EventType.GENERATION_COMPLETED
-            text = stream.text()
-            fields.update(finish_reason=outcome.finish_reason, usage=outcome.usage, length=len(text))
-            fields["sha256"] = text_sha256(text)
-            if stream.tool_calls:
-                fields["tool_calls"] = [_digest(stream.tool_calls[i]) for i in sorted(stream.tool_calls)]
+            fields.update(finish_reason=outcome.finish_reason, usage=outcome.usage, **_proof(stream))
         elif outcome.status is GenerationStatus.CANCELLED:
             event_type = EventType.GENERATION_CANCELLED
             fields["usage"] = outcome.usage
@@ -274,6 +290,17 @@ class GenerationJob:
         log.info("generation_finished", status=outcome.status.value, offset=str(result.last_offset))
         if result.next_generation_id is not None:
             await self.enqueue(stream.session_id, result.next_generation_id)
+
+
+def _proof(stream: GenerationStream) -> dict[str, Any]:
+    """What ``generation.completed`` states of everything the attempt produced, so that a client can verify
+    what it assembled: the text's and the reasoning's length and SHA-256, and a digest of each tool call."""
+    text, reasoning = stream.text(), stream.reasoning()
+    proof: dict[str, Any] = {"length": len(text), "sha256": text_sha256(text)}
+    proof.update(reasoning_length=len(reasoning), reasoning_sha256=text_sha256(reasoning))
+    if stream.tool_calls:
+        proof["tool_calls"] = [_digest(stream.tool_calls[i]) for i in sorted(stream.tool_calls)]
+    return proof
 
 
 def _digest(call: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,8 @@
 ``ctx.emit("sources", items=[...])`` appends an event of type ``x.sources`` to the generation, in order with
 its other events, so every subscriber sees it where it belongs. ``ctx.request`` is the accepted request
 (with its ``metadata``). A hook that raises fails the generation with ``internal_error``; one that
-emits a malformed event is told so at once.
+emits a malformed event is told so at once. A cancellation arriving while ``on_start`` runs cancels it
+(``asyncio.CancelledError``): the generation then ends cancelled, and the upstream is never called.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import importlib
 import re
 from typing import Any, Protocol
 
+from tokenfan.contract.events import encode_body
 from worker.stream_writer import GenerationStream
 
 __all__ = ["HookContext", "Hooks", "load_hooks"]
@@ -37,12 +39,20 @@ class HookContext:
         self.metadata: dict[str, Any] = request.get("metadata") or {}
 
     def emit(self, name: str, **fields: Any) -> None:
-        """Append a custom event ``x.<name>`` carrying `fields` (JSON values)."""
+        """Append a custom event ``x.<name>`` carrying `fields` (JSON values). Raises ValueError, here and
+        now, for an event that could not be written: a bad name, a reserved member, a value that is not
+        JSON, or text that is not valid Unicode (a lone surrogate)."""
         if not _NAME.fullmatch(name):
             raise ValueError(f"custom event names are lowercase a-z 0-9 _ . - (got {name!r})")
         clash = _RESERVED & fields.keys()
         if clash:
             raise ValueError(f"custom events may not set {sorted(clash)}")
+        try:
+            encode_body(
+                fields
+            ).encode()  # what the writer will do, later, in the task every generation shares
+        except (TypeError, ValueError) as exc:  # UnicodeEncodeError is a ValueError
+            raise ValueError(f"custom event fields must be JSON, with valid Unicode text ({exc})") from None
         self._stream.add_event(f"x.{name}", **fields)
 
 

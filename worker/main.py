@@ -72,7 +72,12 @@ async def _cancel_unwatched(store: Store, streams: list[GenerationStream]) -> No
             continue
         stream.unwatched_since = stream.unwatched_since or now
         if stream.unwatched_limit is not None and now - stream.unwatched_since >= stream.unwatched_limit:
-            log.info("generation_unwatched", generation_id=stream.generation_id)
+            log.info(
+                "generation_unwatched",
+                session_id=stream.session_id,
+                generation_id=stream.generation_id,
+                job_id=stream.generation_id,
+            )
             await store.request_cancel(stream.session_id, stream.generation_id, "unwatched")
 
 

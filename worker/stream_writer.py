@@ -8,6 +8,9 @@ pile up while a flush is in flight, so the next flush carries more and Redis com
 
 A failed flush (Redis unreachable, connection dropped mid-command) is retried with the *same* items: the
 store skips any event whose seq it already holds, so a retry can never duplicate what subscribers see.
+An item that cannot be written at all (a bug: an event that does not encode, text that is not valid
+Unicode) fails its own generation with `WriteRefused`, never the flusher: the flusher serves every
+generation of the process, and one dead flusher hangs them all.
 
 ``merge=False`` (``TOKENFAN_COALESCE=false``) is the naive baseline the benchmarks compare against: one event
 per piece, and each event written by its own script call as soon as it arrives, by a task of its generation
@@ -31,13 +34,18 @@ from tokenfan.contract.offsets import Offset
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
 from worker.coalesce import Coalescer, PendingEvent
 
-__all__ = ["Fenced", "GenerationStream", "StreamWriter"]
+__all__ = ["Fenced", "GenerationStream", "StreamWriter", "WriteRefused"]
 
 log = structlog.get_logger("tokenfan.worker.writer")
 
 
 class Fenced(Exception):
     """This attempt may no longer write: another attempt took the generation over, or it already ended."""
+
+
+class WriteRefused(Exception):
+    """This attempt's events could not be written at all (a bug upstream of the writer): none of the events
+    it held reached Redis. The job ends the generation from what Redis holds."""
 
 
 class GenerationStream:
@@ -129,6 +137,14 @@ class GenerationStream:
             if self.on_cancel is not None:
                 self.on_cancel()
 
+    def cancel_with(self, cancel: Callable[[], object]) -> None:
+        """What stops this attempt's work from now on. A cancellation, fencing or writer failure that came
+        before it was set is acted on at once: only the first request is recorded, so nothing else would
+        ever look at it again."""
+        self.on_cancel = cancel
+        if self.cancel_requested or self.fenced or self._error is not None:
+            cancel()
+
     def text(self) -> str:
         return "".join(self.text_parts)
 
@@ -186,7 +202,8 @@ class GenerationStream:
                         **fields,
                     )
                 )
-            events.append(EventWrite(self.next_seq, body, event.text, event.reasoning))
+            restarts = 1 if event.type is EventType.GENERATION_RESTARTED else 0
+            events.append(EventWrite(self.next_seq, body, event.text, event.reasoning, restarts))
             self.next_seq += 1
         return events
 
@@ -309,7 +326,11 @@ class StreamWriter:
         for stream in dirty:
             if stream.fenced or stream._error is not None:
                 continue
-            item = stream._take()
+            try:
+                item = stream._take()
+            except Exception as exc:  # an event that does not encode: its generation's failure alone
+                _refuse(stream, exc)
+                continue
             if item is not None:
                 batch.append((stream, item))
         return batch
@@ -343,5 +364,28 @@ class StreamWriter:
                 log.warning("write_retry", error=repr(exc.__cause__), backoff_s=backoff)
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
+            except Exception as exc:  # refused before it was sent: none of it reached Redis
+                await self._isolate(batch, exc)
+                return
         for (stream, item), result in zip(batch, results, strict=True):
             stream._apply(item, result)
+
+    async def _isolate(self, batch: list[tuple[GenerationStream, WriteItem]], exc: Exception) -> None:
+        """A batch the client refused to send: write its items one by one, so that only the generation
+        whose item is refused fails."""
+        if len(batch) == 1:
+            _refuse(batch[0][0], exc)
+            return
+        for one in batch:
+            await self._flush([one])
+
+
+def _refuse(stream: GenerationStream, exc: Exception) -> None:
+    log.error(
+        "write_refused",
+        session_id=stream.session_id,
+        generation_id=stream.generation_id,
+        job_id=stream.generation_id,
+        error=repr(exc)[:300],  # it may quote the whole event: enough to find the bug
+    )
+    stream._fail(WriteRefused(f"{stream.generation_id}'s events could not be written ({type(exc).__name__})"))

@@ -1,9 +1,9 @@
 """The upstream adapter: one OpenAI-compatible streaming chat completion as a sequence of `Update`s.
 
-The official ``openai`` client does the HTTP; this module only maps its chunks to our updates
-(`updates_from_chunk`, pure) and its exceptions to `UpstreamFailure` (`translate_error`, pure), so the job
-above it never sees a third-party type. The client's own retries are off: retrying is the job's decision,
-because only it knows whether tokens were already shown to subscribers.
+The official ``openai`` client does the HTTP; this module hands its chunks to `worker.chunks.ChunkReader`
+(pure), which makes our updates of them, and maps its exceptions to `UpstreamFailure` (`translate_error`,
+pure), so the job above it never sees a third-party type. The client's own retries are off: retrying is
+the job's decision, because only it knows whether tokens were already shown to subscribers.
 
 Why the generic request path (``client.post(..., stream=True, stream_cls=AsyncStream[object])``) instead of
 ``client.chat.completions.create``: the typed path builds a pydantic ``ChatCompletionChunk`` for every token,
@@ -27,7 +27,6 @@ import contextlib
 import json
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass
 from json.scanner import make_scanner
 from typing import Any, cast
 
@@ -35,52 +34,19 @@ import httpx2
 import openai
 
 from tokenfan.contract.events import FailureType
+from tokenfan.contract.parameters import PASSED_THROUGH
 from tokenfan.runtime.settings import Settings
+from worker.chunks import ChunkReader, Update
 
 __all__ = [
-    "ContentPiece",
-    "FinishPiece",
-    "ReasoningPiece",
+    "PASSTHROUGH",
     "SSEDecoder",
-    "ToolCallPiece",
-    "Update",
     "Upstream",
     "UpstreamFailure",
-    "UsagePiece",
+    "loads",
     "translate_error",
-    "updates_from_chunk",
+    "upstream_body",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class ContentPiece:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ReasoningPiece:
-    text: str
-
-
-@dataclass(frozen=True, slots=True)
-class ToolCallPiece:
-    index: int
-    call_id: str | None
-    name: str | None
-    arguments: str
-
-
-@dataclass(frozen=True, slots=True)
-class FinishPiece:
-    reason: str
-
-
-@dataclass(frozen=True, slots=True)
-class UsagePiece:
-    usage: dict[str, Any]
-
-
-Update = ContentPiece | ReasoningPiece | ToolCallPiece | FinishPiece | UsagePiece
 
 
 class UpstreamFailure(Exception):
@@ -107,54 +73,6 @@ class UpstreamFailure(Exception):
         if self.status is not None:
             error["status"] = self.status
         return error
-
-
-def updates_from_chunk(chunk: object) -> list[Update]:
-    """What one ``chat.completion.chunk`` (decoded JSON) adds. Tolerates provider quirks: empty deltas, usage
-    on every chunk, unknown members, and members of the wrong type (ignored rather than trusted)."""
-    if not isinstance(chunk, dict):
-        return []
-    updates: list[Update] = []
-    choices = chunk.get("choices")
-    for choice in choices if isinstance(choices, list) else ():
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-            continue  # we always ask for n=1; anything else is noise
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            _delta_updates(delta, updates)
-        finish_reason = choice.get("finish_reason")
-        if isinstance(finish_reason, str) and finish_reason:
-            updates.append(FinishPiece(finish_reason))
-    usage = chunk.get("usage")
-    if isinstance(usage, dict):
-        updates.append(UsagePiece({key: value for key, value in usage.items() if value is not None}))
-    return updates
-
-
-def _delta_updates(delta: dict[str, Any], updates: list[Update]) -> None:
-    # DeepSeek and Qwen stream reasoning as `reasoning_content`; some gateways call it `reasoning`.
-    reasoning = delta.get("reasoning_content") or delta.get("reasoning")
-    if isinstance(reasoning, str) and reasoning:
-        updates.append(ReasoningPiece(reasoning))
-    content = delta.get("content")
-    if isinstance(content, str) and content:
-        updates.append(ContentPiece(content))
-    calls = delta.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        if not isinstance(call, dict) or not isinstance(call.get("index"), int):
-            continue
-        function = call.get("function")
-        if not isinstance(function, dict):
-            function = {}
-        name, arguments, call_id = function.get("name"), function.get("arguments"), call.get("id")
-        updates.append(
-            ToolCallPiece(
-                call["index"],
-                call_id if isinstance(call_id, str) else None,
-                name if isinstance(name, str) else None,
-                arguments if isinstance(arguments, str) else "",
-            )
-        )
 
 
 class SSEDecoder:
@@ -207,8 +125,12 @@ _scan: Callable[[str, int], tuple[Any, int]] = make_scanner(json.JSONDecoder()) 
 def loads(data: bytes) -> Any:
     """``json.loads`` of one event's data, a third of the CPU: the C scanner called directly skips the
     Python layers around it (encoding detection, whitespace regexes). Anything it does not accept as is
-    (leading whitespace, an error, extra data) goes to ``json.loads``, which gives the same value or error."""
-    text = data.decode()
+    (leading whitespace, an error, extra data) goes to ``json.loads``, which gives the same value or error.
+    Bytes that are not UTF-8 become U+FFFD, as the SSE specification decodes a stream (and as openai does)."""
+    try:
+        text = data.decode()
+    except UnicodeDecodeError:
+        text = data.decode("utf-8", "replace")
     try:
         value, end = _scan(text, 0)
     except StopIteration:
@@ -225,6 +147,18 @@ def _stream_error(chunk: dict[str, Any], request: Any) -> openai.APIError:
     if not message or not isinstance(message, str):
         message = "An error occurred during streaming"
     return openai.APIError(message=message, request=request, body=chunk["error"])
+
+
+def _event_updates(event: bytes, reader: ChunkReader, request: Any) -> tuple[list[Update], bool]:
+    """The updates one event's data adds, and whether it ends the stream (``[DONE]``: what the reader
+    still held back comes out then). Raises ``openai.APIError`` for a chunk carrying ``error``."""
+    if event.startswith(b"[DONE]"):
+        return reader.flush(), True
+    chunk = loads(event)
+    if isinstance(chunk, dict) and chunk.get("error"):
+        raise _stream_error(chunk, request)
+    # Only a \ud escape can decode to a lone surrogate: a byte search spares every other chunk the check.
+    return reader.updates(chunk, suspect=b"\\ud" in event or b"\\uD" in event), False
 
 
 async def _drain(raw: AsyncIterator[bytes]) -> None:
@@ -285,14 +219,17 @@ def _error_message(exc: openai.APIError) -> str:
     return str(exc.message)[:500]
 
 
-#: Request members passed through to the upstream as they are (OpenAI chat.completions parameters).
-PASSTHROUGH = frozenset(
-    {
-        "temperature", "top_p", "max_tokens", "max_completion_tokens", "stop", "presence_penalty",
-        "frequency_penalty", "seed", "logit_bias", "user", "tools", "tool_choice", "parallel_tool_calls",
-        "response_format", "reasoning_effort", "top_k", "min_p", "repetition_penalty",
-    }
-)  # fmt: skip
+#: Request members passed to the upstream as they are: the contract's list, which the API's schema accepts.
+PASSTHROUGH = PASSED_THROUGH
+
+
+def upstream_body(request: dict[str, Any]) -> dict[str, Any]:
+    """The chat.completions body for an accepted request: its model, messages and every parameter the
+    contract passes through, always streamed, with the usage report asked for."""
+    body = {key: value for key, value in request.items() if key in PASSTHROUGH}
+    body.update(model=request["model"], messages=request["messages"], stream=True)
+    body["stream_options"] = {"include_usage": True}
+    return body
 
 
 def _http_client() -> Any:
@@ -325,13 +262,10 @@ class Upstream:
     async def stream(self, request: dict[str, Any]) -> AsyncGenerator[Update, None]:
         """Yield the updates of one streamed completion. Closing the iterator closes the HTTP request,
         which is how a provider learns to stop generating (and billing)."""
-        body = {key: value for key, value in request.items() if key in PASSTHROUGH}
-        body.update(model=request["model"], messages=request["messages"], stream=True)
-        body["stream_options"] = {"include_usage": True}
         try:
             stream = await self.client.post(
                 "/chat/completions",
-                body=body,
+                body=upstream_body(request),
                 cast_to=object,
                 stream=True,
                 stream_cls=openai.AsyncStream[object],
@@ -342,18 +276,16 @@ class Upstream:
         # The transport's byte stream itself (what openai's own drain reads): one generator layer fewer per
         # chunk than `response.aiter_raw()`, which only counts bytes on top.
         raw = cast(AsyncGenerator[bytes, None], response.stream.__aiter__())  # type: ignore[union-attr]
-        decoder = SSEDecoder()
+        decoder, reader = SSEDecoder(), ChunkReader()
         try:
             async for data in raw:
                 for event in decoder.feed(data):
-                    if event.startswith(b"[DONE]"):
+                    updates, done = _event_updates(event, reader, response.request)
+                    for update in updates:
+                        yield update
+                    if done:
                         await _drain(raw)
                         return
-                    chunk = loads(event)
-                    if isinstance(chunk, dict) and chunk.get("error"):
-                        raise _stream_error(chunk, response.request)
-                    for update in updates_from_chunk(chunk):
-                        yield update
         except httpx2.TimeoutException as exc:
             raise translate_error(openai.APITimeoutError(request=response.request)) from exc
         except (httpx2.RequestError, ssl.SSLError) as exc:

@@ -8,6 +8,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 from fastapi import Depends, FastAPI
@@ -94,6 +95,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(router)
     app.include_router(browser_router)  # the client module and the demo page: open, they hold no data
     app.include_router(openai_router)
+    _parameters_are_strings_or_absent(app)
     if not open_docs:
         _serve_docs_to_callers(app)
     install_error_handlers(app)
@@ -114,6 +116,35 @@ async def _lifespan(app: FastAPI, *, settings: Settings, auth: Authenticator) ->
         await bus.close()
         await queue.aclose()
         await store.close()
+
+
+def _parameters_are_strings_or_absent(app: FastAPI) -> None:
+    """An optional header or query parameter is a string or absent: FastAPI's schema says "or null", which
+    a client can only send as the text "null" (a malformed offset, a wrong key). The schema drops that
+    branch, so that it allows exactly what validation does."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = build()
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    for parameter in operation.get("parameters", ()):
+                        _drop_null(parameter.get("schema", {}))
+        return app.openapi_schema or build()
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _drop_null(schema: dict[str, Any]) -> None:
+    branches = schema.get("anyOf")
+    if isinstance(branches, list) and {"type": "null"} in branches:
+        kept = [branch for branch in branches if branch != {"type": "null"}]
+        del schema["anyOf"]
+        if len(kept) == 1:
+            schema.update(kept[0])
+        else:
+            schema["anyOf"] = kept
 
 
 def _serve_docs_to_callers(app: FastAPI) -> None:

@@ -21,12 +21,15 @@ from tokenfan.contract.errors import (
     Unauthorized,
     error_type,
 )
+from tokenfan.contract.parameters import NOT_CARRIED
 
 __all__ = ["error_body", "error_response", "install_error_handlers"]
 
 log = structlog.get_logger("tokenfan.api")
 
 _PATH_PARAMETER_CODES = {"session_id": "invalid_session_id", "generation_id": "invalid_generation_id"}
+#: Where a resume position travels: one that breaks the offset grammar is a 400 ``invalid_offset``.
+_POSITIONS = {("query", "after"), ("header", "Last-Event-ID")}
 _HTTP_CODES = {
     404: "not_found",
     405: "method_not_allowed",
@@ -63,15 +66,30 @@ def _validation_response(exc: RequestValidationError) -> JSONResponse:
             return error_response(400, _PATH_PARAMETER_CODES[name], f"{name} is malformed: {error['msg']}")
         if error.get("type") == "json_invalid":
             return error_response(400, "invalid_json", "the request body is not valid JSON")
+        if location[:2] in _POSITIONS:
+            return error_response(
+                400, "invalid_offset", "offset must look like '<epoch>:<ms>-<seq>', as received in an event"
+            )
     details = [
         {
             "location": [str(part) for part in error.get("loc", ())],
-            "message": error.get("msg", ""),
+            "message": _message(error),
             "type": error.get("type", ""),
         }
         for error in errors[:20]
     ]
     return error_response(422, "validation_error", "the request body does not match the schema", details)
+
+
+def _message(error: Any) -> str:
+    """pydantic's message, or for a member the schema does not know, why it is refused."""
+    location = tuple(error.get("loc", ()))
+    if error.get("type") != "extra_forbidden" or len(location) != 2 or location[0] != "body":
+        return str(error.get("msg", ""))
+    name = str(location[1])
+    if name in NOT_CARRIED:
+        return f"tokenfan cannot carry {name!r}: {NOT_CARRIED[name]}"
+    return f"{name[:40]!r} is not a member tokenfan knows (docs/PROTOCOL.md lists them)"
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -8,14 +8,15 @@ cancelled the same way whichever door it came through.
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Request
 
 from api.http.schemas import CancelResult, GenerationRequest
-from tokenfan.contract.errors import Conflict, PayloadTooLarge, RateLimited
+from tokenfan.contract.errors import Conflict, IdempotencyKeyReused, PayloadTooLarge, RateLimited
 from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
 from tokenfan.contract.ids import new_generation_id
+from tokenfan.runtime.settings import Settings
 from tokenfan.store import (
     AcceptOutcome,
     AcceptResult,
@@ -30,7 +31,7 @@ from tokenfan.store.jobs import enqueue_generation, hand_over
 if TYPE_CHECKING:
     from api.http.app import Services
 
-__all__ = ["accept_generation", "cancel_record", "check_limits", "services_of"]
+__all__ = ["admit", "cancel_record", "check_sizes", "services_of"]
 
 
 def services_of(request: Request) -> Services:
@@ -38,27 +39,75 @@ def services_of(request: Request) -> Services:
     return services
 
 
-async def check_limits(services: Services, key_name: str, body: GenerationRequest) -> None:
-    """Raise `RateLimited` or `PayloadTooLarge` when this caller or this body is over its limit."""
-    settings = services.settings
-    wait = await services.store.rate_limit(key_name, settings.rate_limit_per_minute)
-    if wait:
-        raise RateLimited(f"at most {settings.rate_limit_per_minute} generations a minute", retry_after=wait)
+async def admit(
+    services: Services,
+    key_name: str,
+    session_id: str,
+    body: GenerationRequest,
+    idempotency_key: str | None,
+    generation_id: str | None = None,
+) -> AcceptResult:
+    """Accept a generation under the caller's limits, in the order that takes nothing from a refused or
+    repeated request: what the body may carry first, then a request its Idempotency-Key has seen before (it
+    is answered as it was, taking no allowance and queueing nothing), then the rate limit, then the accept.
+    Raises `PayloadTooLarge`, `IdempotencyKeyReused`, `RateLimited` or `Conflict`."""
+    check_sizes(services.settings, body)
+    replayed = await _replayed(services, session_id, body, idempotency_key)
+    if replayed is not None:
+        return replayed
+    await _check_rate(services, key_name)
+    return await _accept(services, session_id, body, idempotency_key, generation_id)
+
+
+def check_sizes(settings: Settings, body: GenerationRequest) -> None:
+    """Limits on what one request may carry. Checked first: a refused request takes nothing."""
     if len(body.messages) > settings.max_messages:
         raise PayloadTooLarge(f"at most {settings.max_messages} messages per request")
     if body.metadata is not None and len(json.dumps(body.metadata)) > settings.max_metadata_bytes:
         raise PayloadTooLarge(f"metadata is limited to {settings.max_metadata_bytes} bytes of JSON")
 
 
-async def accept_generation(
+async def _check_rate(services: Services, key_name: str) -> None:
+    limit = services.settings.rate_limit_per_minute
+    wait = await services.store.rate_limit(key_name, limit)
+    if wait:
+        raise RateLimited(f"at most {limit} generations a minute", retry_after=wait)
+
+
+def _stored_request(body: GenerationRequest) -> dict[str, Any]:
+    """The request as the worker reads it (the policy is the API's alone)."""
+    return body.model_dump(exclude_none=True, exclude={"policy"})
+
+
+async def _replayed(
+    services: Services, session_id: str, body: GenerationRequest, idempotency_key: str | None
+) -> AcceptResult | None:
+    """The answer to a request its Idempotency-Key has seen before; None for a new key (or none)."""
+    if idempotency_key is None:
+        return None
+    result = await services.store.replay(
+        session_id, idempotency_key, request=_stored_request(body), policy=body.policy
+    )
+    if result is not None and result.outcome is AcceptOutcome.REUSED:
+        raise _reused(idempotency_key, result.generation_id)
+    return result
+
+
+def _reused(idempotency_key: str, generation_id: str) -> IdempotencyKeyReused:
+    return IdempotencyKeyReused(
+        f"Idempotency-Key {idempotency_key!r} was first sent with another request (it created "
+        f"{generation_id}); use a new key for a new request"
+    )
+
+
+async def _accept(
     services: Services,
     session_id: str,
     body: GenerationRequest,
     idempotency_key: str | None,
-    generation_id: str | None = None,
+    generation_id: str | None,
 ) -> AcceptResult:
-    """Record the generation in its session's queue, making sure the head of the queue has a job. Raises
-    `Conflict` when the session is busy and the policy is ``reject``."""
+    """Record the generation in its session's queue, making sure the head of the queue has a job."""
     generation_id = generation_id or new_generation_id()
     # The job first: if this process dies right after accepting, the generation still has a job. A job
     # that finds its generation missing or not yet at the head of its queue does nothing.
@@ -66,16 +115,19 @@ async def accept_generation(
     result = await services.store.accept(
         session_id,
         generation_id,
-        request=body.model_dump(exclude_none=True, exclude={"policy"}),
+        request=_stored_request(body),
         model=body.model,
         policy=body.policy,
         idempotency_key=idempotency_key,
     )
     if result.outcome is AcceptOutcome.CONFLICT:
         raise Conflict(f"session is busy with {result.generation_id} and policy is 'reject'")
+    if result.outcome is AcceptOutcome.REUSED:  # a concurrent request with the key won the race
+        raise _reused(str(idempotency_key), result.generation_id)
     if result.queue_position == 1:
-        # Again: the early job may have run before the generation existed. For a duplicate, its own
-        # enqueue may be what failed. arq ignores a copy of a job that is still queued or running.
+        # Again: the early job may have run before the generation existed. For a duplicate (the same key
+        # sent twice at once), the other request's enqueue may be what failed. arq ignores a copy of a job
+        # that is still queued or running.
         await enqueue_generation(services.queue, session_id, result.generation_id)
     return result
 

@@ -144,12 +144,11 @@ class Connection:
     # --- client messages (docs/PROTOCOL.md, Multi-session connections and Token expiry)
 
     async def on_message(self, raw: str | bytes) -> None:
-        message: ClientMessage = parse_message(raw)
+        message: ClientMessage = parse_message(raw, multi_session=self.multiplexed)
         if isinstance(message, Refresh):
             await self._on_refresh(message)
-        elif not self.multiplexed:
-            return  # a single-session stream takes no other message
         elif isinstance(message, Invalid):
+            # Answered, never ignored: a client whose message went unheeded would wait for nothing.
             await self._error(InvalidRequest(message.reason), message.session_id)
         elif isinstance(message, Subscribe):
             await self._on_subscribe(message)

@@ -1,7 +1,9 @@
 """What a client may send the relay (docs/PROTOCOL.md): parsed once, into a typed message or a refusal.
 
 ``subscribe`` and ``unsubscribe`` manage the sessions of a multi-session connection (``/v1/stream``);
-``refresh`` extends any connection's subscriptions with a fresh credential. Pure: no I/O.
+``refresh`` extends any connection's subscriptions with a fresh credential, and is all a single-session
+stream takes. Anything else is refused (`Invalid`), and the relay answers it with an error frame (4400).
+Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -42,10 +44,12 @@ class Invalid:
 ClientMessage = Subscribe | Unsubscribe | Refresh | Invalid
 
 _SHAPE = "a message is {'type': 'subscribe' | 'unsubscribe' | 'refresh', ...}"
+_SINGLE_SESSION_SHAPE = "this stream takes one message: {'type': 'refresh', 'token': '…'}"
 
 
-def parse_message(raw: str | bytes) -> ClientMessage:
-    """One client message, as sent (text frames hold JSON; binary frames are refused)."""
+def parse_message(raw: str | bytes, *, multi_session: bool = True) -> ClientMessage:
+    """One client message, as sent (text frames hold JSON; binary frames are refused). A single-session
+    stream (`multi_session` false) takes ``refresh`` only."""
     if isinstance(raw, bytes):
         return Invalid("send text frames holding JSON")
     try:
@@ -58,6 +62,8 @@ def parse_message(raw: str | bytes) -> ClientMessage:
     kind = value.get("type")
     if kind == "refresh":
         return _refresh(value, session)
+    if not multi_session:
+        return Invalid(_SINGLE_SESSION_SHAPE)
     if kind not in ("subscribe", "unsubscribe"):
         return Invalid(_SHAPE, session if isinstance(session, str) else None)
     if not isinstance(session, str):

@@ -315,6 +315,48 @@ async def test_unicode_chunks_reassemble_byte_exact(sim: Sim) -> None:
     assert content(chunks).encode() == "".join(pieces).encode()
 
 
+async def raw_chunks(sim: Sim, directive: dict[str, Any]) -> tuple[bytes, list[dict[str, Any]]]:
+    """One streamed reply's body as sent, and its chunks as decoded JSON."""
+    body = {"model": MODEL, "messages": chat(f"<<sim {json.dumps(directive)}>>"), "stream": True}
+    async with sim.http.stream("POST", "/v1/chat/completions", json=body) as response:
+        raw = b"".join([part async for part in response.aiter_bytes()])
+    events = raw.decode().split("\n\n")
+    return raw, [json.loads(event.removeprefix("data: ")) for event in events[:-2]]
+
+
+async def test_cumulative_chunks_carry_everything_so_far(sim: Sim) -> None:
+    directive = {"chunks": ["Hel", "lo", " world"], "reasoning": ["I ", "see"], "cumulative": True}
+    _, chunks = await raw_chunks(sim, directive)
+    deltas = [chunk["choices"][0]["delta"] for chunk in chunks if chunk["choices"]]
+    assert [d["reasoning_content"] for d in deltas if d.get("reasoning_content")] == ["I ", "I see"]
+    contents = [d["content"] for d in deltas if d.get("content")]
+    assert contents == ["Hel", "Hello", "Hello world", "Hello world"]  # the finish chunk repeats it all
+    assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_tool_calls_without_index_name_each_call_by_its_first_delta(sim: Sim) -> None:
+    calls = [{"name": "a", "arguments": '{"x": 1}', "id": "call_a"}, {"name": "b", "arguments": "{}"}]
+    _, chunks = await raw_chunks(sim, {"tool_calls": calls, "tool_index": False, "tokens": 0})
+    deltas = [
+        call
+        for chunk in chunks
+        if chunk["choices"]
+        for call in chunk["choices"][0]["delta"].get("tool_calls", [])
+    ]
+    assert deltas
+    assert all("index" not in delta for delta in deltas)
+    assert next(delta["id"] for delta in deltas if "id" in delta) == "call_a"
+
+
+async def test_lone_surrogates_go_out_as_json_escapes(sim: Sim) -> None:
+    pieces = ["smile ", "\ud83d", "\ude00", " lone \udc00"]  # an emoji's halves, then an unpaired one
+    raw, _ = await raw_chunks(sim, {"chunks": pieces})
+    assert b'"\\ud83d"' in raw
+    assert b'" lone \\udc00"' in raw
+    chunks = await stream_all(sim.client, chat(f"<<sim {json.dumps({'chunks': pieces})}>>"))
+    assert content_pieces(chunks) == pieces  # valid JSON: the openai client decodes it as sent
+
+
 async def test_empty_deltas_and_extra_fields_do_not_change_the_text(sim: Sim) -> None:
     messages = chat('<<sim {"tokens": 6, "empty_deltas": true, "extra_fields": true}>>')
     chunks = await stream_all(sim.client, messages)
@@ -467,7 +509,8 @@ async def test_a_simulator_told_its_models_refuses_any_other_as_openai_does() ->
         pytest.param({"model": MODEL, "messages": chat('<<sim {"tokens": "5"}>>')}, id="option-wrong-type"),
         pytest.param({"model": MODEL, "messages": chat('<<sim {"status": 200}>>')}, id="status-not-an-error"),
         pytest.param(
-            {"model": MODEL, "messages": chat('<<sim {"chunks": ["\\ud83d"]}>>')}, id="lone-surrogate"
+            {"model": MODEL, "messages": chat('<<sim {"tool_index": false, "parallel": true}>>')},
+            id="parallel-calls-without-index",
         ),
     ],
 )

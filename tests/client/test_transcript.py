@@ -34,15 +34,39 @@ class Frames:
             **fields,
         }
 
-    def completed(self, text: str, generation_id: str = GEN_A, **fields: Any) -> dict[str, Any]:
+    def completed(
+        self,
+        text: str,
+        generation_id: str = GEN_A,
+        *,
+        reasoning: str | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
+        **fields: Any,
+    ) -> dict[str, Any]:
+        """``generation.completed`` as the worker writes it, stating `text`, and `reasoning` and
+        `tool_calls` (``index``, ``id``, ``name``, ``arguments``) when given."""
         values: dict[str, Any] = {
             "finish_reason": "stop",
             "usage": {"completion_tokens": 3},
             "length": len(text),
             "sha256": text_sha256(text),
         }
+        if reasoning is not None:
+            values.update(reasoning_length=len(reasoning), reasoning_sha256=text_sha256(reasoning))
+        if tool_calls:
+            values["tool_calls"] = [tool_call_digest(**call) for call in tool_calls]
         values.update(fields)
         return self.frame(EventType.GENERATION_COMPLETED, generation_id, **values)
+
+
+def tool_call_digest(index: int, id: str | None, name: str | None, arguments: str) -> dict[str, Any]:
+    return {
+        "index": index,
+        "id": id,
+        "name": name,
+        "length": len(arguments),
+        "sha256": text_sha256(arguments),
+    }
 
 
 def apply_all(frames: list[dict[str, Any]]) -> Transcript:
@@ -64,7 +88,14 @@ def test_assembles_each_generation() -> None:
             tool_calls=[{"index": 0, "id": "call_1", "name": "lookup", "arguments": '{"q":'}],
         ),
         f.frame(EventType.DELTA, tool_calls=[{"index": 0, "arguments": '"x"}'}, {"index": 1, "name": "now"}]),
-        f.completed("Héllo wörld 🎉"),
+        f.completed(
+            "Héllo wörld 🎉",
+            reasoning="Thinking.",
+            tool_calls=[
+                {"index": 0, "id": "call_1", "name": "lookup", "arguments": '{"q":"x"}'},
+                {"index": 1, "id": None, "name": "now", "arguments": ""},
+            ],
+        ),
         f.frame(EventType.GENERATION_STARTED, GEN_B, attempt=1),
         f.frame(EventType.DELTA, GEN_B, content="second"),
         f.frame(EventType.GENERATION_FAILED, GEN_B, error={"type": "upstream_timeout", "message": "stalled"}),
@@ -177,12 +208,15 @@ def test_completion_catches_text_the_stream_never_delivered() -> None:
 
 def test_restarted_discards_the_output_so_far() -> None:
     f = Frames()
+    sources = {"type": "x.sources", "items": ["doc"]}
     frames = [
         f.frame(EventType.GENERATION_STARTED, attempt=1),
+        {**f.frame(EventType.DELTA), **sources},  # a hook's event: the new attempt's hooks send it again
         f.frame(EventType.DELTA, content="half an ans", reasoning="r1"),
         f.frame(EventType.DELTA, tool_calls=[{"index": 0, "id": "c1", "name": "f", "arguments": "{"}]),
         f.frame(EventType.GENERATION_RESTARTED, attempt=2),
         f.frame(EventType.GENERATION_STARTED, attempt=2),
+        {**f.frame(EventType.DELTA), **sources},
         f.frame(EventType.DELTA, content="the whole answer"),
         f.completed("the whole answer"),
     ]
@@ -191,6 +225,7 @@ def test_restarted_discards_the_output_so_far() -> None:
     assert generation.text == "the whole answer"
     assert generation.reasoning_text == ""
     assert generation.tool_calls == {}
+    assert [event["items"] for event in generation.other_events] == [["doc"]]
     assert generation.restarts == 1
     assert generation.attempt == 2
     assert generation.status is GenerationStatus.COMPLETED
@@ -234,3 +269,81 @@ def test_a_subscriber_may_join_mid_generation() -> None:
         [f.frame(EventType.DELTA, content="late", seq=41), f.frame(EventType.DELTA, seq=42)]
     )
     assert transcript.generations[GEN_A].last_seq == 42
+
+
+CALL = {"index": 0, "id": "call_1", "name": "lookup", "arguments": '{"q": "fan-out"}'}
+
+
+def with_a_tool_call(f: Frames) -> Transcript:
+    return apply_all(
+        [
+            f.frame(EventType.DELTA, content="Looking.", reasoning="I should look it up."),
+            f.frame(EventType.DELTA, tool_calls=[{**CALL, "arguments": '{"q": '}]),
+            f.frame(EventType.DELTA, tool_calls=[{"index": 0, "arguments": '"fan-out"}'}]),
+        ]
+    )
+
+
+def test_completed_proves_the_tool_calls_and_the_reasoning_too() -> None:
+    f = Frames()
+    transcript = with_a_tool_call(f)
+    generation = transcript.apply(
+        f.completed("Looking.", reasoning="I should look it up.", tool_calls=[CALL])
+    )
+    assert generation is not None
+    assert generation.status is GenerationStatus.COMPLETED
+
+
+@pytest.mark.parametrize(
+    ("stated", "complaint"),
+    [
+        ({"tool_calls": [{**CALL, "arguments": '{"q": "fan-in"}'}]}, "tool call 0"),
+        ({"tool_calls": [{**CALL, "name": "search"}]}, "tool call 0"),
+        ({"tool_calls": [{**CALL, "id": "call_2"}]}, "tool call 0"),
+        ({"tool_calls": [CALL, {**CALL, "index": 1}]}, "tool calls"),
+        ({"tool_calls": []}, "tool calls"),
+        ({"reasoning": "I should look it up!"}, "reasoning"),
+    ],
+    ids=["arguments", "name", "id", "a call never received", "a call never stated", "reasoning"],
+)
+def test_completed_refuses_tool_calls_or_reasoning_that_differ_from_what_arrived(
+    stated: dict[str, Any], complaint: str
+) -> None:
+    f = Frames()
+    transcript = with_a_tool_call(f)
+    values: dict[str, Any] = {"reasoning": "I should look it up.", "tool_calls": [CALL], **stated}
+    with pytest.raises(TranscriptError, match=complaint):
+        transcript.apply(f.completed("Looking.", **values))
+    assert transcript.generations[GEN_A].status is not GenerationStatus.COMPLETED
+
+
+def test_a_snapshot_keeps_reasoning_and_tool_calls_and_the_end_still_proves_them() -> None:
+    f = Frames()
+    snapshot = {
+        "type": "snapshot",
+        "offset": f"{f.epoch}:{f.ms + 1}-0",
+        "session_id": "s1",
+        "reason": "slow_consumer",
+        "generations": [
+            {
+                "generation_id": GEN_A,
+                "status": "running",
+                "text": "Look",
+                "reasoning": "I should ",
+                "tool_calls": [{**CALL, "arguments": '{"q": '}],
+                "seq": 4,
+                "attempt": 1,
+            }
+        ],
+    }
+    f.ms += 1
+    f.seq_of[GEN_A] = 4
+    transcript = apply_all([snapshot])
+    generation = transcript.generations[GEN_A]
+    assert (generation.text, generation.reasoning_text) == ("Look", "I should ")
+    assert generation.tool_calls == {0: {"id": "call_1", "name": "lookup", "arguments": '{"q": '}}
+    transcript.apply(f.frame(EventType.DELTA, content="ing.", reasoning="look it up."))
+    transcript.apply(f.frame(EventType.DELTA, tool_calls=[{"index": 0, "arguments": '"fan-out"}'}]))
+    transcript.apply(f.completed("Looking.", reasoning="I should look it up.", tool_calls=[CALL]))
+    assert generation.status is GenerationStatus.COMPLETED
+    assert generation.reasoning_text == "I should look it up."

@@ -288,6 +288,14 @@ def test_an_api_key_is_a_service_principal() -> None:
     assert principal.expires_at is None
 
 
+@pytest.mark.parametrize("credential", ["\ud800", "a.b.\udfff", KEY + "\udc00"])
+def test_a_credential_that_is_not_valid_unicode_is_unauthorized(credential: str) -> None:
+    """A JSON message may carry one (an escaped lone surrogate); it opens nothing, and crashes nothing."""
+    for insecure in (False, True):
+        with pytest.raises(Unauthorized, match="malformed"):
+            authenticator(insecure_dev_mode=insecure).authenticate(credential)
+
+
 def test_an_api_key_in_a_url_is_refused_and_must_be_rotated() -> None:
     with pytest.raises(Unauthorized, match="never in a URL; rotate this one"):
         authenticator().authenticate(KEY, in_url=True)

@@ -11,7 +11,7 @@ from tests.store.helpers import REQUEST, USAGE, accept, completed, make_store, q
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_generation_id
 from tokenfan.contract.keys import SessionKeys
-from tokenfan.store import AcceptOutcome, Finish, Store, WriteItem, WriteOutcome
+from tokenfan.store import AcceptOutcome, AcceptResult, Finish, Store, WriteItem, WriteOutcome
 
 
 async def test_accept_queues_generations_in_order(redis: Redis, session_id: str) -> None:
@@ -65,6 +65,46 @@ async def test_idempotency_key_returns_the_first_generation(redis: Redis, sessio
     )
     assert other.outcome is AcceptOutcome.ACCEPTED
     assert await queue_of(redis, session_id) == [first.generation_id, other.generation_id]
+
+
+async def test_an_idempotency_key_with_another_request_is_refused_and_writes_nothing(
+    redis: Redis, session_id: str
+) -> None:
+    store = make_store(redis)
+    first = await store.accept(
+        session_id, new_generation_id(), request=REQUEST, model="m", idempotency_key="k"
+    )
+    other_request = {**REQUEST, "temperature": 0.5}
+    for request, policy in ((other_request, "enqueue"), (REQUEST, "interrupt")):
+        reused = await store.accept(
+            session_id, new_generation_id(), request=request, model="m", policy=policy, idempotency_key="k"
+        )
+        assert (reused.outcome, reused.generation_id) == (AcceptOutcome.REUSED, first.generation_id)
+        assert reused.queue_position == 0
+    # The same request with its members in another order is the same request.
+    reordered = dict(reversed(list(REQUEST.items())))
+    again = await store.accept(
+        session_id, new_generation_id(), request=reordered, model="m", idempotency_key="k"
+    )
+    assert (again.outcome, again.generation_id) == (AcceptOutcome.DUPLICATE, first.generation_id)
+    assert await queue_of(redis, session_id) == [first.generation_id]
+
+
+async def test_replay_answers_a_known_key_without_writing(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    assert await store.replay(session_id, "k", request=REQUEST) is None
+    first = await store.accept(
+        session_id, new_generation_id(), request=REQUEST, model="m", idempotency_key="k"
+    )
+    replayed = await store.replay(session_id, "k", request=REQUEST)
+    assert replayed == AcceptResult(AcceptOutcome.DUPLICATE, first.generation_id, 1, first.epoch)
+    reused = await store.replay(session_id, "k", request={**REQUEST, "model": "n"})
+    assert reused is not None
+    assert (reused.outcome, reused.generation_id) == (AcceptOutcome.REUSED, first.generation_id)
+    assert await store.replay(session_id, "k", request=REQUEST, policy="reject") == AcceptResult(
+        AcceptOutcome.REUSED, first.generation_id, 0, ""
+    )
+    assert await queue_of(redis, session_id) == [first.generation_id]
 
 
 async def test_a_retried_accept_is_a_duplicate_queued_once(redis: Redis, session_id: str) -> None:

@@ -91,6 +91,11 @@ async def _every_script(store: Store) -> None:
     first, second, third = new_generation_id(), new_generation_id(), new_generation_id()
     await store.accept(session_id, first, request=REQUEST, model="m")
     await store.accept(session_id, second, request=REQUEST, model="m", idempotency_key="k")
+    replayed = await store.replay(session_id, "k", request=REQUEST)
+    assert replayed is not None
+    assert replayed.outcome is AcceptOutcome.DUPLICATE
+    reused = await store.accept(session_id, third, request={}, model="m", idempotency_key="k")
+    assert reused.outcome is AcceptOutcome.REUSED
     refused = await store.accept(session_id, new_generation_id(), request=REQUEST, model="m", policy="reject")
     assert refused.outcome is AcceptOutcome.CONFLICT
     started = await store.start(session_id, first)

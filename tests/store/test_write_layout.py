@@ -36,7 +36,8 @@ def test_the_prelude_gives_each_field_its_offset_in_its_group() -> None:
     assert constants["KEY_LIVE"] == str(ItemKeys._fields.index("live"))
     assert constants["KEY_SIZE"] == str(len(ItemKeys._fields))
     assert constants["EVENT_BODY"] == "1"
-    assert constants["EVENT_SIZE"] == "4"
+    assert constants["EVENT_SIZE"] == str(len(EventWrite._fields))
+    assert constants["EVENT_RESTARTS"] == "4"
     assert constants["FINISH_ERROR"] == "3"
     assert constants["CALL_ITEM_COUNT"] == str(len(WriteCall._fields) - 1)
     assert constants["MODE_FINISH"] == f"'{MODE_FINISH}'"

@@ -19,6 +19,7 @@ from tests.store.helpers import (
     queue_of,
     resolved,
     running,
+    start_after_lease,
     stream_ids,
     stream_texts,
 )
@@ -127,6 +128,75 @@ async def test_a_stale_attempt_is_fenced(redis: Redis, session_id: str) -> None:
     record = await store.generation(generation_id)
     assert record is not None
     assert record.status is GenerationStatus.RUNNING
+
+
+def restarted(session_id: str, generation_id: str, seq: int, attempt: int) -> EventWrite:
+    body = event_body(
+        EventType.GENERATION_RESTARTED,
+        session_id=session_id,
+        generation_id=generation_id,
+        seq=seq,
+        attempt=attempt,
+    )
+    return EventWrite(seq, encode_body(body), restarts=1)
+
+
+async def test_a_restart_clears_the_dead_attempts_output_in_the_call_that_appends_it(
+    redis: Redis, session_id: str
+) -> None:
+    store = make_store(redis, lease_ms=50)
+    generation_id, attempt = await running(store, session_id)
+    thought = event_body(
+        EventType.DELTA, session_id=session_id, generation_id=generation_id, seq=5, reasoning="hmm"
+    )
+    dead = [*deltas(session_id, generation_id, "dead"), EventWrite(5, encode_body(thought), "", "hmm")]
+    calls = json.dumps([{"index": 0, "id": "call_1", "name": "f", "arguments": '{"a"'}])
+    await store.write([WriteItem(session_id, generation_id, attempt, dead, tool_calls=calls)])
+    takeover = await start_after_lease(store, session_id, generation_id)
+    assert (takeover.outcome, takeover.last_seq) == (StartOutcome.RESTARTED, 5)
+
+    # The restart alone: nothing of the first attempt is left, though the clean run has not begun.
+    (result,) = await store.write(
+        [WriteItem(session_id, generation_id, takeover.attempt, [restarted(session_id, generation_id, 6, 2)])]
+    )
+    assert result.outcome is WriteOutcome.OK
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert (record.text, record.reasoning, record.tool_calls, record.seq) == ("", "", [], 6)
+
+    clean = WriteItem(
+        session_id, generation_id, takeover.attempt, deltas(session_id, generation_id, "ok", first_seq=7)
+    )
+    await store.write([clean])
+    # The restart retried after an ambiguous failure: already stored, it clears nothing a second time.
+    await store.write(
+        [WriteItem(session_id, generation_id, takeover.attempt, [restarted(session_id, generation_id, 6, 2)])]
+    )
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert (record.text, record.reasoning, record.tool_calls, record.seq) == ("ok", "", [], 8)
+    snapshot = await store.snapshot(session_id, since=(await stream_ids(redis, session_id))[0])
+    assert snapshot is not None
+    assert [(view.text, view.reasoning, view.tool_calls) for view in snapshot.generations] == [("ok", "", [])]
+
+
+async def test_a_restart_keeps_what_follows_it_in_the_same_call(redis: Redis, session_id: str) -> None:
+    store = make_store(redis, lease_ms=50)
+    generation_id, attempt = await running(store, session_id)
+    await store.write(
+        [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "old"))]
+    )
+    takeover = await start_after_lease(store, session_id, generation_id)
+    calls = json.dumps([{"index": 0, "id": "call_2", "name": "g", "arguments": "{}"}])
+    events = [
+        restarted(session_id, generation_id, 4, 2),
+        *deltas(session_id, generation_id, "new", first_seq=5),
+    ]
+    await store.write([WriteItem(session_id, generation_id, takeover.attempt, events, tool_calls=calls)])
+    record = await store.generation(generation_id)
+    assert record is not None
+    assert record.text == "new"
+    assert record.tool_calls == json.loads(calls)
 
 
 async def test_appending_before_start_is_fenced(redis: Redis, session_id: str) -> None:

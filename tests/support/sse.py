@@ -1,17 +1,22 @@
-"""An SSE subscriber that parses the event stream as the specification says."""
+"""SSE subscribers that parse the event stream as the specification says: one over httpx, and one that stops
+reading its socket (a slow consumer)."""
 
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import json
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlencode, urlsplit
 
+import h11
 import httpx
 
 from tests.support.delivery import transcript_of
+from tests.support.slow import slow_socket
 from tokenfan.client.transcript import Transcript
 
 
@@ -175,3 +180,79 @@ class CredentialSseWatcher(SseWatcher):
             client.stream("GET", f"/v1/sessions/{self.session_id}/events", params=params, headers=headers)
         )
         return self.response
+
+
+class StalledSseReader:
+    """An SSE subscriber on a `slow_socket` that reads nothing after sending its request until `resume()`:
+    the server's response, once the kernel's small buffers are full, can only pile up in the server. Spoken
+    with h11, since no HTTP client lets a test stop reading a response's socket outright."""
+
+    def __init__(self, api_url: str, session_id: str, *, after: str) -> None:
+        self.api_url = api_url
+        self.target = f"/v1/sessions/{session_id}/events?{urlencode({'after': after})}"
+        self.blocks: list[SseBlock] = []
+        self.status: int | None = None
+        self.ended = False  # the server ended the response
+        self._http = h11.Connection(h11.CLIENT)
+        self._text = codecs.getincrementaldecoder("utf-8")()
+        self._lines = ""
+        self._block = SseBlock()
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    @property
+    def frames(self) -> list[dict[str, Any]]:
+        return [block.frame() for block in self.blocks if block.is_event]
+
+    async def open(self) -> StalledSseReader:
+        sock = await slow_socket(self.api_url)
+        self._reader, self._writer = await asyncio.open_connection(sock=sock)
+        host = urlsplit(self.api_url).netloc
+        request = h11.Request(method="GET", target=self.target, headers=[("Host", host)])
+        self._writer.write(self._http.send(request) + self._http.send(h11.EndOfMessage()))
+        await self._writer.drain()
+        self._writer.transport.pause_reading()  # type: ignore[attr-defined]
+        return self
+
+    def resume(self) -> None:
+        assert self._writer is not None
+        self._writer.transport.resume_reading()  # type: ignore[attr-defined]
+
+    async def receive_until(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 20.0
+    ) -> None:
+        """Read (after `resume`) until `done(frames)` holds or the response ends; a timeout fails the test."""
+        assert self._reader is not None
+        async with asyncio.timeout(timeout):
+            while not done(self.frames) and not self.ended:
+                self._http.receive_data(await self._reader.read(65_536))
+                self._take_events()
+
+    def _take_events(self) -> None:
+        while True:
+            event = self._http.next_event()
+            if event is h11.NEED_DATA or isinstance(event, h11.ConnectionClosed):
+                if isinstance(event, h11.ConnectionClosed):
+                    self.ended = True
+                return
+            if isinstance(event, h11.Response):
+                self.status = event.status_code
+            elif isinstance(event, h11.Data):
+                self._parse(self._text.decode(bytes(event.data)))
+            elif isinstance(event, h11.EndOfMessage):
+                self.ended = True
+                return
+
+    def _parse(self, text: str) -> None:
+        self._lines += text
+        *lines, self._lines = self._lines.split("\n")
+        for line in lines:
+            if line:
+                self._block.add_line(line)
+            elif self._block.is_event or self._block.comments or self._block.retry is not None:
+                self.blocks.append(self._block)
+                self._block = SseBlock()
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -13,9 +15,10 @@ from arq.connections import ArqRedis
 from arq.constants import job_key_prefix
 from redis.asyncio import Redis
 
-from tests.support.delivery import assert_exact_delivery
+from tests.support.delivery import assert_exact_delivery, stream_contents, transcript_of
 from tests.support.requests import accept, expected_text, user_message
 from tests.support.stack import RunningStack
+from tests.support.waiting import wait_for_condition
 from tests.support.watchers import Watcher, finished
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_generation_id
@@ -66,6 +69,75 @@ async def test_late_joiner_receives_the_whole_history(
     await assert_exact_delivery(redis, session_id, early.frames)
     await early.close()
     await late.close()
+
+
+def deltas_seen(generation_id: str, count: int) -> Any:
+    """A `receive_until` condition: `count` deltas of the generation arrived."""
+    return lambda frames: (
+        sum(f["type"] == "delta" and f["generation_id"] == generation_id for f in frames) >= count
+    )
+
+
+async def test_a_subscriber_joining_mid_generation_gets_its_history_then_its_live_tail(
+    stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    body = user_message("join me midway", {"tokens": 150, "rate": 100})  # 1.5 s of tokens
+    early = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, body)
+    await early.receive_until(deltas_seen(generation_id, 5))
+    assert not finished(generation_id)(early.frames)
+    late = await Watcher(stack.relay_url, session_id).connect()  # no `after`: everything, then live
+    await late.receive_until(finished(generation_id))
+    await early.receive_until(finished(generation_id))
+    for watcher in (early, late):
+        assert watcher.transcript().generations[generation_id].text == expected_text(body)
+        await assert_exact_delivery(redis, session_id, watcher.frames)
+        await watcher.close()
+
+
+async def test_a_snapshot_read_while_a_generation_runs_rebuilds_it_exactly(
+    stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    """The way a client rebuilds: a snapshot, then the stream after its offset; with reasoning and a tool
+    call, which the snapshot holds too, and which the end proves."""
+    thoughts = ["First ", "I ", "think."]
+    calls = [{"name": "lookup", "arguments": json.dumps({"q": "fan-out"})}]
+    directive = {"reasoning": thoughts, "tokens": 150, "rate": 100, "tool_calls": calls}
+    body = user_message("snapshot me midway", directive)
+    early = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, body)
+    await early.receive_until(lambda frames: any("content" in frame for frame in frames))
+
+    snapshot = (await api.get(f"/v1/sessions/{session_id}")).json()
+    view = (await api.get(f"/v1/generations/{generation_id}")).json()
+    (held,) = snapshot["generations"]
+    assert expected_text(body).startswith(held["text"])
+    assert view["seq"] >= held["seq"]  # read after it: as far, or further
+    rest = await Watcher(stack.relay_url, session_id).connect(after=snapshot["offset"])
+    await rest.receive_until(finished(generation_id))
+    await early.receive_until(finished(generation_id))
+    rebuilt = transcript_of([{"type": "snapshot", **snapshot}, *rest.frames]).generations[generation_id]
+    assert rebuilt.status is GenerationStatus.COMPLETED  # and every digest of its end held
+    assert (rebuilt.text, rebuilt.reasoning_text) == (expected_text(body), "".join(thoughts))
+    assert [(c["name"], c["arguments"]) for c in rebuilt.tool_calls.values()] == [
+        (call["name"], call["arguments"]) for call in calls
+    ]
+    # The snapshot is exactly the stream up to its offset.
+    before = [
+        frame
+        for frame in early.frames
+        if frame["offset"] in await offsets_through(redis, session_id, snapshot["offset"])
+    ]
+    assert "".join(frame.get("content", "") for frame in before) == held["text"]
+    assert "".join(frame.get("reasoning", "") for frame in before) == held["reasoning"]
+    for watcher in (early, rest):
+        await watcher.close()
+
+
+async def offsets_through(redis: Redis, session_id: str, offset: str) -> set[str]:
+    """The offsets of the session's stream up to and including `offset`."""
+    offsets, _ = await stream_contents(redis, session_id)
+    return set(offsets[: offsets.index(offset) + 1])
 
 
 async def test_two_generations_of_one_session_run_in_order_and_never_interleave(
@@ -297,3 +369,45 @@ async def test_a_job_that_runs_before_its_generation_is_accepted_waits_for_it(
     await watcher.receive_until(finished(generation_id))
     assert watcher.transcript().generations[generation_id].text == expected_text(body)
     await watcher.close()
+
+
+def log_lines(stack: RunningStack, mentioning: str) -> list[dict[str, Any]]:
+    """Every JSON log line of the stack's processes in which `mentioning` appears, with its file's name."""
+    lines = []
+    for path in sorted(stack.logs.glob("*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            if mentioning in line:
+                with contextlib.suppress(ValueError):
+                    lines.append({**json.loads(line), "file": path.name})
+    return lines
+
+
+async def test_every_log_line_of_a_generation_names_its_session_generation_and_job(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    """docs/OPERATIONS.md: events about a generation carry session_id, generation_id and, in the worker,
+    job_id; whichever process writes them, and whoever writes them (our code, or a library's)."""
+    watcher = await Watcher(stack.relay_url, session_id).connect()
+    generation_id = await accept(api, session_id, user_message("log me", {"tokens": 5}))
+    await watcher.receive_until(finished(generation_id))
+    await watcher.close()
+    assert (await api.get(f"/v1/generations/{generation_id}")).status_code == 200
+    assert (await api.post(f"/v1/generations/{generation_id}/cancel")).status_code == 200
+
+    def worker_done(lines: list[dict[str, Any]]) -> bool:
+        return any(line["event"] == "generation_finished" for line in lines)
+
+    def api_done(lines: list[dict[str, Any]]) -> bool:
+        return any(line.get("path") == f"/v1/generations/{generation_id}/cancel" for line in lines)
+
+    async def written() -> bool:  # a process logs a request after answering it
+        lines = log_lines(stack, generation_id)
+        return worker_done(lines) and api_done(lines)
+
+    await wait_for_condition(written)
+    lines = log_lines(stack, generation_id)
+    assert {line["component"] for line in lines} >= {"api", "worker"}
+    for line in lines:
+        assert (line.get("session_id"), line.get("generation_id")) == (session_id, generation_id), line
+        if line["component"] == "worker":
+            assert line.get("job_id") == generation_id, line

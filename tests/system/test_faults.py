@@ -9,7 +9,10 @@ timeout, fast presence claims, and the test hooks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -22,7 +25,11 @@ from tests.support.stack import RunningStack
 from tests.support.watchers import Watcher, finished
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.cli.processes import ChildProcess
+from tokenfan.client import SessionStream
+from tokenfan.client.transcript import Transcript
 from tokenfan.contract.events import GenerationStatus
+from tokenfan.contract.offsets import parse_offset
+from tokenfan.store import Store
 
 pytestmark = pytest.mark.fault
 
@@ -104,6 +111,66 @@ async def test_a_worker_killed_mid_generation_is_replaced_and_subscribers_get_on
         await watcher.close()
     restarted = next(f for f in watchers[0].frames if f["type"] == "generation.restarted")
     assert restarted["attempt"] == 2
+
+
+def clean_run(view: dict[str, Any]) -> tuple[str, str, list[tuple[str, str]]]:
+    """What a generation view (the API's, or a snapshot's) says the generation produced."""
+    calls = sorted((call["index"], call["name"], call["arguments"]) for call in view["tool_calls"])
+    return view["text"], view["reasoning"], [(name, arguments) for _, name, arguments in calls]
+
+
+async def rebuilt_by_a_client(faults: RunningStack, session_id: str, offset: str) -> dict[str, Any]:
+    """The snapshot frame a resuming client rebuilds from when its position is gone: an offset of another
+    epoch makes the relay answer 4410."""
+    epoch, _, entry_id = offset.partition(":")
+    stale = ("zz" if not epoch.startswith("zz") else "yy") + epoch[2:] + ":" + entry_id
+    stream = SessionStream(faults.relay_url, session_id, after=stale, api_url=faults.api_url)
+    iterator = aiter(stream)
+    try:
+        async with asyncio.timeout(10):
+            frame: dict[str, Any] = await anext(iterator)
+    finally:
+        with contextlib.suppress(Exception):
+            await iterator.aclose()  # type: ignore[attr-defined]
+    return frame
+
+
+async def test_after_a_restart_every_view_holds_the_clean_run_only(
+    faults: RunningStack, fapi: httpx.AsyncClient, fredis: Redis
+) -> None:
+    session_id = new_session_id()
+    reasoning = ["Let ", "me ", "think ", "it ", "over."]
+    calls = [{"name": "lookup", "arguments": json.dumps({"query": "fan-out " * 8})}]
+    directive = {"reasoning": reasoning, "tokens": 20, "tool_calls": calls, "tool_chunk": 2, "rate": 60}
+    body = user_message("restart me", directive)
+    clean = (expected_text(body), "".join(reasoning), [(call["name"], call["arguments"]) for call in calls])
+    watcher = await Watcher(faults.relay_url, session_id).connect()
+    generation_id = await accept(fapi, session_id, body)
+    # The first attempt dies once it has streamed reasoning, content and part of its tool call.
+    await watcher.receive_until(lambda frames: any("tool_calls" in frame for frame in frames))
+    only_worker(faults).kill()
+    faults.spawn("worker").wait_ready()
+    await watcher.receive_until(finished(generation_id))
+    await watcher.close()
+
+    generation = watcher.transcript().generations[generation_id]
+    assert (generation.status, generation.restarts) == (GenerationStatus.COMPLETED, 1)
+    view = (await fapi.get(f"/v1/generations/{generation_id}")).json()
+    assert clean_run(view) == clean
+    (in_session,) = (await fapi.get(f"/v1/sessions/{session_id}")).json()["generations"]
+    assert clean_run(in_session) == clean
+    # What a slow consumer is sent instead of its backlog: the generations changed after its position.
+    store = Store(fredis, session_ttl_seconds=3600, stream_max_length=10_000)
+    since = parse_offset(watcher.frames[0]["offset"]).stream_id
+    slow = await store.snapshot(session_id, since=since)
+    assert slow is not None
+    assert [clean_run(record.as_json()) for record in slow.generations] == [clean]
+    rebuilt = await rebuilt_by_a_client(faults, session_id, watcher.frames[0]["offset"])
+    assert rebuilt["type"] == "snapshot"
+    transcript = Transcript()
+    transcript.apply(rebuilt)
+    assert transcript.generations[generation_id].text == clean[0]
+    assert [clean_run(view) for view in rebuilt["generations"]] == [clean]
 
 
 async def test_after_the_last_attempt_a_generation_fails_with_worker_lost(

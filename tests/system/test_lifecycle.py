@@ -159,9 +159,12 @@ async def test_reasoning_and_content_arrive_on_their_own_channels(
     thoughts = ["Let me ", "think: ", "two plus ", "two."]
     body = sim("what is 2+2", reasoning=thoughts, chunks=["It ", "is ", "4."])
     watcher = await run_one(stack, api, session_id, body)
-    (generation,) = watcher.transcript().generations.values()
+    (generation,) = watcher.transcript().generations.values()  # checks the end's digests, reasoning's too
     assert generation.reasoning_text == "".join(thoughts)
     assert generation.text == "It is 4."
+    completed = watcher.frames[-1]
+    assert completed["reasoning_length"] == len("".join(thoughts))
+    assert completed["reasoning_sha256"] == text_sha256("".join(thoughts))
     view = (await api.get(f"/v1/generations/{generation.generation_id}")).json()
     assert view["reasoning"] == "".join(thoughts)
     assert view["text"] == "It is 4."
@@ -211,3 +214,57 @@ async def test_provider_quirks_do_not_change_the_text(
     assert generation.text == "".join(reply_chunks(body, SIMULATOR))
     assert generation.usage is not None
     assert generation.usage["completion_tokens"] == 20  # the last of the repeated reports wins
+
+
+def well_formed(text: str) -> str:
+    """`text` with each lone surrogate replaced by U+FFFD, as the worker takes it from its upstream."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+async def test_tool_calls_without_an_index_are_assembled_by_their_ids(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    calls = [
+        {"name": "get_weather", "arguments": json.dumps({"city": "Zürich"}), "id": "call_w"},
+        {"name": "get_time", "arguments": json.dumps({"tz": "UTC"}), "id": "call_t"},
+    ]
+    body = sim("no index", tool_calls=calls, tool_index=False, tool_chunk=4, chunks=["Checking."])
+    watcher = await run_one(stack, api, session_id, body)
+    (generation,) = watcher.transcript().generations.values()  # the end's digests prove each call
+    assembled = [(call["id"], call["name"], call["arguments"]) for call in generation.tool_calls.values()]
+    assert assembled == [(call["id"], call["name"], call["arguments"]) for call in calls]
+    view = (await api.get(f"/v1/generations/{generation.generation_id}")).json()
+    assert [(call["index"], call["name"]) for call in view["tool_calls"]] == [
+        (0, "get_weather"),
+        (1, "get_time"),
+    ]
+
+
+async def test_cumulative_text_comes_out_as_deltas(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    thoughts, pieces = ["Hmm, ", "let me ", "see."], ["The ", "answer ", "is ", "42", "."]
+    body = sim("everything so far", reasoning=thoughts, chunks=pieces, cumulative=True)
+    watcher = await run_one(stack, api, session_id, body)
+    (generation,) = watcher.transcript().generations.values()
+    assert (generation.text, generation.reasoning_text) == ("".join(pieces), "".join(thoughts))
+    view = (await api.get(f"/v1/generations/{generation.generation_id}")).json()
+    assert (view["text"], view["reasoning"]) == ("".join(pieces), "".join(thoughts))
+
+
+async def test_lone_surrogates_from_the_upstream_become_replacement_characters(
+    stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    pieces = ["smile ", "\ud83d", "\ude00", " lone \udc00", " end"]  # an emoji's halves apart, one unpaired
+    calls = [{"name": "note", "arguments": '{"mood": "\ud83d"}'}]
+    body = sim("surrogates", chunks=pieces, reasoning=["why \udfff"], tool_calls=calls)
+    watcher = await run_one(stack, api, session_id, body)
+    (generation,) = watcher.transcript().generations.values()
+    assert generation.status is GenerationStatus.COMPLETED
+    assert generation.text == "".join(well_formed(piece) for piece in pieces)
+    assert generation.reasoning_text == "why \ufffd"
+    assert [call["arguments"] for call in generation.tool_calls.values()] == ['{"mood": "\ufffd"}']
+    # The worker goes on: a lone surrogate must not stop its writer (every generation would then hang).
+    after = user_message("after the surrogates")
+    again = await run_one(stack, api, session_id, after)
+    assert again.transcript().generations[again.frames[-1]["generation_id"]].text == expected_text(after)

@@ -206,6 +206,10 @@ def test_loads_gives_the_json_value(data: bytes, value: object) -> None:
     assert loads(data) == value
 
 
+def test_loads_replaces_bytes_that_are_not_utf8_as_the_sse_specification_decodes() -> None:
+    assert loads(b'{"content": "caf\xe9 \xff"}') == {"content": "caf\ufffd \ufffd"}
+
+
 @pytest.mark.parametrize("data", [b"", b" ", b"{", b'{"a":1} x', b'{"a":1}{}', b"[1,", b"nul", b"{'a':1}"])
 def test_loads_refuses_what_json_refuses(data: bytes) -> None:
     with pytest.raises(json.JSONDecodeError) as ours:

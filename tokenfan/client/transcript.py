@@ -2,8 +2,12 @@
 
 `Transcript.apply` folds frames in the order received into one `GenerationTranscript` per generation and
 refuses (`TranscriptError`) anything a correct stream never produces: an offset that does not follow the
-previous one, a seq that skips or repeats, or a completed generation whose length or SHA-256 differs from
-the text assembled. A ``generation.restarted`` frame discards what that generation had produced so far.
+previous one, a seq that skips or repeats, or a completed generation that states anything other than what
+was assembled: the text's length and SHA-256, the reasoning's (when the event states them), and each tool
+call's index, id, name and the length and SHA-256 of its arguments. A ``snapshot`` frame replaces the
+state of the generations it lists, reasoning and tool calls included, and the end is checked against what
+it held plus what followed. A ``generation.restarted`` frame discards what that generation had produced so far,
+custom (``x.*``) events included: the new attempt's hooks emit them again.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ class GenerationTranscript:
         self.content.clear()
         self.reasoning.clear()
         self.tool_calls.clear()
+        self.other_events.clear()  # the new attempt's hooks send their events again
 
 
 class Transcript:
@@ -98,6 +103,15 @@ class Transcript:
             generation = GenerationTranscript(view["generation_id"])
             generation.status = GenerationStatus(view["status"])
             generation.content = [view.get("text", "")] if view.get("text") else []
+            generation.reasoning = [view.get("reasoning", "")] if view.get("reasoning") else []
+            generation.tool_calls = {
+                int(call["index"]): {
+                    "id": call.get("id") or "",
+                    "name": call.get("name") or "",
+                    "arguments": call.get("arguments", ""),
+                }
+                for call in view.get("tool_calls", ())
+            }
             generation.attempt = int(view.get("attempt", 0))
             generation.last_seq = int(view.get("seq", 0))
             generation.finish_reason = view.get("finish_reason")
@@ -142,15 +156,36 @@ class Transcript:
 
     @staticmethod
     def _complete(generation: GenerationTranscript, frame: dict[str, Any]) -> None:
-        text = generation.text
-        if "length" in frame and frame["length"] != len(text):
-            raise TranscriptError(
-                f"{generation.generation_id}: assembled {len(text)} characters, stream says {frame['length']}"
-            )
-        if "sha256" in frame and frame["sha256"] != text_sha256(text):
-            raise TranscriptError(
-                f"{generation.generation_id}: assembled text does not match the stream's SHA-256"
-            )
+        """Check everything ``generation.completed`` states against what was assembled, then complete."""
+        name = generation.generation_id
+        _check_digest(f"{name}: text", generation.text, frame.get("length"), frame.get("sha256"))
+        reasoning_length, reasoning_sha256 = frame.get("reasoning_length"), frame.get("reasoning_sha256")
+        _check_digest(f"{name}: reasoning", generation.reasoning_text, reasoning_length, reasoning_sha256)
+        if "tool_calls" in frame or "sha256" in frame:  # a tokenfan end states its tool calls, if any
+            _check_tool_calls(name, generation.tool_calls, frame.get("tool_calls") or [])
         generation.status = GenerationStatus.COMPLETED
         generation.finish_reason = frame.get("finish_reason")
         generation.usage = frame.get("usage")
+
+
+def _check_digest(what: str, assembled: str, length: object, sha256: object) -> None:
+    """`assembled` against the length (code points) and SHA-256 an end states (None: not stated)."""
+    if length is not None and length != len(assembled):
+        raise TranscriptError(f"{what}: assembled {len(assembled)} characters, stream says {length}")
+    if sha256 is not None and sha256 != text_sha256(assembled):
+        raise TranscriptError(f"{what}: assembled does not match the stream's SHA-256")
+
+
+def _check_tool_calls(name: str, assembled: dict[int, dict[str, str]], stated: list[dict[str, Any]]) -> None:
+    """The tool calls assembled against the digests ``generation.completed`` lists, one for each call."""
+    indexes = sorted(int(digest["index"]) for digest in stated)
+    if indexes != sorted(assembled):
+        raise TranscriptError(f"{name}: tool calls {sorted(assembled)} assembled, stream says {indexes}")
+    for digest in stated:
+        index = int(digest["index"])
+        call = assembled[index]
+        if (call["id"] or None, call["name"] or None) != (digest.get("id"), digest.get("name")):
+            raise TranscriptError(f"{name}: tool call {index} is not the call the stream names")
+        _check_digest(
+            f"{name}: tool call {index}", call["arguments"], digest.get("length"), digest.get("sha256")
+        )

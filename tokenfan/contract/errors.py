@@ -19,6 +19,7 @@
     │   │   ├── ResponseNotFound        404               response_not_found
     │   │   └── UnknownOffset           404  close 4404   unknown_offset
     │   ├── Conflict                    409  close 4409   conflict
+    │   ├── IdempotencyKeyReused        422               idempotency_key_reused (another request, one key)
     │   ├── OffsetGone                  410  close 4410   offset_gone (rebuild from a snapshot)
     │   ├── PayloadTooLarge             413  close 1009   payload_too_large
     │   └── RateLimited                 429  close 4429   rate_limited
@@ -44,6 +45,7 @@ __all__ = [
     "Conflict",
     "Forbidden",
     "GenerationNotFound",
+    "IdempotencyKeyReused",
     "InvalidJson",
     "InvalidOffset",
     "InvalidParameter",
@@ -165,6 +167,14 @@ class Conflict(ClientError):
     code = "conflict"
     http_status = 409
     close_code = 4409
+
+
+class IdempotencyKeyReused(ClientError):
+    """An ``Idempotency-Key`` came back with another request than the one it was first given: answering
+    with the first generation would pass it off as this request's."""
+
+    code = "idempotency_key_reused"
+    http_status = 422
 
 
 class OffsetGone(ClientError):

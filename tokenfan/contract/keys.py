@@ -17,14 +17,16 @@ key                                     type     holds
                                                  the head is the one running or about to run
 ``tf:{S}:generations``                  list     every retained generation id of the session, in order
 ``tf:{S}:gen:G``                        hash     generation G's record (fields in `GenerationField`)
-``tf:{S}:gen:G:text``                   string   G's text so far (APPENDed with each delta)
-``tf:{S}:gen:G:reasoning``              string   G's reasoning so far
+``tf:{S}:gen:G:text``                   string   G's text so far (APPENDed with each delta; cleared
+                                                 when a new attempt restarts G)
+``tf:{S}:gen:G:reasoning``              string   G's reasoning so far (likewise)
 ``tf:{S}:gen:G:response``               string   when G was made through ``POST /v1/responses``: the
                                                  request members its Response object echoes (JSON)
 ``tf:{S}:watchers``                     zset     processes with subscribers of S, scored by when that
                                                  claim expires (ms): who is watching, for auto-cancel
 ``tf:{S}:live``                         channel  pub/sub: each appended entry, for relays
-``tf:{S}:idem:K``                       string   the generation accepted with Idempotency-Key K
+``tf:{S}:idem:K``                       string   ``<generation id> <digest>``: the generation accepted with
+                                                 Idempotency-Key K, and the digest of its request
 ======================================  =======  ====================================================
 
 Global (no hash tag: each name lands in a slot of its own):
@@ -104,7 +106,7 @@ class GenerationField(StrEnum):
     FIRST_OFFSET = "first_offset"
     LAST_OFFSET = "last_offset"
     CANCEL_REQUESTED = "cancel_requested"
-    TOOL_CALLS = "tool_calls"  # JSON list of {index, id, name, arguments} so far
+    TOOL_CALLS = "tool_calls"  # JSON list of {index, id, name, arguments} so far (of the current attempt)
 
 
 class SessionKeys:

@@ -14,12 +14,16 @@ from typing import ClassVar, Self
 
 from tokenfan.contract.errors import InvalidOffset
 
-__all__ = ["EPOCH_PATTERN", "OFFSET_MAX_LENGTH", "Offset", "StreamId", "parse_offset"]
+__all__ = ["EPOCH_PATTERN", "OFFSET_MAX_LENGTH", "OFFSET_PATTERN", "Offset", "StreamId", "parse_offset"]
 
 EPOCH_PATTERN = r"[0-9a-z]{1,16}"
+#: The grammar of an offset a client sends back, as the API's schema states it: an epoch, then an entry id
+#: of 1-19 digits each. [0-9], not \d: \d matches every Unicode digit, and int() would accept them too. 19
+#: digits keep every offset the grammar allows within Redis's 64-bit ids (the stream's ids are milliseconds
+#: and a counter: 13 digits and a few), so no well-formed offset is refused for its size.
+OFFSET_PATTERN = rf"^{EPOCH_PATTERN}:[0-9]{{1,19}}-[0-9]{{1,19}}$"
 OFFSET_MAX_LENGTH = 64
-# [0-9], not \d: \d matches every Unicode digit, and int() would accept them too.
-_OFFSET = re.compile(rf"^({EPOCH_PATTERN}):([0-9]{{1,20}})-([0-9]{{1,20}})$")
+_OFFSET = re.compile(rf"^({EPOCH_PATTERN}):([0-9]{{1,19}})-([0-9]{{1,19}})$")
 _STREAM_ID = re.compile(r"^([0-9]{1,20})-([0-9]{1,20})$")
 _U64 = (1 << 64) - 1
 
@@ -69,7 +73,4 @@ def parse_offset(text: str) -> Offset:
     match = _OFFSET.fullmatch(text)
     if match is None:
         raise InvalidOffset("offset must look like '<epoch>:<ms>-<seq>', as received in an event")
-    ms, seq = int(match.group(2)), int(match.group(3))
-    if ms > _U64 or seq > _U64:
-        raise InvalidOffset("offset out of range")
-    return Offset(match.group(1), StreamId(ms, seq))
+    return Offset(match.group(1), StreamId(int(match.group(2)), int(match.group(3))))

@@ -224,6 +224,8 @@ class Authenticator:
             if self.insecure_dev_mode:
                 return Principal("insecure-dev-mode")
             raise Unauthorized("send an API key or a session token (Authorization: Bearer …, or ?token=)")
+        if not _encodable(credential):  # a JSON message may escape a lone surrogate: no key or token has one
+            raise Unauthorized("malformed credential: not valid Unicode")
         name = self.keys.identify(credential)
         if name is not None:
             if in_url:
@@ -232,3 +234,11 @@ class Authenticator:
         if self.signer and credential.count(".") == 2:
             return self.signer.verify(credential)
         raise Unauthorized("unknown API key or token")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -3,6 +3,7 @@ and the request rate limit shared by every API process."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Awaitable
 from typing import Any, cast
@@ -19,9 +20,15 @@ from tokenfan.contract.keys import (
 )
 from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, now_ms, pairs
-from tokenfan.store.records import AcceptOutcome, AcceptReply, AcceptResult, GenerationRecord
+from tokenfan.store.records import (
+    AcceptOutcome,
+    AcceptReply,
+    AcceptResult,
+    GenerationRecord,
+    ReplayReply,
+)
 
-__all__ = ["Accepting"]
+__all__ = ["Accepting", "request_digest"]
 
 #: Calls of the accept script an interrupting accept makes before it gives up: each retry follows a finish
 #: (or an accept into an empty queue) that changed the head in the instant between two round trips.
@@ -44,8 +51,10 @@ class Accepting(StoreCore):
         """Record a new generation at the back of its session's queue (or refuse it, per `policy`).
 
         With ``policy="interrupt"`` on a busy session, the generation at the head of the queue is asked to
-        cancel and this one is queued right behind it. Raises `ServiceUnavailable` (503, try again) in the
-        unlikely case that the head changed under each of a few tries."""
+        cancel and this one is queued right behind it. An `idempotency_key` seen before answers the
+        generation it was given (``DUPLICATE``), or ``REUSED`` when it came with another request or policy
+        (nothing is written then). Raises `ServiceUnavailable` (503, try again) in the unlikely case that
+        the head changed under each of a few tries."""
         keys = SessionKeys(session_id)
         # The index lets GET /v1/generations/{id} find the session; it outlives the session's own keys.
         await self.redis.set(
@@ -64,14 +73,32 @@ class Accepting(StoreCore):
             idempotency_ttl_seconds if idempotency_key else 0,
             CANCEL_CHANNEL,
         ]
+        digest = request_digest(request, policy)
         for _ in range(_ACCEPT_TRIES):
             names = _accept_keys(keys, generation_id, idempotency_key, head)
-            reply = await self.scripts.accept(keys=names, args=[*args, head])
+            reply = await self.scripts.accept(keys=names, args=[*args, head, digest])
             code, value, position, epoch = (part.decode() for part in reply)
             if AcceptReply(code) is not AcceptReply.STALE:
                 return AcceptResult(AcceptOutcome(code), value, int(position), epoch)
             head = value  # the head now, as the script saw it
         raise ServiceUnavailable("the session's queue kept changing while this generation was accepted")
+
+    @storage_call
+    async def replay(
+        self, session_id: str, idempotency_key: str, *, request: dict[str, Any], policy: str = "enqueue"
+    ) -> AcceptResult | None:
+        """What `idempotency_key` already stands for in the session, read before the caller takes or writes
+        anything for the request: ``DUPLICATE`` (with the generation it was given, and its queue position),
+        ``REUSED`` (it came with another request or policy), or None for a key not seen yet."""
+        keys = SessionKeys(session_id)
+        reply = await self.scripts.replay(
+            keys=[keys.idempotency(idempotency_key), keys.queue, keys.meta],
+            args=[request_digest(request, policy)],
+        )
+        code, generation_id, position, epoch = (part.decode() for part in reply)
+        if ReplayReply(code) is ReplayReply.NEW:
+            return None
+        return AcceptResult(AcceptOutcome(code), generation_id, int(position), epoch)
 
     async def _queue_head(self, keys: SessionKeys) -> str:
         """The generation at the head of the session's queue ('' for none)."""
@@ -128,6 +155,13 @@ class Accepting(StoreCore):
         burst = max(1, per_minute // 10)
         wait = await self.scripts.rate(keys=[rate_limit_key(name)], args=[now_ms(), interval, burst])
         return float(wait) / 1000
+
+
+def request_digest(request: dict[str, Any], policy: str) -> str:
+    """What an Idempotency-Key remembers of the request it came with: the SHA-256 of the request and its
+    policy as canonical JSON (members sorted, so their order does not matter)."""
+    canonical = json.dumps({"policy": policy, "request": request}, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def _accept_keys(keys: SessionKeys, generation_id: str, idempotency_key: str | None, head: str) -> list[str]:

@@ -14,7 +14,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
-__all__ = ["Client", "cluster_client", "node_client", "pack_with_hiredis", "redis_client"]
+__all__ = [
+    "REDIS_VERSION_FLOOR",
+    "Client",
+    "cluster_client",
+    "node_client",
+    "pack_with_hiredis",
+    "redis_client",
+]
 
 #: What the store speaks to: one Redis, or a Redis Cluster.
 Client = Redis | RedisCluster
@@ -28,6 +35,12 @@ def _options(url: str) -> dict[str, Any]:
         "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         "socket_keepalive": True,
     }
+
+
+#: The oldest Redis the store runs on (Valkey 7.2 and newer likewise): the live tail is sharded pub/sub
+#: (SPUBLISH, SSUBSCRIBE: Redis 7.0), reads after an entry id use exclusive XRANGE ranges (6.2) and queues
+#: LPOS (6.0.6). docs/OPERATIONS.md states it, and a test holds the document to it.
+REDIS_VERSION_FLOOR = "7.0"
 
 
 def redis_client(url: str) -> Redis:

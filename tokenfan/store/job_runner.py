@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import structlog
 from arq.connections import ArqRedis
@@ -88,11 +89,25 @@ def generation_worker(
         keep_result=0,
         poll_delay=poll_delay,
         job_serializer=serialize_job,
-        job_deserializer=deserialize_job,
+        job_deserializer=_deserialize_named,
         on_startup=on_startup,
         handle_signals=True,
         log_results=False,
     )
+
+
+def _deserialize_named(raw: bytes) -> dict[str, Any]:
+    """A job, read by arq in the task that runs it, before arq logs anything about it: its session,
+    generation and job ids are bound here to every log line of that task (arq's own ``→ ←`` lines, and
+    through the job function's context, ours), as docs/OPERATIONS.md promises."""
+    job = deserialize_job(raw)
+    args = job.get("a")
+    if isinstance(args, list) and len(args) == 2 and all(isinstance(arg, str) for arg in args):
+        session_id, generation_id = args
+        structlog.contextvars.bind_contextvars(
+            session_id=session_id, generation_id=generation_id, job_id=generation_id
+        )
+    return job
 
 
 async def supervise(worker: JobWorker) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "LeaseReply",
     "PositionReply",
     "ReadReply",
+    "ReplayReply",
     "SessionSnapshot",
     "SnapshotReply",
     "StartOutcome",
@@ -35,6 +36,7 @@ __all__ = [
 class AcceptOutcome(StrEnum):
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"  # an Idempotency-Key seen before: the earlier generation is returned
+    REUSED = "reused"  # an Idempotency-Key seen before with another request: nothing was written
     CONFLICT = "conflict"  # policy=reject and the session is busy
 
 
@@ -43,8 +45,17 @@ class AcceptReply(StrEnum):
 
     ACCEPTED = "accepted"
     DUPLICATE = "duplicate"
+    REUSED = "reused"
     CONFLICT = "conflict"
     STALE = "stale"  # policy=interrupt: the queue's head changed since the store read it; nothing written
+
+
+class ReplayReply(StrEnum):
+    """replay.lua's codes: what an Idempotency-Key already stands for."""
+
+    NEW = "new"  # an unknown key
+    DUPLICATE = "duplicate"  # the same request: its generation
+    REUSED = "reused"  # another request
 
 
 @dataclass(frozen=True, slots=True)

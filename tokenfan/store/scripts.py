@@ -46,6 +46,7 @@ SOURCES: dict[str, str] = {
     "position": _COMMON + _read("position"),
     "rate": _read("rate"),
     "read": _read("read"),
+    "replay": _COMMON + _read("replay"),
     "snapshot": _COMMON + _read("snapshot"),
     "start": _read("start"),
     "write": _COMMON + lua_prelude() + _read("write"),
@@ -64,6 +65,7 @@ class Scripts:
         "position",
         "rate",
         "read",
+        "replay",
         "snapshot",
         "start",
         "write",
@@ -77,6 +79,7 @@ class Scripts:
         self.position = AsyncScript(redis, SOURCES["position"])  # type: ignore[arg-type]
         self.rate = AsyncScript(redis, SOURCES["rate"])  # type: ignore[arg-type]
         self.read = AsyncScript(redis, SOURCES["read"])  # type: ignore[arg-type]
+        self.replay = AsyncScript(redis, SOURCES["replay"])  # type: ignore[arg-type]
         self.snapshot = AsyncScript(redis, SOURCES["snapshot"])  # type: ignore[arg-type]
         self.start = AsyncScript(redis, SOURCES["start"])  # type: ignore[arg-type]
         self.write = AsyncScript(redis, SOURCES["write"])  # type: ignore[arg-type]

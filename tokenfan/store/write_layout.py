@@ -54,6 +54,9 @@ class EventWrite(NamedTuple):
     body: str  # the encoded event body (`tokenfan.contract.events.encode_body`)
     text: str = ""  # what this event adds to the generation's text
     reasoning: str = ""  # what it adds to the generation's reasoning
+    # 1 for ``generation.restarted``: the text, reasoning and tool calls stored so far are a dead attempt's,
+    # and go in the same script call that appends this event (a view never mixes two attempts).
+    restarts: int = 0
 
 
 @dataclass(frozen=True, slots=True)

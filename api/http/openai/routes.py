@@ -27,7 +27,7 @@ import structlog
 from fastapi import APIRouter, Header, Request, Response
 from starlette.responses import JSONResponse
 
-from api.http.generations import accept_generation, cancel_record, check_limits, services_of
+from api.http.generations import admit, cancel_record, services_of
 from api.http.openai.answers import (
     Identity,
     chat_stream,
@@ -113,6 +113,7 @@ def _target(session_header: str | None, idempotency_key: str | None) -> tuple[st
 
 async def _accept(
     services: Services,
+    key_name: str,
     target: tuple[str, str],
     body: GenerationRequest,
     idempotency_key: str | None,
@@ -121,7 +122,7 @@ async def _accept(
     session_id, generation_id = target
     # Before accepting: every event of the new generation comes after this position.
     _, start = await services.store.tail(session_id)
-    result = await accept_generation(services, session_id, body, idempotency_key, generation_id)
+    result = await admit(services, key_name, session_id, body, idempotency_key, generation_id)
     if result.outcome is AcceptOutcome.DUPLICATE:  # the first one's, which may have begun long ago
         found = await locate(services.store, result.generation_id)
         if found is None:
@@ -180,8 +181,7 @@ async def create_chat_completion(
     target = _target(session, idempotency_key)
     services = services_of(request)
     address = _stream_slot(services, request)  # refused before anything is stored
-    await check_limits(services, principal.name, call.request)
-    result, session_id, start = await _accept(services, target, call.request, idempotency_key)
+    result, session_id, start = await _accept(services, principal.name, target, call.request, idempotency_key)
     generation_id = result.generation_id
     log.info("openai_chat_accepted", stream=call.stream, outcome=result.outcome.value)
     fold = ChatStream(
@@ -260,8 +260,7 @@ async def create_response(
     target = _target(session, idempotency_key)
     services = services_of(request)
     address = _stream_slot(services, request)
-    await check_limits(services, principal.name, call.request)
-    result, session_id, start = await _accept(services, target, call.request, idempotency_key)
+    result, session_id, start = await _accept(services, principal.name, target, call.request, idempotency_key)
     generation_id, echo = result.generation_id, call.echo
     if result.outcome is AcceptOutcome.ACCEPTED:
         await save_response_record(services.store, session_id, generation_id, echo)

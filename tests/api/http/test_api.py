@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -12,7 +13,9 @@ from redis.asyncio import Redis
 from tests.support.requests import accept, expected_text, new_session_id, user_message
 from tests.support.stack import RunningStack
 from tests.support.watchers import Watcher, finished
+from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.contract.ids import GENERATION_ID_PATTERN
+from tokenfan.contract.keys import ARQ_QUEUE
 
 
 async def session_keys(redis: Redis, session_id: str) -> list[bytes]:
@@ -96,6 +99,60 @@ async def test_an_idempotency_key_makes_a_retried_post_return_the_first_generati
     await watcher.close()
 
 
+async def test_an_idempotency_key_reused_with_another_request_is_422_and_changes_nothing(
+    api: httpx.AsyncClient, session_id: str
+) -> None:
+    url, headers = f"/v1/sessions/{session_id}/generations", {"Idempotency-Key": "order-43"}
+    first = await api.post(url, json=user_message("once"), headers=headers)
+    assert first.status_code == 202
+    for other in (user_message("twice"), {**user_message("once"), "policy": "reject"}):
+        error = assert_error(await api.post(url, json=other, headers=headers), 422, "idempotency_key_reused")
+        assert "Idempotency-Key" in error["message"]
+    again = await api.post(url, json=user_message("once"), headers=headers)
+    assert (again.status_code, again.json()["generation_id"]) == (202, first.json()["generation_id"])
+    snapshot = (await api.get(f"/v1/sessions/{session_id}")).json()
+    assert [g["generation_id"] for g in snapshot["generations"]] == [first.json()["generation_id"]]
+
+
+@pytest.fixture(scope="module")
+def idle(stack: RunningStack) -> Iterator[tuple[RunningStack, str]]:
+    """An API on a Redis of its own that no worker polls (every job it enqueues stays in the queue), allowing
+    one generation a minute; and that Redis's URL."""
+    with EmbeddedRedis() as server:
+        front = RunningStack(
+            redis_url=server.url,
+            simulator_url=stack.simulator_url,
+            extra_env={"TOKENFAN_RATE_LIMIT_PER_MINUTE": "1"},
+        )
+        try:
+            yield front.start(workers=0), server.url
+        finally:
+            front.stop()
+
+
+async def test_replayed_and_refused_requests_take_no_allowance_and_enqueue_no_job(
+    idle: tuple[RunningStack, str], session_id: str
+) -> None:
+    front, redis_url = idle
+    url, headers = f"/v1/sessions/{session_id}/generations", {"Idempotency-Key": "order-44"}
+    async with httpx.AsyncClient(base_url=front.api_url, timeout=10) as client:
+        # A refused request takes nothing either: the minute's one generation is still there after it.
+        too_many = {"model": "m", "messages": [{"role": "user", "content": "x"}] * 513}
+        assert_error(await client.post(url, json=too_many), 413, "payload_too_large")
+        first = await client.post(url, json=user_message("once"), headers=headers)
+        assert first.status_code == 202, first.text
+        for _ in range(3):
+            again = await client.post(url, json=user_message("once"), headers=headers)
+            assert again.status_code == 202, again.text
+            assert again.json()["generation_id"] == first.json()["generation_id"]
+            assert again.headers["idempotent-replayed"] == "true"
+        # The allowance is real: the first request took it, and a new request is refused.
+        assert_error(await client.post(url, json=user_message("new")), 429, "rate_limited")
+    async with Redis.from_url(redis_url) as redis:
+        jobs = [job.decode() for job in await redis.zrange(ARQ_QUEUE, 0, -1)]
+    assert jobs == [first.json()["generation_id"]]
+
+
 async def test_policy_reject_refuses_a_busy_session_with_409_and_changes_nothing(
     api: httpx.AsyncClient, session_id: str
 ) -> None:
@@ -129,6 +186,18 @@ async def test_policy_reject_refuses_a_busy_session_with_409_and_changes_nothing
         ),
         ({"model": "", "messages": [{"role": "user", "content": "hi"}]}, ["body", "model"]),
         (["not", "an", "object"], ["body"]),
+        # Strict types, as the schema states them: nothing is coerced into what was not sent.
+        ({**user_message("hi"), "parallel_tool_calls": 1}, ["body", "parallel_tool_calls"]),
+        ({**user_message("hi"), "temperature": "1"}, ["body", "temperature"]),
+        ({**user_message("hi"), "temperature": True}, ["body", "temperature"]),
+        ({**user_message("hi"), "max_tokens": 10.5}, ["body", "max_tokens"]),
+        ({**user_message("hi"), "max_tokens": "10"}, ["body", "max_tokens"]),
+        ({**user_message("hi"), "n": True}, ["body", "n"]),
+        ({"model": 7, "messages": [{"role": "user", "content": "hi"}]}, ["body", "model"]),
+        (
+            {"model": "m", "messages": [{"role": "user", "content": 5}]},
+            ["body", "messages", "0", "content", "str"],
+        ),
     ],
 )
 async def test_an_invalid_body_is_422_with_where_it_failed_and_touches_nothing(
@@ -139,6 +208,59 @@ async def test_an_invalid_body_is_422_with_where_it_failed_and_touches_nothing(
     error = assert_error(response, 422, "validation_error")
     assert any(detail["location"] == location for detail in error["details"]), error["details"]
     assert await session_keys(redis, session_id) == []
+
+
+async def test_sampling_extensions_pass_through_and_what_cannot_be_carried_is_refused_saying_why(
+    api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    url = f"/v1/sessions/{session_id}/generations"
+    extensions = {"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1}
+    accepted = await api.post(url, json={**user_message("sample me"), **extensions})
+    assert accepted.status_code == 202, accepted.text
+    for name, value in (("logprobs", True), ("stream", True), ("functions", [])):
+        error = assert_error(
+            await api.post(url, json={**user_message("x"), name: value}), 422, "validation_error"
+        )
+        (detail,) = error["details"]
+        assert detail["location"] == ["body", name]
+        assert detail["message"].startswith(f"tokenfan cannot carry {name!r}")
+    error = assert_error(
+        await api.post(url, json={**user_message("x"), "tempreature": 1}), 422, "validation_error"
+    )
+    assert "'tempreature' is not a member tokenfan knows" in error["details"][0]["message"]
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"model": "m", "messages": [{"role": "user", "content": "half an emoji \\ud83d"}]}',
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}], "metadata": {"\\udfff": 1}}',
+        '{"model": "m", "messages": [{"role": "user", "content": [{"type": "text", "text": "\\udc00"}]}]}',
+    ],
+    ids=["content", "metadata-key", "content-part"],
+)
+async def test_text_that_is_not_valid_unicode_is_422_and_touches_nothing(
+    api: httpx.AsyncClient, redis: Redis, session_id: str, raw: str
+) -> None:
+    """JSON may escape a lone surrogate; no UTF-8 encoder takes the text it decodes to, Redis's neither."""
+    response = await api.post(
+        f"/v1/sessions/{session_id}/generations", content=raw, headers={"content-type": "application/json"}
+    )
+    error = assert_error(response, 422, "validation_error")
+    assert "surrogate" in error["details"][0]["message"]
+    assert await session_keys(redis, session_id) == []
+    assert (await api.get("/healthz")).status_code == 200  # and the connection was answered, not dropped
+
+
+async def test_a_whole_number_is_an_integer_however_it_is_written(
+    api: httpx.AsyncClient, session_id: str
+) -> None:
+    """JSON has numbers: 64.0 is the integer 64, as the schema's "integer" says; strictness refuses only
+    what is not one (64.5, "64", true)."""
+    response = await api.post(
+        f"/v1/sessions/{session_id}/generations", json={**user_message("hi"), "max_tokens": 64.0}
+    )
+    assert response.status_code == 202, response.text
 
 
 async def test_malformed_json_is_400(api: httpx.AsyncClient, redis: Redis, session_id: str) -> None:

@@ -9,9 +9,10 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from tests.support.delivery import assert_exact_delivery, coverage
+from tests.support.delivery import assert_exact_delivery, coverage, transcript_of
 from tests.support.requests import accept, expected_text, user_message
-from tests.support.sse import SseBlock, SseWatcher
+from tests.support.slow import HEAD, LIMIT, content_length, flood
+from tests.support.sse import SseBlock, SseWatcher, StalledSseReader
 from tests.support.stack import RunningStack, start_frontends
 from tests.support.waiting import Closer, wait_for_condition
 from tests.support.watchers import Watcher, completed_session, finished
@@ -70,6 +71,21 @@ async def test_a_subscriber_gets_every_event_with_id_type_and_data(
     await sse.close()
 
 
+async def test_a_subscriber_joining_mid_generation_gets_its_history_then_its_live_tail(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    body = user_message("join me midway over SSE", {"tokens": 150, "rate": 100})  # 1.5 s of tokens
+    early = await opened(Watcher(stack.relay_url, session_id)).connect()
+    generation_id = await accept(api, session_id, body)
+    await early.receive_until(lambda frames: sum(f["type"] == "delta" for f in frames) >= 5)
+    assert not finished(generation_id)(early.frames)
+    late = await opened(SseWatcher(stack.api_url, session_id)).connect()  # no position: everything, then live
+    await late.receive_until(finished(generation_id))
+    assert late.transcript().generations[generation_id].text == expected_text(body)
+    await assert_exact_delivery(redis, session_id, late.frames)
+    await early.receive_until(finished(generation_id))  # (a client that stops reading closes slowly)
+
+
 async def test_last_event_id_resumes_with_exactly_the_events_after_it(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
@@ -118,16 +134,22 @@ async def test_last_event_id_wins_over_after(
         (None, "ABC:1-0"),
         (None, "abc:1-0-0"),
         (None, "9" * 70),
+        (None, "e:" + "9" * 20 + "-0"),
+        (None, ""),
         ("not-an-offset", None),
         ("9" * 70, None),
+        ("", None),
     ],
     ids=[
         "header-garbage",
         "header-uppercase-epoch",
         "header-extra-part",
         "header-too-long",
+        "header-20-digits",
+        "header-empty",
         "query",
         "query-too-long",
+        "query-empty",
     ],
 )
 async def test_a_malformed_position_is_refused_with_invalid_offset(
@@ -140,6 +162,20 @@ async def test_a_malformed_position_is_refused_with_invalid_offset(
     assert body["error"]["code"] == "invalid_offset"
     assert body["error"]["status"] == 400
     assert body["error"]["message"]
+
+
+async def test_an_unknown_query_parameter_is_refused_not_ignored(
+    opened: Closer, stack: RunningStack, api: httpx.AsyncClient, session_id: str
+) -> None:
+    """A misspelt ``after`` ignored would replay the whole history to a client that meant to resume."""
+    frames = await completed_session(stack.relay_url, api, session_id)
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
+        for params in ({"aftr": frames[0]["offset"]}, {"after": frames[0]["offset"], "x": "1"}):
+            async with client.stream("GET", f"/v1/sessions/{session_id}/events", params=params) as response:
+                await response.aread()
+            assert response.status_code == 400, params
+            assert response.json()["error"]["code"] == "invalid_request"
+            assert "aftr" in response.json()["error"]["message"] or "x" in response.json()["error"]["message"]
 
 
 async def test_an_offset_of_another_incarnation_is_gone(
@@ -210,3 +246,109 @@ async def test_sse_and_websocket_subscribers_share_one_reader_per_process(
         return await subscribers() == 0
 
     await wait_for_condition(unsubscribed, timeout=10)
+
+
+# ------------------------------------------------------------------------------------------------ slow clients
+
+
+@pytest.fixture(scope="module")
+def snapshot_api(stack: RunningStack) -> Iterator[RunningStack]:
+    front = start_frontends(stack, {"TOKENFAN_RELAY_MAX_BUFFER_BYTES": str(LIMIT)})
+    yield front
+    front.stop()
+
+
+@pytest.fixture(scope="module")
+def closing_api(stack: RunningStack) -> Iterator[RunningStack]:
+    front = start_frontends(
+        stack, {"TOKENFAN_RELAY_MAX_BUFFER_BYTES": str(LIMIT), "TOKENFAN_RELAY_SLOW_POLICY": "close"}
+    )
+    yield front
+    front.stop()
+
+
+async def stalled_through_a_flood(
+    opened: Closer,
+    stack: RunningStack,
+    front: RunningStack,
+    redis: Redis,
+    session_id: str,
+    body: dict[str, Any],
+) -> tuple[Watcher, int, StalledSseReader, str]:
+    """A fast WebSocket subscriber throughout, and an SSE client of `front` that joins after the generation's
+    first piece and reads nothing until the generation is over (`tests.support.slow`). Returns the fast
+    one, how many of its frames precede the stalled one's position, the stalled one, and the generation."""
+    fast = await opened(Watcher(stack.relay_url, session_id)).connect()
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=10) as client:
+        generation_id = await accept(client, session_id, body)
+    await fast.receive_until(lambda frames: content_length(frames) >= HEAD)
+    joined_at = len(fast.frames)
+    channel = SessionKeys(session_id).live
+
+    async def readers() -> int:
+        reply = await redis.execute_command("PUBSUB", "SHARDNUMSUB", channel)  # type: ignore[no-untyped-call]
+        return int(reply[1])  # the live tail is sharded pub/sub
+
+    watching = await readers()  # the relay of the fast subscriber
+    stalled = opened(StalledSseReader(front.api_url, session_id, after=fast.frames[-1]["offset"]))
+    await stalled.open()
+
+    async def api_reads_the_session() -> bool:
+        return await readers() == watching + 1
+
+    # The API's reader of the session is subscribed: the stalled client catches up (a page at most) and
+    # goes live long before the trickle ends and the flood begins.
+    await wait_for_condition(api_reads_the_session, timeout=5, interval=0.005)
+    await fast.receive_until(finished(generation_id), timeout=30)
+    stalled.resume()
+    return fast, joined_at, stalled, generation_id
+
+
+def assert_assembles_exactly(frames: list[dict[str, Any]], generation_id: str, body: dict[str, Any]) -> None:
+    generation = transcript_of(frames).generations[generation_id]  # raises on offsets or seqs that skip
+    assert generation.status is GenerationStatus.COMPLETED
+    assert generation.text == expected_text(body)
+
+
+async def test_a_stalled_sse_client_recovers_from_a_snapshot_event(
+    opened: Closer, stack: RunningStack, snapshot_api: RunningStack, redis: Redis, session_id: str
+) -> None:
+    body = flood("flood an SSE client")
+    fast, joined_at, stalled, generation_id = await stalled_through_a_flood(
+        opened, stack, snapshot_api, redis, session_id, body
+    )
+    end = fast.frames[-1]["offset"]
+    await stalled.receive_until(lambda frames: bool(frames) and frames[-1]["offset"] == end)
+    received = stalled.frames
+    kinds = [frame["type"] for frame in received]
+    assert kinds.count("snapshot") == 1, "exactly one snapshot event replaces the skipped backlog"
+    snapshot = received[kinds.index("snapshot")]
+    assert snapshot["reason"] == "slow_consumer"
+    assert [view["generation_id"] for view in snapshot["generations"]] == [generation_id]
+    assert [block.event for block in stalled.blocks if block.is_event] == kinds  # as `event:` says too
+    assert len(coverage(received)) < len(coverage(fast.frames[joined_at:])), "the backlog was skipped"
+    assert_assembles_exactly(fast.frames[:joined_at] + received, generation_id, body)
+
+
+async def test_a_stalled_sse_client_under_the_close_policy_ends_with_4008_and_resumes_exactly(
+    opened: Closer, stack: RunningStack, closing_api: RunningStack, redis: Redis, session_id: str
+) -> None:
+    body = flood("flood an SSE client that gets closed")
+    fast, joined_at, stalled, generation_id = await stalled_through_a_flood(
+        opened, stack, closing_api, redis, session_id, body
+    )
+    await stalled.receive_until(lambda frames: False)  # until the server ends the response
+    assert stalled.status == 200
+    *events, last = [block for block in stalled.blocks if block.is_event]
+    assert last.event == "error"
+    assert last.frame()["code"] == 4008
+    received = [block.frame() for block in events]
+    assert "snapshot" not in {frame["type"] for frame in received}
+    position = received[-1]["offset"] if received else fast.frames[joined_at - 1]["offset"]
+    assert position != fast.frames[-1]["offset"], "it was ended before the generation's end"
+
+    resumed = await opened(SseWatcher(closing_api.api_url, session_id, last_event_id=position)).connect()
+    await resumed.receive_until(lambda got: bool(got) and got[-1].get("offset") == fast.frames[-1]["offset"])
+    frames = fast.frames[:joined_at] + received + resumed.frames
+    assert_assembles_exactly(frames, generation_id, body)
+    await assert_exact_delivery(redis, session_id, frames)

@@ -10,6 +10,7 @@ import itertools
 import json
 import string
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -272,35 +273,64 @@ steps = st.tuples(
 Plan = list[tuple[str, list[dict[str, Any]], str | None]]
 
 
+@dataclass
+class Produced:
+    """What one generation's current attempt has produced, as the worker keeps it for its end's proof."""
+
+    text: str = ""
+    reasoning: str = ""
+    calls: dict[int, dict[str, str]] = field(default_factory=dict)
+
+    def add(self, fields: dict[str, Any]) -> None:
+        self.text += fields.get("content", "")
+        self.reasoning += fields.get("reasoning", "")
+        for call in fields.get("tool_calls", ()):
+            entry = self.calls.setdefault(call["index"], {"id": "", "name": "", "arguments": ""})
+            entry["id"] = call.get("id") or entry["id"]
+            entry["name"] = call.get("name") or entry["name"]
+            entry["arguments"] += call["arguments"]
+
+    def proof(self) -> dict[str, Any]:
+        """The members of ``generation.completed`` that state it (worker/generate.py's ``_proof``)."""
+        proof: dict[str, Any] = {"length": len(self.text), "sha256": text_sha256(self.text)}
+        proof.update(reasoning_length=len(self.reasoning), reasoning_sha256=text_sha256(self.reasoning))
+        if self.calls:
+            proof["tool_calls"] = [
+                {
+                    "index": index,
+                    "id": call["id"] or None,
+                    "name": call["name"] or None,
+                    "length": len(call["arguments"]),
+                    "sha256": text_sha256(call["arguments"]),
+                }
+                for index, call in sorted(self.calls.items())
+            ]
+        return proof
+
+
 def session_entries(plan: Plan) -> list[StreamEntry]:
     """A session's stream as the worker writes it: each generation starts, streams deltas (perhaps
     restarting, perhaps with a hook's events), and may end; nothing follows its end."""
     stream = Stream()
-    text: dict[str, str] = {}
+    produced: dict[str, Produced] = {}
     ended: set[str] = set()
     for generation_id, deltas, then in plan:
         if generation_id in ended:
             continue
-        if generation_id not in text:
+        if generation_id not in produced:
             stream.append(EventType.GENERATION_STARTED, generation_id, attempt=1)
-            text[generation_id] = ""
+            produced[generation_id] = Produced()
         for fields in deltas:
             stream.delta(generation_id, **fields)
-            text[generation_id] += fields.get("content", "")
+            produced[generation_id].add(fields)
         if then == "restart":
             stream.append(EventType.GENERATION_RESTARTED, generation_id, attempt=2)
-            text[generation_id] = ""
+            produced[generation_id] = Produced()
         elif then == "note":
             stream.append("x.note", generation_id, status="noted")
         elif then == "complete":
-            done = text[generation_id]
-            stream.append(
-                EventType.GENERATION_COMPLETED,
-                generation_id,
-                finish_reason="stop",
-                length=len(done),
-                sha256=text_sha256(done),
-            )
+            proof = produced[generation_id].proof()
+            stream.append(EventType.GENERATION_COMPLETED, generation_id, finish_reason="stop", **proof)
             ended.add(generation_id)
         elif then == "fail":
             stream.append(EventType.GENERATION_FAILED, generation_id, error={"type": "upstream_error"})

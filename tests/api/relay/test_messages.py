@@ -68,3 +68,21 @@ def test_whatever_arrives_is_a_message_or_a_refusal(raw: str | bytes) -> None:
     assert isinstance(answer, Subscribe | Unsubscribe | Refresh | Invalid)
     if isinstance(answer, Subscribe | Unsubscribe):
         assert isinstance(answer.session_id, str)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"type": "subscribe", "session_id": "s1"}',
+        '{"type": "unsubscribe", "session_id": "s1"}',
+        '{"type": "watch"}',
+        "{}",
+    ],
+)
+def test_a_single_session_stream_takes_only_refresh(raw: str) -> None:
+    answer = parse_message(raw, multi_session=False)
+    assert isinstance(answer, Invalid)
+    assert "refresh" in answer.reason
+    assert answer.session_id is None
+    assert parse_message('{"type": "refresh", "token": "t"}', multi_session=False) == Refresh("t")
+    assert isinstance(parse_message(b"{}", multi_session=False), Invalid)

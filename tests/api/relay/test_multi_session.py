@@ -172,6 +172,30 @@ async def test_a_malformed_message_is_answered_with_an_error_and_the_connection_
     await multi.close()
 
 
+@pytest.mark.parametrize(
+    "message",
+    [
+        '{"type": "subscribe", "session_id": "SESSION", "token": "\\ud800"}',
+        '{"type": "refresh", "token": "a.b.\\udfff"}',
+    ],
+    ids=["subscribe", "refresh"],
+)
+async def test_a_credential_that_is_not_valid_unicode_is_refused_and_the_connection_goes_on(
+    opened: Closer,
+    stack: RunningStack,
+    api: httpx.AsyncClient,
+    redis: Redis,
+    session_id: str,
+    message: str,
+) -> None:
+    generation_id = await accept(api, session_id, user_message("history"))
+    multi = await opened(MultiWatcher(stack.relay_url)).connect()
+    answer = await multi.request(message.replace("SESSION", session_id))
+    assert (answer["type"], answer["code"]) == ("error", 4401)
+    await assert_still_serves(multi, redis, session_id, generation_id)
+    await multi.close()
+
+
 async def test_a_malformed_offset_is_an_error_of_that_subscription(
     opened: Closer, stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
 ) -> None:

@@ -149,12 +149,16 @@ async def test_health_and_stats_answer_over_plain_http(stack: RunningStack) -> N
     assert {"sessions", "subscribers", "frames_sent"} <= set(stats)
 
 
-async def test_a_client_message_is_ignored_and_a_huge_one_closes_the_connection(
+async def test_a_client_message_is_answered_and_a_huge_one_closes_the_connection(
     stack: RunningStack, api: httpx.AsyncClient, session_id: str
 ) -> None:
     watcher = await Watcher(stack.relay_url, session_id).connect()
     assert watcher.connection is not None
     await watcher.connection.send(json.dumps({"hello": "relay"}))
+    await watcher.receive_until(lambda frames: bool(frames))
+    (refusal,) = watcher.frames
+    assert (refusal["type"], refusal["code"]) == ("error", 4400)
+    watcher.frames.clear()
     body = user_message("still streaming")
     generation_id = await accept(api, session_id, body)
     await watcher.receive_until(finished(generation_id))

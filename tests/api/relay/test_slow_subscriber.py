@@ -1,23 +1,16 @@
 """A subscriber that stops reading: the relay's memory for it stays bounded, it recovers without a gap once it
 reads again (a `snapshot` frame, or close 4008 and a resume), and the other subscribers never notice.
 
-The generation has three parts: one 400 KB piece, a 1.25 s trickle of tiny pieces, then 520 KB in 4 KB pieces.
-The stalled subscriber joins during the trickle (resuming after the last offset a fast subscriber saw, so it
-has almost nothing to catch up), stops reading its socket at once, and reads nothing more until the
-generation is over. Its socket has a 4 KB receive buffer and a small MSS, so TCP back-pressure reaches the
-relay's write buffer after a little loopback buffering; joining late and quiet keeps that buffering small
-(a connection that has carried a fast transfer gets kernel send buffers of megabytes, which would absorb
-the flood). What the relay holds for it therefore does not depend on how much the kernel absorbed.
+The generation and the stalled socket are `tests.support.slow`'s (its docstring says why they are shaped
+so). tests/api/http/test_sse.py stalls an SSE client the same way.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
-from urllib.parse import urlsplit
 
 import httpx
 import pytest
@@ -26,7 +19,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 from tests.support.delivery import assert_exact_delivery, coverage, transcript_of
-from tests.support.requests import accept, expected_text, user_message
+from tests.support.requests import accept, expected_text
+from tests.support.slow import HEAD, LIMIT, content_length, flood, slow_socket
 from tests.support.stack import RunningStack, start_frontends
 from tests.support.waiting import Closer, wait_for_condition
 from tests.support.watchers import Watcher, finished, http_url, stream_url
@@ -34,13 +28,9 @@ from tokenfan.contract.events import GenerationStatus
 
 pytestmark = pytest.mark.fault
 
-#: TOKENFAN_RELAY_MAX_BUFFER_BYTES of the relays under test.
-LIMIT = 65_536
 #: What the relay may hold for one connection that does not read: the limit plus one batch of live frames
 #: (beyond the limit it stops queueing frames for it); generously, four times the limit.
 BOUND = 4 * LIMIT
-#: The generation's first piece: the stalled subscriber joins after it.
-HEAD = 400_000
 
 
 @pytest.fixture
@@ -69,31 +59,11 @@ def closing_relay(stack: RunningStack) -> Iterator[RunningStack]:
     front.stop()
 
 
-def flood(label: str) -> dict[str, Any]:
-    """~920 KB: a 400 KB piece, 250 tiny pieces (1.25 s), then 130 pieces of 4 KB (0.65 s), at 200 pieces/s.
-
-    The simulator has no option that makes long pieces out of a short request (`tokens` makes ~6 bytes per
-    token, at ~10k tokens/s at best), so the pieces travel in the request, under the API's 1 MiB body
-    limit. The pacing keeps each live batch the relay writes small, so the bound measures the relay."""
-    pieces = ["h" * HEAD] + [f" t{n:03d}" for n in range(250)] + [f"{n:04d}" + "x" * 3996 for n in range(130)]
-    return user_message(label, {"chunks": pieces, "rate": 200})
-
-
-def content_length(frames: list[dict[str, Any]]) -> int:
-    return sum(len(frame.get("content", "")) for frame in frames)
-
-
 async def stalled_subscriber(opened: Closer, relay_url: str, session_id: str, after: str) -> ClientConnection:
     """A subscriber resuming after `after` that reads nothing from its socket until its transport's
-    `resume_reading()`. A 4 KB receive buffer and a 536-byte MSS (so the relay's kernel does not size its
-    send buffer for 64 KB loopback segments) make TCP back-pressure reach the relay quickly."""
-    address = urlsplit(relay_url)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    `resume_reading()`, on a `slow_socket` so that TCP back-pressure reaches the relay quickly."""
+    sock = await slow_socket(relay_url)
     try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_MAXSEG, 536)
-        sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, (address.hostname, address.port))
         connection = await connect(
             stream_url(relay_url, session_id, after),
             sock=sock,

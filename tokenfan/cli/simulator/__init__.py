@@ -28,7 +28,14 @@ from our API through the worker, which is what lets tests inject faults end to e
 ``empty_deltas``    interleave ``delta: {}`` and ``delta: {"content": ""}`` chunks (a provider quirk)
 ``extra_fields``    add unknown top-level and delta fields a client must ignore
 ``finish_reason``   override the final finish_reason
+``cumulative``      each chunk carries all of its channel's text so far (content, reasoning), as DashScope
+                    does with ``incremental_output`` off, instead of what is new
+``tool_index``      ``false``: tool-call deltas carry no ``index`` (the id comes with each call's first);
+                    not with ``parallel``
 ==================  ==================================================================================
+
+``chunks`` and ``reasoning`` may hold lone surrogates (a piece ending within an emoji's surrogate pair):
+they go out as JSON escapes (``"\\ud83d"``), valid JSON that some providers send.
 
 Unknown options are a 400. Started with ``--models a,b`` (`SimulatorConfig.models`), it refuses any other model
 with 404 ``model_not_found``, as OpenAI does. ``max_completion_tokens``/``max_tokens`` cap reasoning + content (finish

@@ -60,6 +60,8 @@ class Directive:
     empty_deltas: bool = False
     extra_fields: bool = False
     finish_reason: str | None = None
+    cumulative: bool = False
+    tool_index: bool = True
 
     @property
     def fault_key(self) -> str:
@@ -98,12 +100,10 @@ def _of_type(kind: type[Any], description: str) -> Callable[[str, Any], Any]:
 
 
 def _texts(name: str, value: Any) -> tuple[str, ...]:
+    """Pieces of text. They may hold lone surrogates (a piece ending within a surrogate pair, or a lone
+    one): those are sent as JSON escapes (``"\\ud83d"``), valid JSON that some providers send."""
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
         raise ValueError(f"{name!r} must be a list of strings")
-    try:
-        "".join(value).encode()  # it is sent as UTF-8, which cannot carry a lone surrogate
-    except UnicodeEncodeError:
-        raise ValueError(f"{name!r} must be valid Unicode: split between code points, not within") from None
     return tuple(value)
 
 
@@ -147,6 +147,8 @@ _OPTIONS: dict[str, Callable[[str, Any], Any]] = {
     "empty_deltas": _of_type(bool, "true or false"),
     "extra_fields": _of_type(bool, "true or false"),
     "finish_reason": _of_type(str, "a string"),
+    "cumulative": _of_type(bool, "true or false"),
+    "tool_index": _of_type(bool, "true or false"),
 }
 
 
@@ -180,6 +182,9 @@ def parse_directive(body: Mapping[str, Any]) -> Directive:
         parsed = {name: _OPTIONS[name](name, value) for name, value in options.items()}
     except ValueError as exc:
         raise ValueError(f"<<sim ...>> directive: {exc}") from None
+    if parsed.get("tool_index") is False and parsed.get("parallel"):
+        # Interleaved deltas without an index, most without an id, would name no call at all.
+        raise ValueError("<<sim ...>> directive: 'tool_index': false streams calls one after the other")
     return Directive(text=text[start : text.index(">>", end) + 2], **parsed)
 
 

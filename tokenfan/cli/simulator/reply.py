@@ -202,7 +202,17 @@ def _tool_call_deltas(reply: Reply, directive: Directive) -> Iterator[dict[str, 
     # OpenAI streams one call after the other; some providers interleave parallel calls.
     rounds = zip_longest(*scripts) if directive.parallel else scripts
     for tool_delta in (d for rnd in rounds for d in rnd if d is not None):
+        if not directive.tool_index:  # some providers number nothing: the id names each new call
+            tool_delta = {key: value for key, value in tool_delta.items() if key != "index"}
         yield {"tool_calls": [tool_delta]}
+
+
+def _as_sent(pieces: tuple[str, ...], directive: Directive) -> Iterator[str]:
+    """A channel's pieces as the stream carries them: each one, or (``cumulative``) all of them so far."""
+    so_far = ""
+    for piece in pieces:
+        so_far += piece
+        yield so_far if directive.cumulative else piece
 
 
 def _fault(directive: Directive) -> tuple[int, Step] | None:
@@ -225,11 +235,11 @@ def stream_steps(
     usage: UsageMode = directive.usage or ("final" if include_usage else "off")
     chunks = _Chunks(reply, model=model, created=created, usage=usage, extra=directive.extra_fields)
     yield chunks.delta({"role": "assistant", "content": ""})
-    for piece in reply.reasoning:
+    for piece in _as_sent(reply.reasoning, directive):
         yield chunks.token({"reasoning_content": piece})
     fault = _fault(directive)
     cut = len(reply.content) if fault is None else fault[0]
-    for index, piece in enumerate(reply.content[:cut]):
+    for index, piece in enumerate(_as_sent(reply.content[:cut], directive)):
         if directive.empty_deltas and index:
             yield chunks.delta({})
             yield chunks.delta({"content": ""})
@@ -239,7 +249,10 @@ def stream_steps(
         return
     for tool_delta in _tool_call_deltas(reply, directive):
         yield chunks.delta(tool_delta, paced=True)  # generated like tokens, though usage counts only text
-    yield chunks.delta({}, reply.finish_reason)
+    last: dict[str, Any] = {}
+    if directive.cumulative and reply.content:
+        last["content"] = "".join(reply.content)  # DashScope's last chunk repeats the whole text
+    yield chunks.delta(last, reply.finish_reason)
     if usage in ("final", "every"):
         yield chunks.usage()
     yield Event(None)

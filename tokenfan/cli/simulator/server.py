@@ -53,11 +53,16 @@ async def _frames(steps: Iterable[Step], rate: float) -> AsyncGenerator[bytes, N
             # sleep(0) still yields, so one fast stream cannot starve the others.
             await asyncio.sleep(max(0.0, start + paced / rate - loop.time()) if rate > 0 else 0)
             paced += 1
-        yield (
-            _DONE_FRAME
-            if step.data is None
-            else b"data: " + json.dumps(step.data, ensure_ascii=False).encode() + b"\n\n"
-        )
+        yield _DONE_FRAME if step.data is None else b"data: " + _json(step.data) + b"\n\n"
+
+
+def _json(data: dict[str, Any]) -> bytes:
+    """A chunk as UTF-8 JSON. A lone surrogate, which UTF-8 cannot carry, goes out as a JSON escape, as a
+    provider slicing its text by UTF-16 code units sends it."""
+    try:
+        return json.dumps(data, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return json.dumps(data).encode()
 
 
 async def _until_disconnect(receive: Receive) -> None:
@@ -159,7 +164,9 @@ class _Simulator:
             return _error(directive.status, f"simulated HTTP {directive.status}", retry)
         reply, created, model = plan_reply(body, directive, self.config), int(time.time()), body["model"]
         if not body.get("stream"):
-            return JSONResponse(completion(reply, model=model, created=created))
+            return Response(
+                _json(completion(reply, model=model, created=created)), media_type="application/json"
+            )
         include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
         steps = stream_steps(reply, directive, model=model, created=created, include_usage=include_usage)
         rate = self.config.tokens_per_second if directive.rate is None else directive.rate

@@ -20,3 +20,13 @@ local function id_before(a, b)
   if #a_ms ~= #b_ms then return #a_ms < #b_ms end
   return a_ms < b_ms
 end
+
+-- The generation an Idempotency-Key was given ('' for an unknown key), and whether `digest` is the digest of
+-- the request it came with (true for an unknown key). The key holds '<generation id> <digest>'; one stored
+-- without a digest (before requests were compared) matches any request.
+local function idempotent(idem, digest)
+  local held = redis.call('GET', idem)
+  if not held then return '', true end
+  local gid, was = string.match(held, '^(%S+) ?(%S*)$')
+  return gid, was == '' or was == digest
+end

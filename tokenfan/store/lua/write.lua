@@ -4,7 +4,8 @@
 -- KEYS: per item, ItemKeys: events, meta, gen, text, queue, generations, reasoning, live (the channel)
 -- ARGV: WriteCall: now_ms, maxlen, ttl, epoch candidate, item count; then per item:
 --       ItemHead: mode ('A' append | 'F' finish), attempt, generation id, event count, tool calls json
---       ('' = unchanged); event count x EventWrite: seq, body, text piece, reasoning piece;
+--       ('' = unchanged); event count x EventWrite: seq, body, text piece, reasoning piece, restarts
+--       ('1': the event restarts the generation: what the dead attempt produced is cleared first);
 --       and for 'F' a FinishArgs: status, finish_reason, usage json, error json
 -- Reply: per item {code, epoch, newest entry id, last seq, cancel reason, next head, status}; code is 'ok',
 --   'fenced' (not this attempt's to write: restarted elsewhere, or ended), or 'gap' (a seq was skipped).
@@ -26,8 +27,10 @@ local function refused(k, state, attempt, finish, last_seq, final_seq)
 end
 
 -- Appends an item's events (from ARGV[first]), skipping those stored already, and publishes each; adds
--- what they change to the hash `fields`. Returns the code ('ok' or 'gap'), the epoch, the newest entry id
--- and the last seq stored.
+-- what they change to the hash `fields`. An event that restarts the generation clears its text, reasoning
+-- and tool calls, here, where it is appended: no reader ever sees the restart with the dead attempt's
+-- output still stored. Returns the code ('ok' or 'gap'), the epoch, the newest entry id and the last seq
+-- stored.
 local function append(k, first, count, last_seq, fields)
   local events, meta, live = KEYS[k + KEY_EVENTS], KEYS[k + KEY_META], KEYS[k + KEY_LIVE]
   local epoch, prev = ensure_epoch(meta, candidate, now_ms)
@@ -39,6 +42,11 @@ local function append(k, first, count, last_seq, fields)
       local body = ARGV[at + EVENT_BODY]
       local id = redis.call('XADD', events, 'MAXLEN', '~', maxlen, '*', 'e', epoch, 'p', prev, 'd', body)
       redis.call('SPUBLISH', live, epoch .. ' ' .. prev .. ' ' .. id .. ' ' .. body)
+      if ARGV[at + EVENT_RESTARTS] == '1' then
+        texts, reasonings = {}, {}
+        redis.call('DEL', KEYS[k + KEY_TEXT], KEYS[k + KEY_REASONING])
+        redis.call('HDEL', KEYS[k + KEY_GEN], 'tool_calls')
+      end
       if ARGV[at + EVENT_TEXT] ~= '' then texts[#texts + 1] = ARGV[at + EVENT_TEXT] end
       if ARGV[at + EVENT_REASONING] ~= '' then reasonings[#reasonings + 1] = ARGV[at + EVENT_REASONING] end
       if last_seq == 0 then
