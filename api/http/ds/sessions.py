@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import Request
 from starlette.responses import Response
 
-from api.http.ds.protocol import encode_offset, etag, media_type, parse_offset
+from api.http.ds.protocol import Position, encode_offset, etag, media_type, parse_offset
 from api.http.ds.reading import Mode, View
 from api.http.ds.streams import charge_append, read_parameters, read_response
 from api.http.ds.wire import Refusal, answer, parse_producer
@@ -66,14 +66,14 @@ async def session_read(
     principal.require_session(session_id)
     raw, live = read_parameters(request)
     position = parse_offset(raw)
-    epoch, last = await services.store.tail(session_id)
-    after = StreamId.ZERO
-    if position.now:
-        after = last
+    epoch, after = None, StreamId.ZERO
+    if position.now:  # the tail as Redis holds it: a client reads its own appends
+        epoch, after = await services.store.tail(session_id)
     elif position.stream_id != StreamId.ZERO:
-        if position.epoch is None:
-            raise Refusal(InvalidOffset("a session's offsets carry its epoch, as given out"))
-        after = await services.store.check_resume(session_id, Offset(position.epoch, position.stream_id))
+        epoch, after = (
+            position.epoch.encode() if position.epoch else None,
+            await _resume(services, session_id, position),
+        )
     return await read_response(
         services,
         principal,
@@ -85,6 +85,22 @@ async def session_read(
         now=position.now,
         closed=False,
     )
+
+
+async def _resume(services: Services, session_id: str, position: Position) -> StreamId:
+    """Where a reader resumes. Its epoch is checked against what this process's feed of the session knows,
+    with no Redis read per reader; only when the feed knows another epoch (or none yet) does Redis decide.
+    A position whose events were trimmed answers 410 from the page read's own predecessor check."""
+    if position.epoch is None:
+        raise Refusal(InvalidOffset("a session's offsets carry its epoch, as given out"))
+    feed = await services.bus.acquire(session_id)
+    try:
+        known = feed.cursor.epoch
+    finally:
+        services.bus.release(feed)
+    if known is not None and known.decode() == position.epoch:
+        return position.stream_id
+    return await services.store.check_resume(session_id, Offset(position.epoch, position.stream_id))
 
 
 async def session_head(services: Services, principal: Principal, session_id: str) -> Response:
