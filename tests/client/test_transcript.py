@@ -234,3 +234,19 @@ def test_a_subscriber_may_join_mid_generation() -> None:
         [f.frame(EventType.DELTA, content="late", seq=41), f.frame(EventType.DELTA, seq=42)]
     )
     assert transcript.generations[GEN_A].last_seq == 42
+
+
+def test_apps_events_count_their_own_seq_and_a_snapshot_restarts_the_count() -> None:
+    frames, transcript = Frames(), Transcript()
+    note = EventType.DELTA  # any type: an app's own x.* types are kept as other events
+    transcript.apply(frames.frame(EventType.GENERATION_STARTED))
+    for _ in range(2):
+        transcript.apply({**frames.frame(note, "app"), "type": "x.note"})
+    assert [event["seq"] for event in transcript.generations["app"].other_events] == [1, 2]
+    with pytest.raises(TranscriptError, match="a gap"):
+        transcript.apply({**frames.frame(note, "app", seq=4), "type": "x.note"})
+    frames.ms += 10
+    snapshot = {"offset": f"ep1:{frames.ms}-0", "type": "snapshot", "generations": []}
+    transcript.apply(snapshot)  # skipped app events 3..9
+    transcript.apply({**frames.frame(note, "app", seq=10), "type": "x.note"})
+    assert transcript.generations["app"].last_seq == 10
