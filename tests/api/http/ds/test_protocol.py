@@ -73,7 +73,8 @@ def test_json_mode_flattens_one_level_and_refuses_what_is_not_json() -> None:
 def test_an_sse_payload_cannot_open_an_event_of_its_own() -> None:
     forged = "x\r\nevent: control\rdata: {}\n\nevent: data"
     event = data_event(forged).decode()
-    assert event.startswith("event: data\n") and event.endswith("\n\n")
+    assert event.startswith("event: data\n")
+    assert event.endswith("\n\n")
     assert event.count("\n\n") == 1
     assert all(line.startswith(("event: data", "data:")) for line in event.splitlines() if line)
     assert (
