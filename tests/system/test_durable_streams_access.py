@@ -71,7 +71,9 @@ async def test_a_session_token_reads_its_session_and_nothing_else(client: httpx.
     assert (await client.get(f"/ds/sessions/{elsewhere}", headers=reader)).status_code == 403
     assert (await client.post(ds, json={"type": "x.forged"}, headers=reader)).status_code == 403
     assert (await client.put("/ds/mine", headers=reader)).status_code == 403
-    assert (await client.get(ds)).status_code == 401
+    refused = await client.get(ds)
+    assert refused.status_code == 401
+    assert refused.headers["WWW-Authenticate"] == "Bearer"
     assert (await client.get(ds, headers=bearer(new_api_key()))).status_code == 401
 
 

@@ -3,6 +3,7 @@ and errors as a Durable Streams client expects them (the status, plus the protoc
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -10,7 +11,13 @@ from fastapi import Request
 from starlette.responses import Response
 
 from api.http.errors import error_response
-from tokenfan.contract.errors import InvalidProducer, RateLimited, TokenfanError
+from tokenfan.contract.errors import (
+    InvalidProducer,
+    RateLimited,
+    ServiceUnavailable,
+    TokenfanError,
+    Unauthorized,
+)
 from tokenfan.store.streams import Producer
 
 __all__ = [
@@ -74,7 +81,11 @@ def refusal_response(refusal: Refusal, *, head: bool) -> Response:
     error = refusal.error
     headers = {**ALWAYS_HEADERS, **refusal.headers}
     if isinstance(error, RateLimited):
-        headers["Retry-After"] = str(max(1, int(error.retry_after + 0.999)))
+        headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
+    elif isinstance(error, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    elif isinstance(error, ServiceUnavailable):
+        headers["Retry-After"] = "1"
     if head:  # a HEAD answer has no body
         return Response(status_code=error.http_status, headers=headers)
     return error_response(error.http_status, error.code, error.message, headers=headers)
