@@ -1,5 +1,6 @@
 """The Durable Streams protocol's own server conformance suite, pinned (tests/system/durable_streams/), run
-against a real ``tokenfan api`` on a real Redis, in development mode as the suite expects (no credentials).
+against a real ``tokenfan api`` on a real Redis, and again on a Redis Cluster, in development mode as the
+suite expects (no credentials).
 
 Every test of the suite must pass, except those docs/PROTOCOL.md lists as deliberate differences
 (`DOCUMENTED_EXCEPTIONS`, empty today); any other failure fails this test, naming each one. The API runs
@@ -36,10 +37,16 @@ def suite() -> Path:
     return install_suite()
 
 
+pytestmark = pytest.mark.cluster_too
+
+
 @pytest.fixture(scope="module")
-def conformance_api(single_stack: RunningStack) -> Iterator[str]:
+def conformance_api(stack: RunningStack) -> Iterator[str]:
     front = RunningStack(
-        redis_url=single_stack.redis_url, extra_env=_CONFORMANCE_ENV, simulator_url=single_stack.simulator_url
+        redis_url=stack.redis_url,
+        queue_url=stack.queue_url,
+        extra_env=_CONFORMANCE_ENV,
+        simulator_url=stack.simulator_url,
     )
     front.start(workers=0, relays=0)
     try:
