@@ -79,9 +79,11 @@ async def test_a_session_token_reads_its_session_and_nothing_else(client: httpx.
 
 async def test_each_limit_answers_its_own_4xx(client: httpx.AsyncClient) -> None:
     owner, other = bearer(KEY), bearer(OTHER_KEY)
-    first, second, third = (f"/ds/limits/{secrets.token_hex(4)}" for _ in range(3))
-    for path in (first, second):
-        assert (await client.put(path, headers=owner)).status_code == 201
+    first, second, third, gone = (f"/ds/limits/{secrets.token_hex(4)}" for _ in range(4))
+    expired = {**owner, "Stream-Expires-At": "2001-01-01T00:00:00Z"}
+    assert (await client.put(gone, headers=expired)).status_code == 201  # and expires at once
+    assert (await client.put(first, headers=owner)).status_code == 201
+    assert (await client.put(second, headers=owner)).status_code == 201  # the expired one counts no more
     refused = await client.put(third, headers=owner)
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "too_many_streams"

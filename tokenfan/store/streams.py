@@ -9,6 +9,7 @@ its source only counts it (``forks``) so that deleting the source answers 410 un
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import cast
@@ -118,8 +119,22 @@ class Streams(StoreCore):
             start = "(" + page[-1][0].decode()
 
     @storage_call
-    async def owned_count(self, owner: str) -> int:
-        return int(await cast(Awaitable[int], self.redis.scard(ds_owned_key(owner))))
+    async def owned_count(self, owner: str, *, limit: int) -> int:
+        """How many streams `owner` holds, exactly once it reaches `limit`: streams that expired (TTL) are
+        forgotten then, so a key making many short-lived streams is not refused for streams long gone."""
+        key = ds_owned_key(owner)
+        count = int(await cast(Awaitable[int], self.redis.scard(key)))
+        if count < limit:
+            return count
+        paths = [path.decode() for path in await cast(Awaitable[set[bytes]], self.redis.smembers(key))]
+        gone: list[str] = []
+        for start in range(0, len(paths), 256):
+            chunk = paths[start : start + 256]
+            held = await asyncio.gather(*(self.redis.exists(StreamKeys(path).meta) for path in chunk))
+            gone += [path for path, exists in zip(chunk, held, strict=True) if not exists]
+        if gone:
+            await cast(Awaitable[int], self.redis.srem(key, *gone))
+        return count - len(gone)
 
     @storage_call
     async def own(self, owner: str, path: str, *, owned: bool) -> None:

@@ -155,7 +155,7 @@ async def create(services: Services, principal: Principal, keys: StreamKeys, req
     if held is not None:
         return _existing(keys, held, wanted)
     limit = services.settings.ds_max_streams_per_key
-    if limit and await services.store.owned_count(principal.name) >= limit:
+    if limit and await services.store.owned_count(principal.name, limit=limit) >= limit:
         raise Refusal(TooManyStreams(f"an API key may hold {limit} streams; delete some first"))
     fields = {**wanted, "owner": principal.name}
     plan = await _fork_plan(services, fields) if wanted["fork_of"] else _Plan(StreamId.ZERO, [], [], None)
