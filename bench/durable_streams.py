@@ -140,7 +140,7 @@ async def catch_up_reader(api: str, tally: Tally, offset: str, until: float) -> 
             status, _, body = await http.request("GET", f"/ds/sessions/{SESSION}?offset={offset}")
             assert status == 200, status
             tally.reads += 1
-            tally.events += len(json.loads(body))
+            tally.events += body.count(b'{"offset":')  # counted, not parsed: the client must stay cheap
             tally.latencies_ms.append((time.perf_counter() - started) * 1000)
     finally:
         http.close()
