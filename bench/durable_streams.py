@@ -2,9 +2,10 @@
 
     ./dev bench durable_streams [--readers 1000] [--rate 5] [--seconds 10] [--history 200] [--runs 1]
 
-One stack (embedded Valkey, `tokenfan api`, `tokenfan relay`), one session. A producer appends app events
-(``POST /ds/sessions/S``, each carrying its send time) at `--rate` per second; the three ways of reading it run
-one after another, each with `--readers` readers for `--seconds`:
+One stack (embedded Valkey, `tokenfan api`, `tokenfan relay`), one session. A producer appends app events (the
+store's own call behind ``POST /ds/sessions/S``, made from this process so that a busy API cannot slow the
+offered load; each event carries its append time) at `--rate` per second; the three ways of reading it run one
+after another, each with `--readers` readers for `--seconds`:
 
 * **relay**: WebSocket subscribers of the session (``/v1/sessions/S/stream``), live;
 * **long-poll**: ``GET /ds/sessions/S?offset=<last>&live=long-poll``, each reader asking again at once with the
@@ -31,7 +32,9 @@ from urllib.parse import urlsplit
 
 from websockets.asyncio.client import connect
 
+from api.http.ds.sessions import app_event_bodies
 from bench.harness import Stack, cpu_delta, log, percentile, running, save, wait_until_quiet
+from tokenfan.store import Store, redis_client
 
 SESSION = "bench-ds"
 
@@ -91,17 +94,17 @@ def _received(tally: Tally, events: list[dict[str, Any]], now_ns: int) -> None:
             tally.latencies_ms.append((now_ns - int(event["t"])) / 1e6)
 
 
-async def produce(api: str, rate: float, until: float) -> int:
-    http, sent = Http(api), 0
+async def produce(stack: Stack, rate: float, until: float) -> int:
+    assert stack.redis is not None
+    store, sent = Store(redis_client(stack.redis.url), session_ttl_seconds=3600, stream_max_length=100_000), 0
     try:
         while time.monotonic() < until:
-            body = json.dumps([{"type": "x.bench", "t": time.time_ns()}]).encode()
-            status, _, _ = await http.request("POST", f"/ds/sessions/{SESSION}", body)
-            assert status == 204, status
+            event = json.dumps({"type": "x.bench", "t": time.time_ns()}).encode()
+            await store.append_app_events(SESSION, app_event_bodies(SESSION, event), None)
             sent += 1
             await asyncio.sleep(1 / rate)  # the producer's pace: the load, not a synchronisation
     finally:
-        http.close()
+        await store.close()
     return sent
 
 
@@ -176,7 +179,7 @@ async def run_relay(stack: Stack, args: argparse.Namespace, tally: Tally, until:
         for event in ready
     ]
     await asyncio.gather(*(event.wait() for event in ready))
-    await produce(stack.url("api"), args.rate, until)
+    await produce(stack, args.rate, until)
     await asyncio.gather(*readers)
 
 
@@ -186,7 +189,7 @@ async def run_long_poll(stack: Stack, args: argparse.Namespace, tally: Tally, un
         asyncio.create_task(long_poll_reader(stack.url("api"), tally, offset, until))
         for _ in range(args.readers)
     ]
-    await produce(stack.url("api"), args.rate, until)
+    await produce(stack, args.rate, until)
     for reader in readers:  # each is waiting in a long-poll that nothing will answer before its timeout
         reader.cancel()
     await asyncio.gather(*readers, return_exceptions=True)
