@@ -19,6 +19,7 @@ from tests.support.sse import SseWatcher
 from tests.support.stack import RunningStack
 from tests.support.watchers import Watcher, finished
 from tokenfan.contract.events import APP_GENERATION_ID
+from tokenfan.contract.keys import SessionKeys
 
 pytestmark = pytest.mark.cluster_too
 
@@ -124,3 +125,22 @@ async def test_a_session_refuses_what_a_session_cannot_be(
     assert (await api.post(ds, headers={"Stream-Closed": "true"})).status_code == 409
     assert (await api.delete(ds)).status_code == 405
     assert (await api.put(ds, headers={"content-type": "application/json"})).status_code == 200
+
+
+async def test_a_session_whose_history_was_trimmed_answers_410_gone(
+    stack: RunningStack, api: httpx.AsyncClient, redis: Redis, session_id: str
+) -> None:
+    ds = f"/ds/sessions/{session_id}"
+    appended = await api.post(ds, json=[{"type": "x.n", "i": i} for i in range(5)])
+    assert appended.status_code == 204
+    first = (await api.get(ds)).json()[0]["offset"]
+    await redis.xtrim(SessionKeys(session_id).events, maxlen=2, approximate=False)
+    epoch, _, entry = first.partition(":")
+    ms, _, seq = entry.partition("-")
+    position = f"{int(ms):016d}_{int(seq):016d}_{epoch}"
+    for live in ({}, {"live": "long-poll"}):
+        gone = await api.get(ds, params={"offset": position, **live})
+        assert gone.status_code == 410
+        assert gone.json()["error"]["code"] == "offset_gone"
+    retained = (await api.get(ds)).json()  # from the start: what is retained
+    assert [event["i"] for event in retained] == [3, 4]
