@@ -18,6 +18,8 @@ from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.http.browser import browser_router
+from api.http.ds.routes import router as ds_router
+from api.http.ds.wire import DS_REQUEST_HEADERS, DS_RESPONSE_HEADERS
 from api.http.errors import install_error_handlers
 from api.http.limits import BodySizeLimit
 from api.http.openai.routes import router as openai_router
@@ -96,6 +98,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(browser_router)  # the client module and the demo page: open, they hold no data
     app.include_router(openai_router)
     _parameters_are_strings_or_absent(app)
+    app.include_router(ds_router)  # Durable Streams: /ds/
     if not open_docs:
         _serve_docs_to_callers(app)
     install_error_handlers(app)
@@ -166,13 +169,14 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         app.add_middleware(
             CORSMiddleware,
             allow_origins=origins,
-            allow_methods=["GET", "POST"],
+            allow_methods=["GET", "POST", "PUT", "HEAD", "DELETE"],
             allow_headers=[
                 "Authorization",
                 "Content-Type",
                 "Idempotency-Key",
                 "Last-Event-ID",
                 "X-Tokenfan-Session",
+                *DS_REQUEST_HEADERS,
             ],
             expose_headers=[
                 "Location",
@@ -180,6 +184,7 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
                 "Retry-After",
                 "X-Tokenfan-Session",
                 "X-Tokenfan-Generation",
+                *DS_RESPONSE_HEADERS,
             ],
             max_age=600,
         )

@@ -27,6 +27,7 @@ from api.live.frames import FrameBatch, frames_for, snapshot_frame
 from api.live.presence import publish_presence
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
+from tokenfan.contract.ids import is_session_id
 from tokenfan.contract.offsets import StreamId
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store
@@ -276,8 +277,9 @@ class LiveBus:
             self.spawn(publish_presence(self.watching, self.store, interval=self.presence_interval))
 
     def watching(self) -> set[str]:
-        """The sessions this process has subscribers of now."""
-        return {session_id for session_id, feed in self.feeds.items() if feed.references > 0}
+        """The sessions this process has subscribers of now. A Durable Streams stream's feed (``ds:<path>``,
+        never a session id) is left out: it has no generation that waits on who watches it."""
+        return {name for name, feed in self.feeds.items() if feed.references > 0 and is_session_id(name)}
 
     async def close(self) -> None:
         await self.tail.close()

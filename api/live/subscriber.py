@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -21,11 +21,13 @@ from api.live.feed import LiveBus, SessionFeed
 from api.live.frames import FrameBatch
 from api.live.subscription import Action, Input, SlowPolicy, State, Subscription
 from tokenfan.contract.errors import OffsetGone, TokenfanError, Unauthorized
+from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.offsets import StreamId
 
 __all__ = [
     "SLOW_CONSUMER_CLOSE_CODE",
     "TOKEN_EXPIRED_REASON",
+    "EntrySink",
     "Sink",
     "SinkClosed",
     "Subscriber",
@@ -63,6 +65,16 @@ class Sink(Protocol):
 
     def end(self, code: int, reason: str) -> None:
         """The subscription is over: tell the client (a close code, an error frame, an SSE error event)."""
+
+
+@runtime_checkable
+class EntrySink(Sink, Protocol):
+    """A sink that takes stored entries rather than frames: a stream whose entries are not session events
+    (a Durable Streams stream's bytes), or a protocol that frames them its own way. Its `deliver` reads
+    ``batch.entries`` only, so no frame is ever made of them."""
+
+    async def send_entries(self, entries: list[StreamEntry]) -> None:
+        """Send a catch-up page, waiting while the client is behind; raises `SinkClosed` once gone."""
 
 
 def close_for(error: BaseException) -> tuple[int, str]:
@@ -228,6 +240,10 @@ class Subscriber:
                     return  # ended while a page was on its way
                 page = await feed.read_page(core.position)
                 fresh = core.on_page(page)
+                if isinstance(self.sink, EntrySink):
+                    if fresh:
+                        await self.sink.send_entries(fresh)
+                    continue
                 for frame in feed.page_frames(fresh) if self.merge else [entry.frame() for entry in fresh]:
                     await self.sink.send(frame)
         self._execute(core.go_live(feed.position))

@@ -347,3 +347,19 @@ def test_a_snapshot_keeps_reasoning_and_tool_calls_and_the_end_still_proves_them
     transcript.apply(f.completed("Looking.", reasoning="I should look it up.", tool_calls=[CALL]))
     assert generation.status is GenerationStatus.COMPLETED
     assert generation.reasoning_text == "I should look it up."
+
+
+def test_apps_events_count_their_own_seq_and_a_snapshot_restarts_the_count() -> None:
+    frames, transcript = Frames(), Transcript()
+    note = EventType.DELTA  # any type: an app's own x.* types are kept as other events
+    transcript.apply(frames.frame(EventType.GENERATION_STARTED))
+    for _ in range(2):
+        transcript.apply({**frames.frame(note, "app"), "type": "x.note"})
+    assert [event["seq"] for event in transcript.generations["app"].other_events] == [1, 2]
+    with pytest.raises(TranscriptError, match="a gap"):
+        transcript.apply({**frames.frame(note, "app", seq=4), "type": "x.note"})
+    frames.ms += 10
+    snapshot = {"offset": f"ep1:{frames.ms}-0", "type": "snapshot", "generations": []}
+    transcript.apply(snapshot)  # skipped app events 3..9
+    transcript.apply({**frames.frame(note, "app", seq=10), "type": "x.note"})
+    assert transcript.generations["app"].last_seq == 10

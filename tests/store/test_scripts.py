@@ -21,16 +21,18 @@ from tests.store.monitor import ScriptCall, ScriptMonitor
 from tests.support.requests import new_session_id
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_generation_id
-from tokenfan.contract.keys import CANCEL_CHANNEL
-from tokenfan.contract.offsets import Offset
+from tokenfan.contract.keys import CANCEL_CHANNEL, StreamKeys
+from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store import AcceptOutcome, Finish, StartOutcome, Store, WriteItem, WriteOutcome
 from tokenfan.store.scripts import SOURCES, Scripts
+from tokenfan.store.streams import Producer
 
 
 def test_each_script_file_opens_with_its_keys_argv_and_reply() -> None:
     folder = resources.files("tokenfan.store").joinpath("lua")
     files = {entry.name.removesuffix(".lua"): entry.read_text() for entry in folder.iterdir()}
-    assert set(files) == {*SOURCES, "common"}  # every script is loaded; common.lua holds shared helpers
+    # Every script is loaded; common.lua and ds_common.lua hold shared helpers.
+    assert set(files) == {*SOURCES, "common", "ds_common"}
     for name in SOURCES:
         header = list(itertools.takewhile(lambda line: line.startswith("--"), files[name].splitlines()))
         for part in ("KEYS:", "ARGV:", "Reply:"):
@@ -51,6 +53,7 @@ async def test_every_key_a_script_touches_is_one_it_was_given(
     monitor = ScriptMonitor(cluster_redis)
     await monitor.start()
     await _every_script(store)
+    await _every_stream_script(store)
     calls = await monitor.stop()
     names = {getattr(store.scripts, name).sha: name for name in Scripts.__slots__}
     assert {names[call.sha] for call in calls} == set(SOURCES)  # every script ran at least once
@@ -80,6 +83,8 @@ async def _undeclared(redis: Redis, call: ScriptCall) -> list[bytes]:
                 touched.append(command[1])
         elif command[0].lower() == b"spublish":  # a shard channel lies in a slot, like a key
             touched.append(command[1])
+        elif command[0].lower() == b"time":  # the Durable Streams scripts' clock: no key at all
+            continue
         else:
             touched += [key.encode() for key in await redis.command_getkeys(*command)]  # it decodes them
     return [key for key in touched if key not in call.keys]
@@ -126,3 +131,34 @@ async def _every_script(store: Store) -> None:
     items.append(WriteItem(session_id, third, next_up.attempt, deltas(session_id, third, "y")))
     await store.write(items)  # two sessions, most likely in two slots: one call per slot
     await store.release_lease(other, elsewhere, took.attempt)
+
+
+async def _every_stream_script(store: Store) -> None:
+    """The Durable Streams scripts and the app events' one: a stream made, appended to by a producer and
+    closed, forked (the fork copies, the source counts it), deleted while forked, released by its fork."""
+    source, fork = StreamKeys(f"scripts/{new_session_id()}"), StreamKeys(f"scripts/{new_session_id()}/fork")
+    fields = {"ct": "text/plain", "ctn": "text/plain", "ttl": "60"}
+    tail = await store.create_stream(source, fields, last=StreamId.ZERO, closed=False, copied=[], own=[b"a"])
+    assert tail is not None
+    producer = Producer("p", 0, 0)
+    ok = await store.append_stream(
+        source, media_type="text/plain", data=b"b", close=False, stream_seq="1", producer=producer
+    )
+    assert ok[0] == "ok"
+    await store.stream_meta(source, touch=True)
+    assert (await store.delete_stream(source, "retain"))[0] == "kept"
+    copied = await store.inherited(source, StreamId.parse(ok[1]))
+    made = await store.create_stream(
+        fork, fields, last=StreamId.parse(ok[1]), closed=True, copied=copied, own=[b"c"]
+    )
+    assert made is not None
+    closing = await store.append_stream(
+        source, media_type="", data=b"", close=True, stream_seq=None, producer=Producer("p", 0, 1)
+    )
+    assert closing[0] == "ok"
+    assert (await store.delete_stream(source, "delete"))[0] == "soft"
+    assert (await store.delete_stream(fork, "delete"))[0] == "deleted"
+    assert (await store.delete_stream(source, "release"))[0] == "deleted"
+    session_id = new_session_id()
+    bodies = [('{"type":"x.note","session_id":"' + session_id + '","generation_id":"app","seq":', "}")]
+    assert (await store.append_app_events(session_id, bodies, Producer("app", 0, 0)))[0] == "ok"

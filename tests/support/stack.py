@@ -79,7 +79,7 @@ class RunningStack:
                 port = str(relay_port if index == 0 else 0)
                 name = "relay" if index == 0 else f"relay-{index + 1}"
                 self.relay_urls.append(self.spawn("relay", ["--port", port], name=name).wait_ready())
-            self.relay_url = self.relay_urls[0]
+            self.relay_url = self.relay_urls[0] if self.relay_urls else ""
             if api:
                 self.api_url = self.spawn("api", ["--port", str(api_port)], name="api").wait_ready()
             for _ in range(workers):

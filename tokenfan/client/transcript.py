@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from tokenfan.contract.events import EventType, GenerationStatus, text_sha256
+from tokenfan.contract.events import APP_GENERATION_ID, EventType, GenerationStatus, text_sha256
 from tokenfan.contract.offsets import Offset, parse_offset
 
 __all__ = ["GenerationTranscript", "Transcript", "TranscriptError"]
@@ -118,6 +118,9 @@ class Transcript:
             generation.usage = view.get("usage")
             generation.error = view.get("error")
             self.generations[generation.generation_id] = generation
+        app = self.generations.get(APP_GENERATION_ID)
+        if app is not None:  # apps' events the snapshot skipped are in no generation's state: count afresh
+            app.last_seq = 0
         self.frames += 1
 
     def _check_offset(self, frame: dict[str, Any]) -> None:

@@ -8,21 +8,32 @@
     │   │   ├── InvalidSessionId        400  close 4400   invalid_session_id
     │   │   ├── InvalidOffset           400  close 4400   invalid_offset
     │   │   ├── InvalidJson             400               invalid_json
+    │   │   ├── InvalidProducer         400               invalid_producer (Durable Streams headers)
     │   │   └── InvalidParameter        400               invalid_parameter (names its `param`)
     │   │       ├── UnknownParameter    400               unknown_parameter
     │   │       └── UnsupportedParameter 400              unsupported_parameter
     │   ├── Unauthorized                401  close 4401   unauthorized
     │   ├── Forbidden                   403  close 4403   forbidden
+    │   │   └── StaleProducerEpoch      403               stale_producer_epoch (a fenced producer)
     │   ├── NotFound                    404  close 4404   not_found
     │   │   ├── GenerationNotFound      404               generation_not_found
     │   │   ├── SessionNotFound         404               session_not_found
     │   │   ├── ResponseNotFound        404               response_not_found
-    │   │   └── UnknownOffset           404  close 4404   unknown_offset
+    │   │   ├── UnknownOffset           404  close 4404   unknown_offset
+    │   │   └── StreamNotFound          404               stream_not_found
+    │   ├── MethodNotAllowed            405               method_not_allowed
     │   ├── Conflict                    409  close 4409   conflict
-    │   ├── IdempotencyKeyReused        422               idempotency_key_reused (another request, one key)
+    │   │   ├── StreamExists            409               stream_exists (with another configuration)
+    │   │   ├── StreamClosed            409               stream_closed
+    │   │   ├── ContentTypeMismatch     409               content_type_mismatch
+    │   │   ├── SequenceConflict        409               sequence_conflict (Stream-Seq went back)
+    │   │   └── ProducerSequenceGap     409               producer_sequence_gap
     │   ├── OffsetGone                  410  close 4410   offset_gone (rebuild from a snapshot)
+    │   │   └── StreamGone              410               stream_gone (deleted; its forks live on)
     │   ├── PayloadTooLarge             413  close 1009   payload_too_large
+    │   ├── IdempotencyKeyReused        422               idempotency_key_reused (another request, one key)
     │   └── RateLimited                 429  close 4429   rate_limited
+    │       └── TooManyStreams          429               too_many_streams (per API key)
     └── ServerError                     our side or a dependency failed; retrying later may work
         └── ServiceUnavailable          503  close 1013   unavailable (shutting down, overloaded)
             └── StorageUnavailable      503  close 1013   unavailable (Redis unreachable or refusing)
@@ -43,24 +54,35 @@ from typing import ClassVar
 __all__ = [
     "ClientError",
     "Conflict",
+    "ContentTypeMismatch",
     "Forbidden",
     "GenerationNotFound",
     "IdempotencyKeyReused",
     "InvalidJson",
     "InvalidOffset",
     "InvalidParameter",
+    "InvalidProducer",
     "InvalidRequest",
     "InvalidSessionId",
+    "MethodNotAllowed",
     "NotFound",
     "OffsetGone",
     "PayloadTooLarge",
+    "ProducerSequenceGap",
     "RateLimited",
     "ResponseNotFound",
+    "SequenceConflict",
     "ServerError",
     "ServiceUnavailable",
     "SessionNotFound",
+    "StaleProducerEpoch",
     "StorageUnavailable",
+    "StreamClosed",
+    "StreamExists",
+    "StreamGone",
+    "StreamNotFound",
     "TokenfanError",
+    "TooManyStreams",
     "Unauthorized",
     "UnknownOffset",
     "UnknownParameter",
@@ -117,6 +139,12 @@ class InvalidParameter(InvalidRequest):
         self.param = param
 
 
+class InvalidProducer(InvalidRequest):
+    """Durable Streams producer headers that are incomplete, malformed, or open an epoch past seq 0."""
+
+    code = "invalid_producer"
+
+
 class UnknownParameter(InvalidParameter):
     """A member no version of the API knows: a typo must not silently change a request."""
 
@@ -141,6 +169,12 @@ class Forbidden(ClientError):
     close_code = 4403
 
 
+class StaleProducerEpoch(Forbidden):
+    """A Durable Streams producer whose epoch a newer one has fenced off (a zombie)."""
+
+    code = "stale_producer_epoch"
+
+
 class NotFound(ClientError):
     code = "not_found"
     http_status = 404
@@ -163,6 +197,15 @@ class UnknownOffset(NotFound):
     code = "unknown_offset"
 
 
+class StreamNotFound(NotFound):
+    code = "stream_not_found"
+
+
+class MethodNotAllowed(ClientError):
+    code = "method_not_allowed"
+    http_status = 405
+
+
 class Conflict(ClientError):
     code = "conflict"
     http_status = 409
@@ -177,12 +220,42 @@ class IdempotencyKeyReused(ClientError):
     http_status = 422
 
 
+class StreamExists(Conflict):
+    """A Durable Streams PUT for a stream that exists with another configuration."""
+
+    code = "stream_exists"
+
+
+class StreamClosed(Conflict):
+    code = "stream_closed"
+
+
+class ContentTypeMismatch(Conflict):
+    code = "content_type_mismatch"
+
+
+class SequenceConflict(Conflict):
+    """A Durable Streams append whose Stream-Seq does not sort after the last one."""
+
+    code = "sequence_conflict"
+
+
+class ProducerSequenceGap(Conflict):
+    code = "producer_sequence_gap"
+
+
 class OffsetGone(ClientError):
     """The offset is no longer retained, or belongs to an earlier incarnation of the stream."""
 
     code = "offset_gone"
     http_status = 410
     close_code = 4410
+
+
+class StreamGone(OffsetGone):
+    """A deleted Durable Streams stream that its forks still read: its path stays taken until they go."""
+
+    code = "stream_gone"
 
 
 class PayloadTooLarge(ClientError):
@@ -199,6 +272,12 @@ class RateLimited(ClientError):
     def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class TooManyStreams(RateLimited):
+    """An API key holds as many Durable Streams streams as it may (``TOKENFAN_DS_MAX_STREAMS_PER_KEY``)."""
+
+    code = "too_many_streams"
 
 
 class ServerError(TokenfanError):

@@ -16,6 +16,7 @@ from typing import Any
 from tokenfan.contract.offsets import Offset, StreamId
 
 __all__ = [
+    "APP_GENERATION_ID",
     "TERMINAL_EVENT_TYPES",
     "EventType",
     "FailureType",
@@ -27,6 +28,11 @@ __all__ = [
     "frame_from_body",
     "text_sha256",
 ]
+
+
+#: The ``generation_id`` of apps' events appended to a session through ``/ds/sessions/{id}``: they count their
+#: own ``seq`` (1, 2, 3…) as one more generation of the session, so every subscriber's checks hold.
+APP_GENERATION_ID = "app"
 
 
 class EventType(StrEnum):

@@ -27,6 +27,25 @@ key                                     type     holds
 ``tf:{S}:live``                         channel  pub/sub: each appended entry, for relays
 ``tf:{S}:idem:K``                       string   ``<generation id> <digest>``: the generation accepted with
                                                  Idempotency-Key K, and the digest of its request
+``tf:{S}:producers``                    hash     idempotent producers of apps' events: ``<epoch> <seq>``
+``tf:{S}:app``                          hash     ``seq``: the last seq of the session's app events (the
+                                                 pseudo-generation ``app``, appended through ``/ds/``)
+======================================  =======  ====================================================
+
+Per Durable Streams stream at path ``P`` (`StreamKeys`; ``N`` = ``ds:`` + ``P`` with ``%``, ``{`` and ``}``
+percent-encoded, so ``N`` is never a session id and cannot break out of its tag):
+
+======================================  =======  ====================================================
+``tf:{N}:events``                       stream   the stream's messages, in the session layout (``e``,
+                                                 ``p``, ``d``: ``d`` holds the message's bytes; an empty
+                                                 ``d`` is the marker that closed the stream)
+``tf:{N}:meta``                         hash     ``epoch``, ``last`` as for a session; ``tail`` (newest
+                                                 message id), ``ct`` (content type), ``ctn`` (its media
+                                                 type), ``ttl``, ``expires_at``, ``closed``, ``closed_by``,
+                                                 ``wseq`` (Stream-Seq), ``fork_of``, ``fork_offset``,
+                                                 ``fork_sub``, ``forks``, ``deleted``, ``owner``
+``tf:{N}:producers``                    hash     per producer id: ``<epoch> <seq>``, its last accepted
+``tf:{N}:live``                         channel  as a session's: each appended entry
 ======================================  =======  ====================================================
 
 Global (no hash tag: each name lands in a slot of its own):
@@ -36,6 +55,7 @@ name                                    type     holds
 ======================================  =======  ====================================================
 ``tf:generation:G``                     string   the session id owning generation G
 ``tf:ratelimit:NAME``                   string   the request allowance of principal NAME (GCRA)
+``tf:ds:owned:NAME``                    set      the Durable Streams paths principal NAME created
 ``tf:cancellations``                    channel  pub/sub: ``<generation id> <reason>``, for workers
 ``tf:relay:idle``                       channel  pub/sub: never published to; a relay with no session to
                                                  watch stays subscribed to it
@@ -57,9 +77,12 @@ __all__ = [
     "GenerationField",
     "MetaField",
     "SessionKeys",
+    "StreamKeys",
     "arq_in_progress_key",
+    "ds_owned_key",
     "generation_index_key",
     "rate_limit_key",
+    "session_producers_key",
 ]
 
 ARQ_QUEUE = "tf:arq:queue"
@@ -79,6 +102,10 @@ def generation_index_key(generation_id: str) -> str:
 
 def rate_limit_key(name: str) -> str:
     return f"tf:ratelimit:{name}"
+
+
+def ds_owned_key(name: str) -> str:
+    return f"tf:ds:owned:{name}"
 
 
 def arq_in_progress_key(job_id: str) -> str:
@@ -112,7 +139,7 @@ class GenerationField(StrEnum):
 class SessionKeys:
     """The names of one session's keys. Build once per session and reuse."""
 
-    __slots__ = ("events", "generations", "live", "meta", "queue", "session_id", "tag", "watchers")
+    __slots__ = ("app", "events", "generations", "live", "meta", "queue", "session_id", "tag", "watchers")
 
     def __init__(self, session_id: str) -> None:
         self.session_id = session_id
@@ -123,6 +150,7 @@ class SessionKeys:
         self.generations = f"{self.tag}:generations"
         self.live = f"{self.tag}:live"
         self.watchers = f"{self.tag}:watchers"
+        self.app = f"{self.tag}:app"
 
     def generation(self, generation_id: str) -> str:
         return f"{self.tag}:gen:{generation_id}"
@@ -141,3 +169,25 @@ class SessionKeys:
     def generation_response(self, generation_id: str) -> str:
         """The OpenAI Responses request a generation was made from (``tokenfan.store.front_door``)."""
         return f"{self.tag}:gen:{generation_id}:response"
+
+
+class StreamKeys:
+    """The names of one Durable Streams stream's keys. `name` is what the live engine knows the stream by:
+    its keys are those of a session of that id (`SessionKeys`), so the live tail and the feeds serve a
+    stream exactly as they serve a session."""
+
+    __slots__ = ("events", "live", "meta", "name", "path", "producers")
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = "ds:" + path.replace("%", "%25").replace("{", "%7B").replace("}", "%7D")
+        session = SessionKeys(self.name)
+        self.events = session.events
+        self.meta = session.meta
+        self.live = session.live
+        self.producers = f"{session.tag}:producers"
+
+
+def session_producers_key(session_id: str) -> str:
+    """The idempotent producers of apps appending to session S (``tf:{S}:producers``)."""
+    return f"{SessionKeys(session_id).tag}:producers"

@@ -233,6 +233,24 @@ class Settings:
     max_body_bytes: int = _env(
         "TOKENFAN_MAX_BODY_BYTES", "Largest request body the API accepts (413 beyond).", default=1_048_576
     )
+    ds_long_poll_seconds: float = _env(
+        "TOKENFAN_DS_LONG_POLL_SECONDS",
+        "How long a Durable Streams `live=long-poll` read waits for data before answering 204; also the "
+        "interval of `live=sse` keep-alive control events.",
+        default=20.0,
+    )
+    ds_max_streams_per_key: int = _env(
+        "TOKENFAN_DS_MAX_STREAMS_PER_KEY",
+        "Durable Streams streams one API key may hold under `/ds/` (`0`: no limit); a PUT beyond answers 429 "
+        "`too_many_streams`. Sessions do not count.",
+        default=10_000,
+    )
+    ds_appends_per_minute: int = _env(
+        "TOKENFAN_DS_APPENDS_PER_MINUTE",
+        "Durable Streams appends (POSTs, app events included) one API key may make per minute, shared by every "
+        "API process (`0`: no limit); beyond, 429 `rate_limited` with `Retry-After`.",
+        default=6_000,
+    )
     max_messages: int = _env(
         "TOKENFAN_MAX_MESSAGES", "Most messages one generation request may carry.", default=512
     )
@@ -357,6 +375,7 @@ class Settings:
             "lease_seconds",
             "max_attempts",
             "upstream_retry_budget_seconds",
+            "ds_long_poll_seconds",
         )
         for name in positive:
             if getattr(self, name) <= 0:
@@ -366,6 +385,8 @@ class Settings:
             "upstream_max_retries",
             "feed_linger_seconds",
             "rate_limit_per_minute",
+            "ds_max_streams_per_key",
+            "ds_appends_per_minute",
         ):
             if getattr(self, name) < 0:
                 raise SettingsError(f"{_env_name(name)} must not be negative")

@@ -36,10 +36,16 @@ def _read(name: str) -> str:
 
 
 _COMMON = _read("common")
+_DS_COMMON = _read("ds_common")
 
 #: Each script's whole text, as Redis runs it: read when this module is first imported, never again.
 SOURCES: dict[str, str] = {
     "accept": _COMMON + _read("accept"),
+    "app_event": _COMMON + _DS_COMMON + _read("app_event"),
+    "ds_append": _DS_COMMON + _read("ds_append"),
+    "ds_create": _DS_COMMON + _read("ds_create"),
+    "ds_delete": _read("ds_delete"),
+    "ds_meta": _DS_COMMON + _read("ds_meta"),
     "cancel": _read("cancel"),
     "generation": _read("generation"),
     "lease": _read("lease"),
@@ -59,7 +65,12 @@ class Scripts:
 
     __slots__ = (
         "accept",
+        "app_event",
         "cancel",
+        "ds_append",
+        "ds_create",
+        "ds_delete",
+        "ds_meta",
         "generation",
         "lease",
         "position",
@@ -74,6 +85,11 @@ class Scripts:
     def __init__(self, redis: Client) -> None:
         self.accept = AsyncScript(redis, SOURCES["accept"])  # type: ignore[arg-type]
         self.cancel = AsyncScript(redis, SOURCES["cancel"])  # type: ignore[arg-type]
+        self.app_event = AsyncScript(redis, SOURCES["app_event"])  # type: ignore[arg-type]
+        self.ds_append = AsyncScript(redis, SOURCES["ds_append"])  # type: ignore[arg-type]
+        self.ds_create = AsyncScript(redis, SOURCES["ds_create"])  # type: ignore[arg-type]
+        self.ds_delete = AsyncScript(redis, SOURCES["ds_delete"])  # type: ignore[arg-type]
+        self.ds_meta = AsyncScript(redis, SOURCES["ds_meta"])  # type: ignore[arg-type]
         self.generation = AsyncScript(redis, SOURCES["generation"])  # type: ignore[arg-type]
         self.lease = AsyncScript(redis, SOURCES["lease"])  # type: ignore[arg-type]
         self.position = AsyncScript(redis, SOURCES["position"])  # type: ignore[arg-type]

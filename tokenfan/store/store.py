@@ -15,6 +15,7 @@ from tokenfan.store.connection import cluster_client, redis_client
 from tokenfan.store.presence import Presence
 from tokenfan.store.resume import Resume
 from tokenfan.store.snapshots import Snapshots
+from tokenfan.store.streams import Streams
 from tokenfan.store.writes import Writes
 
 __all__ = ["Store", "verify_storage"]
@@ -22,12 +23,14 @@ __all__ = ["Store", "verify_storage"]
 log = structlog.get_logger("tokenfan.store")
 
 
-class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume):
+class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume, Streams):
     """Every read and write of a session. One per process; safe to share between tasks.
 
     API side: `accept`, `request_cancel`, `snapshot`, `generation`, `rate_limit`, presence claims.
     Worker side: `start`, `renew_leases`, `release_lease`, `write`.
     Relay side: `check_resume`, `tail`, `read_after`.
+    Durable Streams (``/ds/``): `stream_meta`, `create_stream`, `append_stream`, `delete_stream`,
+    `inherited`, `append_app_events`.
     Every call raises `StorageUnavailable` when Redis fails under it.
     """
 

@@ -911,6 +911,9 @@ export class Transcript {
       });
       this.generations.set(generation.id, generation);
     }
+    // Apps' events (the pseudo-generation "app") that the snapshot skipped are in no generation's state.
+    const app = this.generations.get("app");
+    if (app) app.lastSeq = 0;
     this.frames += 1;
     return null;
   }
