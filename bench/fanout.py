@@ -110,6 +110,7 @@ class BenchServer:
         self.env = env
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        self.ready: dict[str, Any] = {}
 
     def start(self, timeout: float = 30.0) -> BenchServer:
         self.ready_file.unlink(missing_ok=True)
@@ -123,7 +124,8 @@ class BenchServer:
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name} did not start; see {LOGS / (self.name + '.log')}")
             time.sleep(0.02)
-        self.url = str(json.loads(self.ready_file.read_text())["url"])
+        self.ready = json.loads(self.ready_file.read_text())
+        self.url = str(self.ready["url"])
         return self
 
     @property
@@ -149,10 +151,12 @@ class BenchServer:
 RELAY_CODE = ROOT
 
 
-def relay_server(redis_url: str, name: str = "relay") -> BenchServer:
+def relay_server(redis_url: str, name: str = "relay", *, metrics: bool = False) -> BenchServer:
     child = ChildProcess("relay", ["--port", "0"])  # only for its command line: python -m tokenfan relay
     command = [sys.executable, "-m", "tokenfan", child.role, *child.args]
     env = child_env(redis_url)
+    if metrics:
+        env["TOKENFAN_METRICS_PORT"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(RELAY_CODE), env["PYTHONPATH"]])
     return BenchServer(name, command, env, cwd=RELAY_CODE)
 
@@ -727,6 +731,55 @@ async def relay_vs_raw(bench: Bench, scenario: Scenario) -> dict[str, Any]:
     }
 
 
+async def scrape_every_second(url: str) -> None:
+    """What an eager Prometheus does to a relay with metrics on: a scrape a second (its cost counts)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        while True:
+            (await client.get(url)).raise_for_status()
+            await asyncio.sleep(1.0)  # the scrape interval
+
+
+async def metrics_on_off(bench: Bench, scenario: Scenario) -> dict[str, Any]:
+    """Part 'metrics': `runs` pairs of runs, each on a fresh relay, without a metrics port and with one
+    (scraped every second), alternating which goes first; relay CPU per delivered frame, per pair."""
+    runs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+    log(
+        f"metrics off/on, {scenario.name}: {scenario.sessions} x {scenario.per_session}, {scenario.rate:g} tok/s"
+    )
+    for n in range(bench.runs):
+        for variant in ("off", "on") if n % 2 == 0 else ("on", "off"):
+            server = relay_server(bench.redis.url, metrics=variant == "on").start()
+            scraping = (
+                asyncio.create_task(scrape_every_second(server.ready["metrics"])) if variant == "on" else None
+            )
+            try:
+                target = Target("relay", server)
+                run = await bench.run(
+                    target, scenario.sessions, scenario.per_session, bench.produce(scenario.rate)
+                )
+                await target.http.aclose()
+            finally:
+                if scraping is not None:
+                    scraping.cancel()
+                    await asyncio.gather(scraping, return_exceptions=True)
+                server.stop()
+            runs[variant].append(run)
+            log(line(f"metrics {variant}", run))
+    ratios = [
+        round(on["server_cpu_us_per_frame"] / off["server_cpu_us_per_frame"], 4)
+        for on, off in zip(runs["on"], runs["off"], strict=True)
+    ]
+    log(f"{scenario.name}: relay CPU per frame, metrics on/off per pair {ratios}, median {median(ratios)}")
+    return {
+        "scenario": scenario.__dict__,
+        "off": medians(runs["off"]),
+        "on": medians(runs["on"]),
+        "cpu_per_frame_on_vs_off_per_pair": ratios,
+        "cpu_per_frame_on_vs_off_median": median(ratios),
+        "runs": runs,
+    }
+
+
 async def sustained_sweep(
     bench: Bench, kind: str, per_session: int, rates: list[float], target: Target | None = None
 ) -> dict[str, Any]:
@@ -921,6 +974,9 @@ async def bench_main(args: argparse.Namespace, result: dict[str, Any]) -> None:
                 result["sustained"]["naive"].append(
                     await sustained_sweep(bench, "naive", subscribers, naive_rates, target=bench.naive)
                 )
+        if "metrics" in parts:
+            pairs = [scenarios[1], scenarios[3]] if not quick else [scenarios[1], scenarios[2]]
+            result["metrics_cost"] = [await metrics_on_off(bench, scenario) for scenario in pairs]
         if "catchup" in parts:
             log("catch-up")
             result["catch_up"] = [await catch_up(bench, 1, 5000), await catch_up(bench, 100, 5000)]
@@ -956,7 +1012,8 @@ def main() -> None:
         "--parts",
         default="scenarios,ceiling,sustained,catchup",
         help="what to measure, comma-separated (default: all of scenarios,ceiling,sustained,catchup; "
-        "'one' or 'many' for only the one-session or only the many-session scenarios)",
+        "'one' or 'many' for only the one-session or only the many-session scenarios; 'metrics' for the "
+        "relay without and with a metrics port, 1,000 subscribers of one session and 1,000 sessions x 3)",
     )
     parser.add_argument(
         "--relay-code",

@@ -33,6 +33,10 @@ Variants: ``on`` is the default (``TOKENFAN_COALESCE=true``, ``TOKENFAN_FLUSH_WI
 naive baseline (``TOKENFAN_COALESCE=false``: one event per token, each written by its own script call as
 soon as it arrives). A sweep over the number of generations shows where one worker saturates, and one over
 the flush window (0, 5, 20 ms) what the window buys.
+
+Part ``metrics`` (``--only metrics``): the default worker without a metrics port and with one
+(``TOKENFAN_METRICS_PORT``, scraped once a second during the window, as an eager Prometheus would), in pairs
+whose order alternates, at each of ``--metrics-at``: what the instruments cost per token.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ import subprocess
 import tempfile
 import time
 from array import array
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,16 +98,21 @@ class Variant:
     coalesce: bool
     flush_window_ms: float
     worker_path: str | None = None  # import the `worker` package from here instead of this checkout
+    metrics: bool = False  # serve /metrics (scraped every second during the window)
 
     def env(self) -> dict[str, str]:
-        return {
+        env = {
             "TOKENFAN_COALESCE": "true" if self.coalesce else "false",
             "TOKENFAN_FLUSH_WINDOW_MS": f"{self.flush_window_ms:g}",
         }
+        if self.metrics:
+            env["TOKENFAN_METRICS_PORT"] = "0"
+        return env
 
 
 ON = Variant("on", True, 5.0)
 OFF = Variant("off", False, 0.0)
+ON_METRICS = Variant("on-metrics", True, 5.0, metrics=True)
 
 
 @dataclass
@@ -307,6 +317,8 @@ async def measure_point(
                 await asyncio.sleep(min(1.0, left))
                 open_samples.append((await upstream_stats(http))["streams_open"])
                 rss_samples.append(rss_bytes(pids["worker"]))
+                if point.variant.metrics:  # a scrape costs the worker too: count it in
+                    (await http.get(stack.worker.metrics_url)).raise_for_status()
             t1 = time.time_ns()
             cpu_after, busy_after = stack.cpu(), machine_jiffies()
             calls_after = await command_calls(redis)
@@ -371,6 +383,8 @@ async def measure_point(
         "cpu_seconds": cpu,
         "cpu_share_of_one_core": {k: round(v / window, 3) for k, v in cpu.items()},
         "worker_cpu_us_per_token": round(cpu["worker"] / max(1, appended) * 1e6, 1),
+        # Per token the upstream sent in the window: what part 'metrics' compares (it needs no reader).
+        "worker_cpu_us_per_token_offered": round(cpu["worker"] / max(1, sent_in_window) * 1e6, 2),
         "redis_cpu_us_per_token": round(cpu["redis"] / max(1, appended) * 1e6, 1),
         "machine_busy_share": round(busy, 3),
         "other_processes_cores": round(max(0.0, other_cores), 2),
@@ -472,10 +486,15 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--versions-at", default="100,250")
     parser.add_argument(
+        "--metrics-at", default="100,250", help="generation counts of part 'metrics' (metrics port off vs on)"
+    )
+    parser.add_argument(
         "--merge", action="store_true", help="update the parts measured in the saved results, keep the rest"
     )
     parser.add_argument("--quick", action="store_true", help="one short run of the on/off pair only")
-    parser.add_argument("--only", default="", help="comma-separated subset: pair, sweep, windows, versions")
+    parser.add_argument(
+        "--only", default="", help="comma-separated subset: pair, sweep, windows, versions, metrics"
+    )
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.warmup, args.runs, args.sweep, args.sweep_off, args.windows = (
@@ -486,9 +505,17 @@ def parse_args() -> argparse.Namespace:
             "",
             "",
         )
-    args.parts = set(filter(None, args.only.split(","))) or {"pair", "sweep", "windows", "versions"}
+    args.parts = set(filter(None, args.only.split(","))) or {
+        "pair",
+        "sweep",
+        "windows",
+        "versions",
+        "metrics",
+    }
     if not args.baseline_worker:
         args.parts.discard("versions")
+    if args.quick and "metrics" not in args.only:
+        args.parts.discard("metrics")
     return args
 
 
@@ -564,6 +591,33 @@ def report(path: Path) -> str:
     return "\n".join(lines)
 
 
+async def metrics_pairs(
+    args: argparse.Namespace, run: Callable[[Variant, int, str, str], Awaitable[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Part 'metrics': the default worker without and with a metrics port, `--runs` pairs at each count of
+    `--metrics-at`, alternating which goes first; the ratio of worker CPU per token, per pair."""
+    out: dict[str, Any] = {}
+    for count in [int(c) for c in args.metrics_at.split(",") if c]:
+        pairs: dict[str, list[dict[str, Any]]] = {"off": [], "on": []}
+        for r in range(args.runs):
+            order = [("off", ON), ("on", ON_METRICS)]
+            for key, variant in order if r % 2 == 0 else order[::-1]:
+                pairs[key].append(await run(variant, count, f"metrics {key} {count} run {r}", f"m{r}"))
+        ratios = [
+            round(on["worker_cpu_us_per_token_offered"] / off["worker_cpu_us_per_token_offered"], 4)
+            for on, off in zip(pairs["on"], pairs["off"], strict=True)
+        ]
+        out[str(count)] = {
+            "off": headline(pairs["off"]),
+            "on": headline(pairs["on"]),
+            "cpu_per_token_on_vs_off_per_pair": ratios,
+            "cpu_per_token_on_vs_off_median": median(ratios),
+            "runs": pairs,
+        }
+        log(f"metrics at {count}: worker CPU per token on/off per pair {ratios}, median {median(ratios)}")
+    return out
+
+
 async def main() -> None:
     args = parse_args()
     n = args.generations
@@ -603,6 +657,7 @@ async def main() -> None:
                 ("current", ON),
             ):
                 versions[key].append(await run(variant, count, f"{key} worker {count} run {r}", f"v{r}"))
+    metrics = await metrics_pairs(args, run) if "metrics" in args.parts else {}
     command = " ".join(["./dev bench worker", *sys.argv[1:]])
     result: dict[str, Any] = {
         "command": command,
@@ -621,6 +676,7 @@ async def main() -> None:
     result.update(pair_runs=pair, sweep=sweep, windows=windows)
     if versions["current"]:
         result["worker_versions"] = {"baseline_worker": args.baseline_worker, **versions}
+    result.update({"metrics_cost": metrics} if metrics else {})
     print(json.dumps({k: result[k] for k in ("on", "off", "on_vs_off", "verdict") if k in result}, indent=2))
     name = "worker-quick" if args.quick else "worker"
     if args.merge and (RESULTS / f"{name}.json").exists():

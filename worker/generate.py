@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
+from opentelemetry.trace import Tracer
 
 from tokenfan.contract.errors import ServiceUnavailable
 from tokenfan.contract.events import EventType, FailureType, GenerationStatus, text_sha256
@@ -25,6 +26,7 @@ from tokenfan.store.jobs import Retry
 from worker.chunks import ContentPiece, FinishPiece, ReasoningPiece, ToolCallPiece, UsagePiece
 from worker.hooks import HookContext, Hooks, load_hooks
 from worker.stream_writer import Fenced, GenerationStream, StreamWriter, WriteRefused
+from worker.traces import attempt_trace
 from worker.upstream import Upstream, UpstreamFailure
 from worker.usage import estimate_usage
 
@@ -92,9 +94,12 @@ class GenerationJob:
         timeout_seconds: float = 3_600,
         hooks: Hooks | None = None,
         on_claimed: Claim = _nothing,
+        tracer: Tracer | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
+        self.metrics = writer.metrics  # the process's: the writer times each token
+        self.tracer = tracer
         self.upstream = upstream
         self.enqueue = enqueue
         self.retry = retry or RetryPolicy()
@@ -102,22 +107,38 @@ class GenerationJob:
         self.hooks = hooks or load_hooks(None)
         self.on_claimed = on_claimed
 
-    async def __call__(self, session_id: str, generation_id: str, job_try: int = 1) -> None:
+    async def __call__(
+        self, session_id: str, generation_id: str, job_try: int = 1, enqueued_at: float | None = None
+    ) -> None:
+        """Run the job of one generation; `enqueued_at` (unix seconds) is when the job entered the queue."""
         structlog.contextvars.bind_contextvars(
             session_id=session_id, generation_id=generation_id, job_id=generation_id
         )
         start = await self.store.start(session_id, generation_id)
         if start.outcome is StartOutcome.MISSING and job_try < _MISSING_TRIES:
             # The API enqueues before it accepts: give the acceptance a moment to land.
+            log.info("job_deferred", reason=start.outcome.value, defer_s=0.5)
             raise Retry(defer=0.5)
         if start.outcome in (StartOutcome.TERMINAL, StartOutcome.MISSING, StartOutcome.WAITING):
             log.info("job_skipped", reason=start.outcome.value)
             return
         if start.outcome is StartOutcome.BUSY:
             # A live worker holds the lease (or a dead one's lease has not run out yet): look again later.
-            raise Retry(defer=max(0.05, start.busy_for_ms / 1000))
+            defer = max(0.05, start.busy_for_ms / 1000)
+            log.info("job_deferred", reason=start.outcome.value, defer_s=defer)
+            raise Retry(defer=defer)
         await self.on_claimed(generation_id)
-        stream = self.writer.open(session_id, generation_id, start.attempt, start.last_seq)
+        self.metrics.attempt_started(
+            restarted=start.outcome is StartOutcome.RESTARTED, enqueued_at=enqueued_at
+        )
+        with attempt_trace(self.tracer, session_id, generation_id, start, enqueued_at) as trace:
+            stream = self.writer.open(session_id, generation_id, start.attempt, start.last_seq, trace)
+            await self._take(session_id, generation_id, start, stream)
+
+    async def _take(
+        self, session_id: str, generation_id: str, start: StartResult, stream: GenerationStream
+    ) -> None:
+        """Run the attempt `start` began, to its terminal event (or hand it back)."""
         log.info("generation_started", attempt=start.attempt, outcome=start.outcome.value)
         try:
             request = start.request or {}
@@ -227,6 +248,7 @@ class GenerationJob:
                     log.warning(
                         "upstream_retry", failure=failure.failure.value, status=failure.status, delay_s=delay
                     )
+                    self.metrics.retries.labels(failure.failure.value).inc()
                     retries += 1
                     await asyncio.sleep(delay)
                     continue
@@ -234,6 +256,12 @@ class GenerationJob:
                 return Outcome(GenerationStatus.FAILED, error=failure.to_error())
 
     async def _stream_once(self, stream: GenerationStream, request: dict[str, Any]) -> Outcome:
+        if stream.trace is None:
+            return await self._read_upstream(stream, request)
+        with stream.trace.upstream(str(request.get("model", ""))):
+            return await self._read_upstream(stream, request)
+
+    async def _read_upstream(self, stream: GenerationStream, request: dict[str, Any]) -> Outcome:
         finish_reason: str | None = None
         usage: dict[str, Any] | None = None
         async with contextlib.aclosing(self.upstream.stream(request)) as updates:
@@ -288,6 +316,9 @@ class GenerationJob:
         finish = Finish(outcome.status, outcome.finish_reason, outcome.usage, outcome.error)
         result = await stream.finish(event_type, finish, **fields)
         log.info("generation_finished", status=outcome.status.value, offset=str(result.last_offset))
+        self.metrics.finished_as(outcome.status, outcome.finish_reason, outcome.extra, outcome.error)
+        if stream.trace is not None and outcome.error is not None:
+            stream.trace.failed(str(outcome.error.get("type", "error")))
         if result.next_generation_id is not None:
             await self.enqueue(stream.session_id, result.next_generation_id)
 

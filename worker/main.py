@@ -16,17 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from opentelemetry.trace import Tracer
 
 from tokenfan.contract.errors import StorageUnavailable
+from tokenfan.runtime.metrics import Metrics
 from tokenfan.runtime.serving import write_ready_file
 from tokenfan.runtime.settings import Settings
+from tokenfan.runtime.tracing import tracer_from_env
 from tokenfan.store import LeaseReply, Store
+from tokenfan.store.boundary import expose_redis_errors
 from tokenfan.store.cancellations import listen_for_cancellations
 from tokenfan.store.connection import pack_with_hiredis
 from tokenfan.store.job_runner import expire_claims, generation_worker, supervise
 from tokenfan.store.jobs import JobQueue, create_queue, hand_over
 from worker.generate import GenerationJob, RetryPolicy
 from worker.hooks import load_hooks
+from worker.metrics import WorkerMetrics
 from worker.stream_writer import GenerationStream, StreamWriter
 from worker.upstream import Upstream
 from worker.usage import warm_up
@@ -103,7 +108,12 @@ def _tune_gc() -> None:
 
 
 def _generation_job(
-    settings: Settings, store: Store, queue: JobQueue, writer: StreamWriter, upstream: Upstream
+    settings: Settings,
+    store: Store,
+    queue: JobQueue,
+    writer: StreamWriter,
+    upstream: Upstream,
+    tracer: Tracer | None,
 ) -> GenerationJob:
     async def enqueue(session_id: str, generation_id: str) -> None:
         await hand_over(queue, session_id, generation_id, lambda: store.is_queued(session_id, generation_id))
@@ -122,7 +132,25 @@ def _generation_job(
         timeout_seconds=settings.job_timeout_seconds,
         hooks=load_hooks(settings.worker_hooks),
         on_claimed=claim,
+        tracer=tracer,
     )
+
+
+def _stream_writer(settings: Settings, store: Store, metrics: Metrics, capacity: int) -> StreamWriter:
+    """The process's writer, and with it the worker's instruments on `metrics` (the store's Redis errors and
+    the generations running now are read at each scrape); `capacity`: the generations it runs at once."""
+    expose_redis_errors(metrics)
+    instruments = WorkerMetrics(metrics)
+    writer = StreamWriter(
+        store,
+        flush_window=settings.flush_window_ms / 1000,
+        max_pending_bytes=settings.flush_max_bytes,
+        merge=settings.coalesce,
+        metrics=instruments,
+    )
+    instruments.running.set_function(lambda: len(writer.streams))  # len(): atomic for the scrape's thread
+    instruments.capacity.set(capacity)
+    return writer
 
 
 def _background_tasks(
@@ -143,24 +171,27 @@ def _background_tasks(
 
 
 async def run_worker(
-    settings: Settings, *, concurrency: int | None = None, ready_file: str | None = None
+    settings: Settings,
+    *,
+    concurrency: int | None = None,
+    ready_file: str | None = None,
+    host: str = "127.0.0.1",
 ) -> None:
-    """Run one worker process until SIGINT/SIGTERM."""
+    """Run one worker process until SIGINT/SIGTERM; its metrics (``TOKENFAN_METRICS_PORT``) on `host`."""
     store = Store.from_settings(settings)
     pack_with_hiredis(store.redis)
-    writer = StreamWriter(
-        store,
-        flush_window=settings.flush_window_ms / 1000,
-        max_pending_bytes=settings.flush_max_bytes,
-        merge=settings.coalesce,
-    )
+    metrics = Metrics("worker", enabled=settings.metrics_port is not None)
+    writer = _stream_writer(settings, store, metrics, concurrency or settings.worker_concurrency)
     upstream = Upstream(settings)
     queue = await create_queue(settings.queue_url)
-    job = _generation_job(settings, store, queue, writer, upstream)
+    job = _generation_job(settings, store, queue, writer, upstream, tracer_from_env("worker"))
     background: list[asyncio.Task[None]] = []
+    ready = metrics.expose(host, settings.metrics_port)
 
     async def generate(ctx: dict[str, Any], session_id: str, generation_id: str) -> None:
-        await job(session_id, generation_id, job_try=int(ctx.get("job_try", 1)))
+        enqueued = ctx.get("enqueue_time")  # arq's: when the job entered the queue
+        enqueued_at = enqueued.timestamp() if enqueued is not None else None
+        await job(session_id, generation_id, job_try=int(ctx.get("job_try", 1)), enqueued_at=enqueued_at)
 
     async def on_startup(ctx: dict[str, Any]) -> None:
         if background:  # arq's loop was re-entered after Redis came back: our tasks never stopped
@@ -169,7 +200,7 @@ async def run_worker(
         _tune_gc()
         background.extend(_background_tasks(store, queue, writer, settings.worker_alive_file))
         log.info("worker_ready", concurrency=concurrency or settings.worker_concurrency)
-        write_ready_file(ready_file, "", role="worker")
+        write_ready_file(ready_file, "", role="worker", **ready)
 
     worker = generation_worker(
         generate,
@@ -188,3 +219,4 @@ async def run_worker(
         await asyncio.gather(*background, return_exceptions=True)
         await upstream.close()
         await store.redis.aclose()
+        metrics.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import Callable
 from json.encoder import encode_basestring  # what json.dumps(..., ensure_ascii=False) uses for a str
 from typing import Any
@@ -31,8 +32,11 @@ import structlog
 from tokenfan.contract.errors import ServiceUnavailable, StorageUnavailable
 from tokenfan.contract.events import EventType, encode_body, event_body
 from tokenfan.contract.offsets import Offset
+from tokenfan.runtime.metrics import Metrics
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
 from worker.coalesce import Coalescer, PendingEvent
+from worker.metrics import NO_PACE, TokenPace, WorkerMetrics
+from worker.traces import AttemptTrace
 
 __all__ = ["Fenced", "GenerationStream", "StreamWriter", "WriteRefused"]
 
@@ -52,9 +56,19 @@ class GenerationStream:
     """The write handle of one running attempt. Adding never blocks; `finish` waits until durable."""
 
     def __init__(
-        self, writer: StreamWriter, session_id: str, generation_id: str, attempt: int, last_seq: int
+        self,
+        writer: StreamWriter,
+        session_id: str,
+        generation_id: str,
+        attempt: int,
+        last_seq: int,
+        *,
+        pace: TokenPace = NO_PACE,
+        trace: AttemptTrace | None = None,
     ):
         self.writer = writer
+        self.pace = pace  # ticked once per token added
+        self.trace = trace  # the attempt's spans, when tracing is on
         self.session_id = session_id
         self.generation_id = generation_id
         self.attempt = attempt
@@ -94,6 +108,7 @@ class GenerationStream:
         if self._error is not None or self.fenced:
             self._check()
         self.pieces += 1
+        self.pace.tick()
         self.text_parts.append(text)
         self.coalescer.add_content(text)
         self.writer.wake(self)
@@ -101,6 +116,7 @@ class GenerationStream:
     def add_reasoning(self, text: str) -> None:
         self._check()
         self.pieces += 1
+        self.pace.tick()
         self.reasoning_parts.append(text)
         self.coalescer.add_reasoning(text)
         self.writer.wake(self)
@@ -108,6 +124,7 @@ class GenerationStream:
     def add_tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> None:
         self._check()
         self.pieces += 1
+        self.pace.tick()
         call = self.tool_calls.setdefault(index, {"index": index, "id": "", "name": "", "arguments": ""})
         if call_id:
             call["id"] = call_id
@@ -236,7 +253,14 @@ class GenerationStream:
         if not lost or lost[0].seq != stored_seq + 1:
             self._fail(RuntimeError(f"seq gap writing {self.generation_id}: events before this attempt lost"))
             return
-        log.warning("stream_rewound", generation_id=self.generation_id, stored_seq=stored_seq, lost=len(lost))
+        log.warning(
+            "stream_rewound",
+            session_id=self.session_id,
+            generation_id=self.generation_id,
+            job_id=self.generation_id,
+            stored_seq=stored_seq,
+            lost=len(lost),
+        )
         self._resend = lost
         self._tool_calls_changed = bool(self.tool_calls)
         if item.finish is not None:
@@ -273,8 +297,10 @@ class StreamWriter:
         max_event_bytes: int = 16_384,
         merge: bool = True,
         retry_seconds: float = 30.0,
+        metrics: WorkerMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or WorkerMetrics(Metrics("worker", enabled=False))
         self.flush_window = flush_window
         self.max_pending_bytes = max_pending_bytes
         self.max_event_bytes = max_event_bytes
@@ -286,8 +312,16 @@ class StreamWriter:
         self._urgent = asyncio.Event()
         self._last_flush = -1e9
 
-    def open(self, session_id: str, generation_id: str, attempt: int, last_seq: int) -> GenerationStream:
-        stream = GenerationStream(self, session_id, generation_id, attempt, last_seq)
+    def open(
+        self,
+        session_id: str,
+        generation_id: str,
+        attempt: int,
+        last_seq: int,
+        trace: AttemptTrace | None = None,
+    ) -> GenerationStream:
+        pace = self.metrics.pace()
+        stream = GenerationStream(self, session_id, generation_id, attempt, last_seq, pace=pace, trace=trace)
         self.streams[generation_id] = stream
         return stream
 
@@ -353,7 +387,9 @@ class StreamWriter:
         backoff = 0.02
         while True:
             try:
+                started = time.perf_counter_ns()
                 results = await self.store.write([item for _, item in batch])
+                self._observe(batch, started, time.perf_counter_ns())
                 break
             except StorageUnavailable as exc:
                 if loop.time() + backoff > deadline:
@@ -369,6 +405,16 @@ class StreamWriter:
                 return
         for (stream, item), result in zip(batch, results, strict=True):
             stream._apply(item, result)
+
+    def _observe(self, batch: list[tuple[GenerationStream, WriteItem]], started: int, ended: int) -> None:
+        """A write succeeded: its latency and size, and a span in each traced generation it carried."""
+        if self.metrics.enabled:
+            self.metrics.flushed([item for _, item in batch], (ended - started) / 1e9)
+        traced = [(stream.trace, item) for stream, item in batch if stream.trace is not None]
+        if traced:
+            offset = time.time_ns() - ended  # spans take wall-clock times; the latency, a monotonic clock
+            for trace, item in traced:
+                trace.wrote(started + offset, ended + offset, len(item.events), final=item.finish is not None)
 
     async def _isolate(self, batch: list[tuple[GenerationStream, WriteItem]], exc: Exception) -> None:
         """A batch the client refused to send: write its items one by one, so that only the generation

@@ -14,6 +14,7 @@ import structlog
 from fastapi import Depends, FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.docs import get_swagger_ui_html
+from opentelemetry.trace import SpanKind, Tracer
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,13 +23,17 @@ from api.http.ds.routes import router as ds_router
 from api.http.ds.wire import DS_REQUEST_HEADERS, DS_RESPONSE_HEADERS
 from api.http.errors import install_error_handlers
 from api.http.limits import BodySizeLimit
+from api.http.metrics import HttpMetrics, route_of
 from api.http.openai.routes import router as openai_router
 from api.http.routes import router
 from api.http.security import caller
 from api.live.feed import LiveBus
 from tokenfan.runtime.auth import Authenticator
+from tokenfan.runtime.metrics import Metrics
 from tokenfan.runtime.settings import Settings
+from tokenfan.runtime.tracing import extract
 from tokenfan.store import Store
+from tokenfan.store.boundary import expose_redis_errors
 from tokenfan.store.jobs import JobQueue, create_queue
 
 __all__ = ["Services", "create_app"]
@@ -45,19 +50,37 @@ class Services:
     bus: LiveBus
     #: Open SSE streams per client address, in this process (capped by sse_max_streams_per_address).
     sse_streams: Counter[str] = field(default_factory=Counter)
+    metrics: HttpMetrics = field(default_factory=lambda: HttpMetrics(Metrics("api", enabled=False)))
+    #: The process's tracer (None: tracing is off); a generation's trace context goes into its stored request.
+    tracer: Tracer | None = None
 
 
 class AccessLog:
-    """One structured log event per request (plain ASGI: it must not buffer streamed responses).
-    The query string is left out: it may hold a token."""
+    """One structured log event per request (plain ASGI: it must not buffer streamed responses), its count
+    by route and status, and its span when tracing is on. The query string is left out: it may hold a token."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, metrics: HttpMetrics, tracer: Tracer | None) -> None:
         self.app = app
+        self.metrics = metrics
+        self.tracer = tracer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        if self.tracer is None:
+            await self._logged(scope, receive, send)
+            return
+        headers = {key.decode("latin-1"): value.decode("latin-1") for key, value in scope["headers"]}
+        with self.tracer.start_as_current_span(
+            scope["method"], context=extract(headers), kind=SpanKind.SERVER
+        ) as span:
+            await self._logged(scope, receive, send)
+            route = route_of(scope)
+            span.update_name(f"{scope['method']} {route}")  # the template, known once routed
+            span.set_attributes({"http.request.method": scope["method"], "http.route": route})
+
+    async def _logged(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
         status = 500
 
@@ -70,6 +93,7 @@ class AccessLog:
         try:
             await self.app(scope, receive, record_status)
         finally:
+            self.metrics.answered(scope, status)
             log.info(
                 "http_request",
                 method=scope["method"],
@@ -79,9 +103,15 @@ class AccessLog:
             )
 
 
-def create_app(settings: Settings) -> FastAPI:
-    """The ASGI app. Raises SettingsError when security is not configured (see docs/SECURITY.md);
-    Redis and the queue are opened by its lifespan, so it can be built without I/O."""
+def create_app(
+    settings: Settings, *, metrics: Metrics | None = None, tracer: Tracer | None = None
+) -> FastAPI:
+    """The ASGI app, its instruments on `metrics` and its spans on `tracer` (None: no tracing). Raises
+    SettingsError when security is not configured (see docs/SECURITY.md); Redis and the queue are opened by
+    its lifespan, so it can be built without I/O."""
+    metrics = metrics or Metrics("api", enabled=False)
+    expose_redis_errors(metrics)
+    http_metrics = HttpMetrics(metrics)
     auth = Authenticator.from_settings(settings)
     if settings.insecure_dev_mode:
         log.warning("insecure_dev_mode", detail="every endpoint is open to anyone, from any origin")
@@ -90,7 +120,9 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(
         title="tokenfan request API",
         version="1",
-        lifespan=functools.partial(_lifespan, settings=settings, auth=auth),
+        lifespan=functools.partial(
+            _lifespan, settings=settings, auth=auth, metrics=metrics, http_metrics=http_metrics, tracer=tracer
+        ),
         docs_url="/docs" if open_docs else None,
         openapi_url="/openapi.json" if open_docs else None,
     )
@@ -103,16 +135,27 @@ def create_app(settings: Settings) -> FastAPI:
         _serve_docs_to_callers(app)
     install_error_handlers(app)
     _add_middleware(app, settings)
+    app.add_middleware(AccessLog, metrics=http_metrics, tracer=tracer)
     return app
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI, *, settings: Settings, auth: Authenticator) -> AsyncIterator[None]:
+async def _lifespan(
+    app: FastAPI,
+    *,
+    settings: Settings,
+    auth: Authenticator,
+    metrics: Metrics,
+    http_metrics: HttpMetrics,
+    tracer: Tracer | None,
+) -> AsyncIterator[None]:
     store = Store.from_settings(settings)
     queue = await create_queue(settings.queue_url)
-    bus = LiveBus.from_settings(store, settings)
+    bus = LiveBus.from_settings(store, settings, metrics)
     bus.start()
-    app.state.services = Services(settings, auth, store, queue, bus)
+    services = Services(settings, auth, store, queue, bus, metrics=http_metrics, tracer=tracer)
+    http_metrics.count_streams(services.sse_streams)
+    app.state.services = services
     try:
         yield
     finally:
@@ -188,4 +231,3 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
             ],
             max_age=600,
         )
-    app.add_middleware(AccessLog)

@@ -7,16 +7,22 @@ cancelled the same way whichever door it came through.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import time
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from fastapi import Request
+from opentelemetry.trace import SpanKind
 
 from api.http.schemas import CancelResult, GenerationRequest
 from tokenfan.contract.errors import Conflict, IdempotencyKeyReused, PayloadTooLarge, RateLimited
 from tokenfan.contract.events import EventType, GenerationStatus, encode_body, event_body
 from tokenfan.contract.ids import new_generation_id
 from tokenfan.runtime.settings import Settings
+from tokenfan.runtime.tracing import TRACE_CONTEXT, inject
 from tokenfan.store import (
     AcceptOutcome,
     AcceptResult,
@@ -107,15 +113,46 @@ async def _accept(
     idempotency_key: str | None,
     generation_id: str | None,
 ) -> AcceptResult:
-    """Record the generation in its session's queue, making sure the head of the queue has a job."""
+    """Record the generation in its session's queue, making sure the head of the queue has a job. Every
+    log line of the request names the generation from here on; with tracing on, its trace context travels
+    in the stored request."""
     generation_id = generation_id or new_generation_id()
+    structlog.contextvars.bind_contextvars(session_id=session_id, generation_id=generation_id)
+    request = _stored_request(body)
+    started = time.perf_counter()
+    with _enqueue_span(services, request):
+        result = await _queue(services, session_id, generation_id, body, request, idempotency_key)
+    services.metrics.enqueue.observe(time.perf_counter() - started)
+    return result
+
+
+@contextlib.contextmanager
+def _enqueue_span(services: Services, request: dict[str, Any]) -> Iterator[None]:
+    """With tracing on: a span around accepting and enqueueing, whose context the stored request carries
+    (`TRACE_CONTEXT`) for the worker that runs it."""
+    if services.tracer is None:
+        yield
+        return
+    with services.tracer.start_as_current_span("tokenfan.enqueue", kind=SpanKind.PRODUCER):
+        request[TRACE_CONTEXT] = inject()
+        yield
+
+
+async def _queue(
+    services: Services,
+    session_id: str,
+    generation_id: str,
+    body: GenerationRequest,
+    request: dict[str, Any],
+    idempotency_key: str | None,
+) -> AcceptResult:
     # The job first: if this process dies right after accepting, the generation still has a job. A job
     # that finds its generation missing or not yet at the head of its queue does nothing.
     await enqueue_generation(services.queue, session_id, generation_id)
     result = await services.store.accept(
         session_id,
         generation_id,
-        request=_stored_request(body),
+        request=request,
         model=body.model,
         policy=body.policy,
         idempotency_key=idempotency_key,

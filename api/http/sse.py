@@ -96,7 +96,13 @@ async def event_stream(
     `expires_at` (unix seconds), when the token that opened it does."""
     sink = SseSink(max_buffer_bytes)
     subscriber = Subscriber(
-        bus, session_id, position, sink, max_buffer_bytes=max_buffer_bytes, slow_policy=slow_policy
+        bus,
+        session_id,
+        position,
+        sink,
+        max_buffer_bytes=max_buffer_bytes,
+        slow_policy=slow_policy,
+        transport="sse",
     )
     subscriber.start()
     subscriber.expire_at(expires_at)

@@ -24,11 +24,13 @@ import structlog
 
 from api.live.cursor import FeedCursor, Verdict
 from api.live.frames import FrameBatch, frames_for, snapshot_frame
+from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.ids import is_session_id
 from tokenfan.contract.offsets import StreamId
+from tokenfan.runtime.metrics import Metrics
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store
 from tokenfan.store.tail import LiveTail, Published
@@ -103,6 +105,7 @@ class SessionFeed:
         key = (after, self.bus.page_size)
         pending = self._reads.get(key)
         if pending is None:
+            self.bus.metrics.pages.inc()
             pending = asyncio.ensure_future(self.bus.store.read_after(self.session_id, after, key[1]))
             self._reads[key] = pending
             pending.add_done_callback(functools.partial(self._read_done, key))
@@ -143,7 +146,7 @@ class SessionFeed:
     def on_subscribed(self) -> None:
         """Our channel subscription is confirmed: anything appended from now on will be published to us,
         so reading the position now (first time) or repairing from it (after a reconnect) misses nothing."""
-        self._start_repair(initial=not self.ready.is_set())
+        self._start_repair(initial=not self.ready.is_set(), cause="resubscribed")
 
     def on_published(self, entries: list[Published]) -> None:
         if not self.ready.is_set() or self._repairing:
@@ -166,7 +169,7 @@ class SessionFeed:
             elif verdict is Verdict.GAP:
                 self._fanout(run)
                 self._pending = messages[index:] + self._pending
-                self._start_repair(initial=False)
+                self._start_repair(initial=False, cause="gap")
                 return
         self._fanout(run)
 
@@ -189,9 +192,11 @@ class SessionFeed:
             subscriber.on_reset(reason)
         self.subscribers.clear()
 
-    def _start_repair(self, *, initial: bool) -> None:
+    def _start_repair(self, *, initial: bool, cause: str) -> None:
         if not self._repairing:
             self._repairing = True
+            if not initial:
+                self.bus.metrics.repairs.labels(cause).inc()
             self.bus.spawn(self._repair(initial))
 
     async def _repair(self, initial: bool) -> None:
@@ -239,6 +244,7 @@ class SessionFeed:
         for subscriber in list(self.subscribers):
             sent += subscriber.on_live_batch(batch, before)
         self.frames_sent += sent
+        self.bus.metrics.fanned_out(batch, sent)
 
 
 class LiveBus:
@@ -252,34 +258,43 @@ class LiveBus:
         page_size: int = 512,
         linger_seconds: float = 5.0,
         presence_interval: float | None = None,
+        metrics: LiveMetrics | None = None,
     ) -> None:
         self.store = store
+        self.metrics = metrics or LiveMetrics(Metrics("live", enabled=False))
         self.tail = tail
         self.page_size = page_size
         self.linger_seconds = linger_seconds
         self.presence_interval = presence_interval
         self.feeds: dict[str, SessionFeed] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.metrics.feeds.set_function(lambda: len(self.feeds))  # len(): atomic for the scrape's thread
 
     @classmethod
-    def from_settings(cls, store: Store, settings: Settings) -> LiveBus:
-        """The bus of a relay or API process: its own pub/sub connection, and presence claims."""
+    def from_settings(cls, store: Store, settings: Settings, metrics: Metrics | None = None) -> LiveBus:
+        """The bus of a relay or API process: its own pub/sub connection, presence claims, and its
+        instruments on the process's `metrics`."""
         return cls(
             store,
             LiveTail(store.topology),
             page_size=settings.relay_catchup_page_size,
             linger_seconds=settings.feed_linger_seconds,
             presence_interval=settings.presence_interval_seconds,
+            metrics=LiveMetrics(metrics) if metrics is not None else None,
         )
 
     def start(self) -> None:
         if self.presence_interval is not None:
             self.spawn(publish_presence(self.watching, self.store, interval=self.presence_interval))
 
-    def watching(self) -> set[str]:
-        """The sessions this process has subscribers of now. A Durable Streams stream's feed (``ds:<path>``,
-        never a session id) is left out: it has no generation that waits on who watches it."""
-        return {name for name, feed in self.feeds.items() if feed.references > 0 and is_session_id(name)}
+    def watching(self) -> dict[str, int]:
+        """The sessions this process has subscribers of now, and how many. A Durable Streams stream's feed
+        (``ds:<path>``, never a session id) is left out: no generation waits on who watches it."""
+        return {
+            name: feed.references
+            for name, feed in self.feeds.items()
+            if feed.references > 0 and is_session_id(name)
+        }
 
     async def close(self) -> None:
         await self.tail.close()

@@ -19,6 +19,7 @@ import structlog
 
 from api.live.feed import LiveBus, SessionFeed
 from api.live.frames import FrameBatch
+from api.live.metrics import Phase
 from api.live.subscription import Action, Input, SlowPolicy, State, Subscription
 from tokenfan.contract.errors import OffsetGone, TokenfanError, Unauthorized
 from tokenfan.contract.events import StreamEntry
@@ -99,8 +100,10 @@ class Subscriber:
         max_buffer_bytes: int,
         slow_policy: SlowPolicy,
         merge: bool = True,
+        transport: str = "other",
     ) -> None:
         self.bus = bus
+        self.transport = transport  # the `transport` label of the subscriptions gauge
         self.session_id = session_id
         self.sink = sink
         self.core = Subscription(position, slow_policy)
@@ -113,6 +116,7 @@ class Subscriber:
         self.feed: SessionFeed | None = None
         self._task: asyncio.Task[None] | None = None
         self._expiry: asyncio.TimerHandle | None = None
+        self._counted = False  # in the subscriptions gauge: from start() to the end, whichever it is
 
     @property
     def state(self) -> State:
@@ -120,6 +124,8 @@ class Subscriber:
 
     def start(self) -> None:
         """Join the session's feed and catch up from the position, in a task of its own."""
+        self._counted = True
+        self.bus.metrics.subscriptions.labels(self.transport).inc()
         self._spawn(self._open())
 
     async def stop(self) -> None:
@@ -180,6 +186,7 @@ class Subscriber:
                 log.info(
                     "slow_consumer_recovering", session_id=self.session_id, buffered=self.sink.buffered()
                 )
+                self.bus.metrics.slow.labels("snapshot").inc()
                 self._spawn(self._recover())
             elif action is Action.CLOSE:
                 self._end(code, reason)
@@ -188,10 +195,15 @@ class Subscriber:
     def _end(self, code: int, reason: str) -> None:
         if code == SLOW_CONSUMER_CLOSE_CODE:
             log.info("slow_consumer_closed", session_id=self.session_id, buffered=self.sink.buffered())
+            self.bus.metrics.slow.labels("close").inc()
+        self.bus.metrics.ended.labels(str(code)).inc()
         self._release()
         self.sink.end(code, reason)
 
     def _release(self) -> None:
+        if self._counted:
+            self._counted = False
+            self.bus.metrics.subscriptions.labels(self.transport).dec()
         if self._expiry is not None:
             self._expiry.cancel()
             self._expiry = None
@@ -246,6 +258,7 @@ class Subscriber:
                     continue
                 for frame in feed.page_frames(fresh) if self.merge else [entry.frame() for entry in fresh]:
                     await self.sink.send(frame)
+                    self.bus.metrics.sent(Phase.CATCHUP, frame)
         self._execute(core.go_live(feed.position))
 
     async def _recover(self) -> None:
@@ -259,4 +272,5 @@ class Subscriber:
             return
         frame, position = snapshot
         await self.sink.send(frame)
+        self.bus.metrics.sent(Phase.SNAPSHOT, frame)
         self._execute(self.core.restart_at(position))

@@ -115,6 +115,7 @@ class Connection:
             WebSocketSink(self, session_id),
             max_buffer_bytes=self.max_buffer_bytes,
             slow_policy=self.relay.settings.relay_slow_policy,
+            transport="websocket",
         )
         self.subscribers[session_id] = subscriber
         subscriber.start()

@@ -29,6 +29,7 @@ from websockets.typing import Origin
 from api.live.feed import LiveBus
 from api.live.frames import close_reason
 from api.relay.connection import Connection
+from api.relay.metrics import RelayMetrics
 from tokenfan.contract.errors import (
     InvalidOffset,
     InvalidRequest,
@@ -39,9 +40,11 @@ from tokenfan.contract.errors import (
 )
 from tokenfan.contract.ids import is_session_id
 from tokenfan.runtime.auth import Authenticator, Principal, bearer_token
+from tokenfan.runtime.metrics import Metrics
 from tokenfan.runtime.serving import bound_url, install_stop_signals, write_ready_file
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store
+from tokenfan.store.boundary import expose_redis_errors
 
 __all__ = ["Relay", "run_relay"]
 
@@ -61,6 +64,10 @@ class Relay:
     auth: Authenticator
     connections: set[Connection] = field(default_factory=set)
     per_address: Counter[str] = field(default_factory=Counter)
+    metrics: RelayMetrics = field(default_factory=lambda: RelayMetrics(Metrics("relay", enabled=False)))
+
+    def __post_init__(self) -> None:
+        self.metrics.count_connections(lambda: len(self.connections))  # len(): atomic for the scrape's thread
 
     def stats(self) -> dict[str, int]:
         feeds = self.bus.feeds.values()
@@ -93,6 +100,7 @@ class Relay:
         except ConnectionClosed:
             pass
         finally:
+            self.metrics.closed(websocket)
             self.connections.discard(connection)
             self.per_address[address] -= 1
             if not self.per_address[address]:
@@ -232,17 +240,20 @@ def _process_request(relay: Relay) -> object:
 
 
 async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str | None = None) -> None:
-    """Serve the relay until SIGINT/SIGTERM; port 0 picks a free port. Raises SettingsError when security
-    is not configured (docs/SECURITY.md)."""
+    """Serve the relay until SIGINT/SIGTERM; port 0 picks a free port; its metrics on `host` when
+    ``TOKENFAN_METRICS_PORT`` says. Raises SettingsError when security is not configured (docs/SECURITY.md)."""
     auth = Authenticator.from_settings(settings)
     if settings.insecure_dev_mode:
         log.warning(
             "insecure_dev_mode", detail="every connection is accepted without a credential, from any origin"
         )
     store = Store.from_settings(settings)
-    bus = LiveBus.from_settings(store, settings)
-    relay = Relay(settings, store, bus, auth)
+    metrics = Metrics("relay", enabled=settings.metrics_port is not None)
+    expose_redis_errors(metrics)
+    bus = LiveBus.from_settings(store, settings, metrics)
+    relay = Relay(settings, store, bus, auth, metrics=RelayMetrics(metrics))
     bus.start()
+    ready = metrics.expose(host, settings.metrics_port)
     stop = asyncio.Event()
     install_stop_signals(stop.set)
     try:
@@ -262,9 +273,10 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
         ) as server:
             url = bound_url(next(iter(server.sockets)), "ws")
             log.info("relay_listening", url=url)
-            write_ready_file(ready_file, url, role="relay")
+            write_ready_file(ready_file, url, role="relay", **ready)
             await stop.wait()
     finally:
+        metrics.close()
         await bus.close()
         with contextlib.suppress(Exception):
             await store.close()

@@ -14,6 +14,7 @@ from websockets.asyncio.client import connect
 from websockets.typing import Origin
 
 from tests.support.requests import accept, bearer, expected_text, user_message
+from tests.support.scraping import scrape
 from tests.support.watchers import Watcher, finished
 from tokenfan.contract.events import GenerationStatus
 
@@ -26,6 +27,15 @@ async def assert_the_relay_admits_the_page(relay_url: str, page_origin: str, key
             pass
 
 
+async def assert_every_process_serves_its_metrics(banner: str) -> None:
+    """The banner names each process's metrics (API, relay, worker), and the `top` command that reads them."""
+    found = re.search(r"metrics\s+((?:http://\S+/metrics\s+)+)\(", banner)
+    assert found, banner
+    urls = found.group(1).split()
+    assert [(await scrape(url)).component for url in urls] == ["api", "relay", "worker"]
+    assert f"top --metrics {','.join(urls)}" in banner
+
+
 def port_open(url: str) -> bool:
     host, port = re.sub(r"^\w+://", "", url).split("/")[0].rsplit(":", 1)
     with socket.socket() as probe:
@@ -36,7 +46,7 @@ def port_open(url: str) -> bool:
 async def test_up_serves_a_generation_end_to_end_and_ctrl_c_stops_everything() -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("REDIS_URL", "OPENAI_", "TOKENFAN_"))}
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "tokenfan", "up", "--api-port", "0", "--relay-port", "0",
+        sys.executable, "-m", "tokenfan", "up", "--api-port", "0", "--relay-port", "0", "--metrics-port", "0",
         env={**env, "TOKENFAN_LOG_LEVEL": "warning"},
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.DEVNULL,
@@ -77,6 +87,7 @@ async def test_up_serves_a_generation_end_to_end_and_ctrl_c_stops_everything() -
     # `up` runs its simulator at 30 tokens/s with the same default reply as the test stack's.
     assert generation.text == expected_text(body)
     await watcher.close()
+    await assert_every_process_serves_its_metrics(text)
 
     process.send_signal(signal.SIGINT)
     async with asyncio.timeout(30):

@@ -236,7 +236,8 @@ def test_a_misconfigured_cluster_is_one_line_at_start_up(
     assert (
         not_a_cluster == f"tokenfan {role}: TOKENFAN_REDIS_CLUSTER=true, but REDIS_URL is not a cluster node"
     )
-    a_cluster = start_up_error({**base, "REDIS_URL": cluster.primary_of_slot(0).url}, role)  # a live one
+    # A primary alive now: an earlier test kills the primary of a random session's slot.
+    a_cluster = start_up_error({**base, "REDIS_URL": cluster.primary_of_slot(0).url}, role)
     assert a_cluster == f"tokenfan {role}: REDIS_URL is a Redis Cluster node: set TOKENFAN_REDIS_CLUSTER=true"
     no_queue = start_up_error({**base, "REDIS_URL": cluster.url, "TOKENFAN_REDIS_CLUSTER": "true"}, role)
     assert no_queue.startswith(f"tokenfan {role}: TOKENFAN_REDIS_CLUSTER=true needs TOKENFAN_QUEUE_REDIS_URL")

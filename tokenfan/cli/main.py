@@ -6,15 +6,18 @@
     tokenfan worker --concurrency N  a worker
     tokenfan simulator --port 8002   the OpenAI-compatible simulator
     tokenfan watch SESSION           print a session live, resuming across disconnects
+    tokenfan top --metrics URL,...   a live view of a running deployment, from its metrics and Redis
 
 Every component reads its configuration from the environment (`tokenfan.runtime.settings`); flags only choose
-where to listen. ``--ready-file PATH`` makes a server write its URL to PATH once it accepts connections.
+where to listen. ``--ready-file PATH`` makes a server write its URL to PATH once it accepts connections
+(and, with ``--metrics-port``, the address of its metrics).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import sys
 import time
@@ -45,25 +48,69 @@ def _server_flags(parser: argparse.ArgumentParser, default_port: int) -> None:
     parser.add_argument("--ready-file", help="write {url, pid} here once accepting connections")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="tokenfan", description="Streaming fan-out of LLM tokens.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _metrics_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve GET /metrics on this port, on --host (default: TOKENFAN_METRICS_PORT; 0 = any)",
+    )
 
-    up = commands.add_parser("up", help="run the whole system locally")
+
+def _up_flags(up: argparse.ArgumentParser) -> None:
     up.add_argument("--host", default="127.0.0.1")
     up.add_argument("--api-port", type=int, default=8000)
     up.add_argument("--relay-port", type=int, default=8001)
     up.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     up.add_argument("--tokens-per-second", type=float, default=30.0, help="simulator pace (default: 30)")
+    up.add_argument(
+        "--metrics-port",
+        type=int,
+        default=9461,
+        help="metrics of the API on this port, the relay's on the next, the workers' after (default: 9461; "
+        "a port in use is replaced by a free one)",
+    )
 
-    _server_flags(commands.add_parser("api", help="run the request API"), 8000)
-    _server_flags(commands.add_parser("relay", help="run the WebSocket relay"), 8001)
+
+def _top_flags(top: argparse.ArgumentParser) -> None:
+    top.add_argument(
+        "--metrics",
+        action="append",
+        required=True,
+        help="metrics URLs of the processes to show, comma-separated or repeated (tokenfan up prints them)",
+    )
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between frames (default: 2)")
+    top.add_argument(
+        "--iterations", type=int, default=0, help="frames to show, then exit (default: 0 = forever)"
+    )
+    top.add_argument(
+        "--sessions",
+        type=int,
+        default=10,
+        help="busiest sessions to show, from REDIS_URL (default: 10; 0 = none)",
+    )
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tokenfan", description="Streaming fan-out of LLM tokens.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _up_flags(commands.add_parser("up", help="run the whole system locally"))
+    for name, port, text in (
+        ("api", 8000, "run the request API"),
+        ("relay", 8001, "run the WebSocket relay"),
+    ):
+        server = commands.add_parser(name, help=text)
+        _server_flags(server, port)
+        _metrics_flag(server)
 
     worker = commands.add_parser("worker", help="run a worker")
     worker.add_argument(
         "--concurrency", type=int, help="generations at once (default: TOKENFAN_WORKER_CONCURRENCY)"
     )
     worker.add_argument("--ready-file")
+    worker.add_argument(
+        "--host", default="127.0.0.1", help="interface of the metrics port (default: 127.0.0.1)"
+    )
+    _metrics_flag(worker)
 
     simulator = commands.add_parser("simulator", help="run the OpenAI-compatible simulator")
     _server_flags(simulator, 8002)
@@ -75,6 +122,7 @@ def _parser() -> argparse.ArgumentParser:
 
     secrets = commands.add_parser("secrets", help="make a deployment's API key and token secret files once")
     secrets.add_argument("directory", help="where to keep api_keys and token_secrets")
+    _top_flags(commands.add_parser("top", help="a live view of a running deployment"))
 
     alive = commands.add_parser("alive", help="exit 0 while a liveness file is fresh (a probe)")
     alive.add_argument("file", help="the file a worker touches (TOKENFAN_WORKER_ALIVE_FILE)")
@@ -97,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = _parser().parse_args(argv)
     command: str = args.command
     try:
-        settings = Settings.from_env()
+        settings = Settings.from_env(metrics_port=getattr(args, "metrics_port", None))
         configure_logging(settings, command)
         _COMMANDS[command](args, settings)
     except SettingsError as exc:  # a configuration that cannot work: one line, no traceback
@@ -114,9 +162,12 @@ def _verify_storage(settings: Settings) -> None:
 
 def _api(args: argparse.Namespace, settings: Settings) -> None:
     from api.http.app import create_app
+    from tokenfan.runtime.metrics import Metrics
     from tokenfan.runtime.serving import serve_asgi
+    from tokenfan.runtime.tracing import tracer_from_env
 
-    app = create_app(settings)
+    metrics = Metrics("api", enabled=settings.metrics_port is not None)
+    app = create_app(settings, metrics=metrics, tracer=tracer_from_env("api"))
     _verify_storage(settings)
     # SSE responses never end by themselves: give them a few seconds, then close them on shutdown.
     _run(
@@ -125,6 +176,7 @@ def _api(args: argparse.Namespace, settings: Settings) -> None:
             host=args.host,
             port=args.port,
             ready_file=args.ready_file,
+            ready_info=metrics.expose(args.host, settings.metrics_port),
             timeout_graceful_shutdown=5,
             # The client is the TCP peer: per-address caps and the access log must not believe an
             # X-Forwarded-For header (uvicorn would, from loopback peers), which anyone can send.
@@ -144,7 +196,7 @@ def _worker(args: argparse.Namespace, settings: Settings) -> None:
     from worker.main import run_worker
 
     _verify_storage(settings)
-    _run(run_worker(settings, concurrency=args.concurrency, ready_file=args.ready_file))
+    _run(run_worker(settings, concurrency=args.concurrency, ready_file=args.ready_file, host=args.host))
 
 
 def _simulator(args: argparse.Namespace, settings: Settings) -> None:
@@ -161,6 +213,14 @@ def _watch(args: argparse.Namespace, settings: Settings) -> None:
     from tokenfan.cli.watch import watch
 
     _run(watch(args.relay, args.session_id, after=args.after, as_json=args.json, credential=args.credential))
+
+
+def _top(args: argparse.Namespace, settings: Settings) -> None:
+    from tokenfan.cli.top import top
+
+    urls = [url.strip() for value in args.metrics for url in value.split(",") if url.strip()]
+    with contextlib.suppress(KeyboardInterrupt):
+        _run(top(settings, urls, interval=args.interval, iterations=args.iterations, sessions=args.sessions))
 
 
 def _alive(args: argparse.Namespace, settings: Settings) -> None:
@@ -203,6 +263,7 @@ _COMMANDS: dict[str, Callable[[argparse.Namespace, Settings], None]] = {
     "watch": _watch,
     "alive": _alive,
     "secrets": _secrets,
+    "top": _top,
     "up": _up,
 }
 

@@ -15,7 +15,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 __all__ = ["ChildProcess"]
 
@@ -41,6 +41,8 @@ class ChildProcess:
         self.ready_file = self._directory / "ready.json"
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
+        #: What the ready file said: ``url``, ``pid``, and ``metrics`` when the process serves metrics.
+        self.ready: dict[str, Any] = {}
 
     def start(self) -> ChildProcess:
         self.ready_file.unlink(missing_ok=True)
@@ -59,12 +61,18 @@ class ChildProcess:
         assert self.process is not None, "start() first"
         while time.monotonic() < deadline:
             if self.ready_file.exists():
-                self.url = str(json.loads(self.ready_file.read_text())["url"])
+                self.ready = json.loads(self.ready_file.read_text())
+                self.url = str(self.ready["url"])
                 return self.url
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode} before it was ready")
             time.sleep(0.02)
         raise RuntimeError(f"{self.name} was not ready within {timeout}s")
+
+    @property
+    def metrics_url(self) -> str:
+        """Where the process serves ``GET /metrics`` (started with ``--metrics-port``), once ready."""
+        return str(self.ready["metrics"])
 
     @property
     def pid(self) -> int:

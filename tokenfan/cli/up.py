@@ -1,8 +1,9 @@
 """``tokenfan up``: the whole system on one machine, each component its own process.
 
 Redis comes from ``REDIS_URL``, or is an embedded Valkey started here; the upstream comes from
-``OPENAI_BASE_URL``, or is the built-in simulator started here. Everything stops on Ctrl-C, or as soon as
-any component dies (its exit is reported, nothing is left half-running).
+``OPENAI_BASE_URL``, or is the built-in simulator started here. Every process serves its metrics, on ports
+from ``--metrics-port`` up, and the banner names them. Everything stops on Ctrl-C, or as soon as any
+component dies (its exit is reported, nothing is left half-running).
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class Stack:
     workers: int
     tokens_per_second: float
     settings: Settings
+    metrics_port: int = 9461
     environ: dict[str, str] = field(default_factory=lambda: dict(os.environ))
     children: list[ChildProcess] = field(default_factory=list)
     redis: EmbeddedRedis | None = None
@@ -63,7 +65,15 @@ class Stack:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, settings: Settings) -> Stack:
-        return cls(args.host, args.api_port, args.relay_port, args.workers, args.tokens_per_second, settings)
+        return cls(
+            args.host,
+            args.api_port,
+            args.relay_port,
+            args.workers,
+            args.tokens_per_second,
+            settings,
+            metrics_port=args.metrics_port,
+        )
 
     def run(self) -> int:
         stopping = False
@@ -116,14 +126,23 @@ class Stack:
         api_port = _port_or_free(self.host, self.api_port)
         env["TOKENFAN_ALLOWED_ORIGINS"] = _with_page_origins(env, self.host, api_port)
         relay_port = _port_or_free(self.host, self.relay_port)
-        relay = self._spawn("relay", ["--host", self.host, "--port", str(relay_port)], env)
+        relay = self._spawn("relay", ["--host", self.host, "--port", str(relay_port), *self._metrics(1)], env)
         env["TOKENFAN_PUBLIC_RELAY_URL"] = relay.wait_ready()
-        api = self._spawn("api", ["--host", self.host, "--port", str(api_port)], env)
-        workers = [self._spawn("worker", [], env, name=f"worker-{n + 1}") for n in range(self.workers)]
+        api = self._spawn("api", ["--host", self.host, "--port", str(api_port), *self._metrics(0)], env)
+        workers = [
+            self._spawn("worker", ["--host", self.host, *self._metrics(2 + n)], env, name=f"worker-{n + 1}")
+            for n in range(self.workers)
+        ]
         api.wait_ready()
         for worker in workers:
             worker.wait_ready()
-        print(self._banner(api.url, relay.url, env, redis_note, upstream_note), flush=True)
+        metrics = [child.metrics_url for child in (api, relay, *workers)]
+        print(self._banner(api.url, relay.url, env, redis_note, upstream_note, metrics), flush=True)
+
+    def _metrics(self, offset: int) -> list[str]:
+        """The metrics flag of the process at `offset` from ``--metrics-port`` (0: a free port each)."""
+        wanted = self.metrics_port + offset if self.metrics_port else 0
+        return ["--metrics-port", str(_port_or_free(self.host, wanted))]
 
     def _demo_credentials(self, env: dict[str, str]) -> None:
         """Secure by default, even for the demo: without keys (and not in development mode), a fresh API
@@ -141,12 +160,21 @@ class Stack:
         self.children.append(child)
         return child
 
-    def _banner(self, api: str, relay: str, env: dict[str, str], redis_note: str, upstream_note: str) -> str:
+    def _banner(  # long: one f-string, the banner as it prints
+        self,
+        api: str,
+        relay: str,
+        env: dict[str, str],
+        redis_note: str,
+        upstream_note: str,
+        metrics: list[str],
+    ) -> str:
         tokenfan = shlex.quote(str(Path(sys.executable).with_name("tokenfan")))
         body = (
             '{"model": "tokenfan-sim", "messages": [{"role": "user", "content": "Tell me about fan-out."}]}'
         )
         redis_url = env["REDIS_URL"] if self.redis is not None else "(REDIS_URL)"
+        top_redis = f"REDIS_URL={shlex.quote(redis_url)} " if self.redis is not None else ""
         if self.demo_key is not None:
             key_line = f"  API key       {self.demo_key}    (generated for this run; TOKENFAN_API_KEYS sets your own)\n"
             credential = f"export TOKENFAN_CREDENTIAL={self.demo_key}\n  "
@@ -162,6 +190,7 @@ tokenfan is up.
   relay         {relay}
   Redis         {redis_url}    ({redis_note})
   upstream      {env["OPENAI_BASE_URL"]}    ({upstream_note})
+  metrics       {"  ".join(metrics)}    (Prometheus text: API, relay, workers)
 {key_line}
 Try it from another terminal:
 
@@ -175,6 +204,9 @@ Try it from another terminal:
 
   # 3. read the session back: every generation, with its text
   curl -s {auth}{api}/v1/sessions/demo
+
+  # 4. watch the whole deployment: rates, latencies, the busiest sessions
+  {top_redis}{tokenfan} top --metrics {",".join(metrics)}
 
 Ctrl-C stops everything.
 """

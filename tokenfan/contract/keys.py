@@ -23,7 +23,8 @@ key                                     type     holds
 ``tf:{S}:gen:G:response``               string   when G was made through ``POST /v1/responses``: the
                                                  request members its Response object echoes (JSON)
 ``tf:{S}:watchers``                     zset     processes with subscribers of S, scored by when that
-                                                 claim expires (ms): who is watching, for auto-cancel
+                                                 claim expires (ms): who is watching, for auto-cancel;
+                                                 each member ``<process>=<subscribers>`` (`watcher_claim`)
 ``tf:{S}:live``                         channel  pub/sub: each appended entry, for relays
 ``tf:{S}:idem:K``                       string   ``<generation id> <digest>``: the generation accepted with
                                                  Idempotency-Key K, and the digest of its request
@@ -74,6 +75,7 @@ __all__ = [
     "ARQ_QUEUE",
     "CANCEL_CHANNEL",
     "RELAY_IDLE_CHANNEL",
+    "WATCHERS_PATTERN",
     "GenerationField",
     "MetaField",
     "SessionKeys",
@@ -81,8 +83,11 @@ __all__ = [
     "arq_in_progress_key",
     "ds_owned_key",
     "generation_index_key",
+    "parse_watcher_claim",
     "rate_limit_key",
+    "session_of_watchers_key",
     "session_producers_key",
+    "watcher_claim",
 ]
 
 ARQ_QUEUE = "tf:arq:queue"
@@ -191,3 +196,27 @@ class StreamKeys:
 def session_producers_key(session_id: str) -> str:
     """The idempotent producers of apps appending to session S (``tf:{S}:producers``)."""
     return f"{SessionKeys(session_id).tag}:producers"
+
+
+#: Every session's ``watchers`` key, as a SCAN pattern (braces are no pattern characters).
+WATCHERS_PATTERN = "tf:{*}:watchers"
+
+
+def session_of_watchers_key(key: str) -> str | None:
+    """The session whose ``tf:{S}:watchers`` key `key` is (None for any other name)."""
+    if key.startswith("tf:{") and key.endswith("}:watchers"):
+        return key[len("tf:{") : -len("}:watchers")]
+    return None
+
+
+def watcher_claim(owner: str, subscribers: int) -> str:
+    """A member of ``tf:{S}:watchers``: the claiming process and how many subscribers of S it serves."""
+    return f"{owner}={subscribers}"
+
+
+def parse_watcher_claim(member: str) -> tuple[str, int]:
+    """(process, subscribers) of a claim; a claim without a count (an older process) counts none."""
+    owner, separator, count = member.rpartition("=")
+    if separator and count.isdigit():
+        return owner, int(count)
+    return member, 0

@@ -105,6 +105,9 @@ def configure_logging(settings: Settings, component: str) -> None:
     root.setLevel(level)
     # Access logs repeat what our own request events say, with less context.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    # arq's per-job lines (→, ←, ↻) repeat the worker's own (generation_started, _finished, job_deferred),
+    # without the session: a generation's every line must name it.
+    logging.getLogger("arq.worker").setLevel(max(level, logging.WARNING))
     logging.getLogger("websockets.server").setLevel(max(level, logging.INFO))
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(component=component)

@@ -1,7 +1,8 @@
 """Running our servers: bind (port 0 allowed), announce readiness, stop on SIGINT/SIGTERM.
 
 A server started with ``--ready-file PATH`` writes ``{"url": ..., "pid": ...}`` to PATH once it accepts
-connections. `tokenfan up`, the tests and the benchmarks wait on that file instead of on time.
+connections (with ``"metrics"``, the URL of its metrics, when it serves them). `tokenfan up`, the tests and
+the benchmarks wait on that file instead of on time.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import os
 import signal
 import socket
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,9 +60,11 @@ async def serve_asgi(
     port: int,
     ready_file: str | None = None,
     on_ready: Callable[[str], Awaitable[None] | None] | None = None,
+    ready_info: Mapping[str, Any] | None = None,
     **uvicorn_options: Any,
 ) -> None:
-    """Serve an ASGI app with uvicorn until SIGINT/SIGTERM; port 0 picks a free port."""
+    """Serve an ASGI app with uvicorn until SIGINT/SIGTERM; port 0 picks a free port. `ready_info` joins
+    the URL in the ready file."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -81,5 +84,5 @@ async def serve_asgi(
         result = on_ready(url)
         if result is not None:
             await result
-    write_ready_file(ready_file, url)
+    write_ready_file(ready_file, url, **(ready_info or {}))
     await task

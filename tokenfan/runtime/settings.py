@@ -84,6 +84,14 @@ class Settings:
         default="auto",
     )
     log_level: LogLevel = _env("TOKENFAN_LOG_LEVEL", "`debug`, `info`, `warning` or `error`.", default="info")
+    metrics_port: int | None = _env(
+        "TOKENFAN_METRICS_PORT",
+        "Port on which the API, relay and worker serve `GET /metrics` (Prometheus text format), on the "
+        "process's own host (`--host`); `--metrics-port` overrides it, `0` picks a free port. Unset: no "
+        "metrics endpoint, and the per-token instruments are skipped. It carries no user data and asks for "
+        "no credential (docs/SECURITY.md). `tokenfan up` gives each process one.",
+        default=None,
+    )
     session_ttl_seconds: int = _env(
         "TOKENFAN_SESSION_TTL_SECONDS",
         "How long a session's keys (stream, generations, texts) live after its last generation ends.",
@@ -380,6 +388,8 @@ class Settings:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise SettingsError(f"{_env_name(name)} must be greater than zero")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65_535:
+            raise SettingsError("TOKENFAN_METRICS_PORT must be a port number, 0 to 65535")
         for name in (
             "flush_window_ms",
             "upstream_max_retries",

@@ -18,6 +18,7 @@ from tokenfan.contract.keys import (
     generation_index_key,
     rate_limit_key,
 )
+from tokenfan.runtime.tracing import TRACE_CONTEXT
 from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, now_ms, pairs
 from tokenfan.store.records import (
@@ -159,8 +160,10 @@ class Accepting(StoreCore):
 
 def request_digest(request: dict[str, Any], policy: str) -> str:
     """What an Idempotency-Key remembers of the request it came with: the SHA-256 of the request and its
-    policy as canonical JSON (members sorted, so their order does not matter)."""
-    canonical = json.dumps({"policy": policy, "request": request}, sort_keys=True, separators=(",", ":"))
+    policy as canonical JSON (members sorted, so their order does not matter). The trace context the API
+    may add is not the client's: two sends of one request differ there, and are still one request."""
+    asked = {name: value for name, value in request.items() if name != TRACE_CONTEXT}
+    canonical = json.dumps({"policy": policy, "request": asked}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

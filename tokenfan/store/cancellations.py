@@ -15,6 +15,7 @@ import structlog
 from redis.exceptions import RedisError
 
 from tokenfan.contract.keys import CANCEL_CHANNEL
+from tokenfan.store.boundary import count_failure
 from tokenfan.store.topology import Topology
 
 __all__ = ["listen_for_cancellations"]
@@ -47,6 +48,7 @@ async def listen_for_cancellations(topology: Topology, on_request: Callable[[str
                     generation_id, _, reason = message["data"].decode().partition(" ")
                     on_request(generation_id, reason or "requested")
         except (RedisError, OSError) as exc:
+            count_failure("cancel_listener", exc)
             log.warning("cancel_listener_reconnecting", error=str(exc))
             await asyncio.sleep(_RECONNECT_DELAY)
             with contextlib.suppress(RedisError, OSError):

@@ -20,7 +20,7 @@ from arq.worker import Worker, func
 from redis.exceptions import RedisError
 
 from tokenfan.contract.keys import ARQ_QUEUE, arq_in_progress_key
-from tokenfan.store.boundary import storage_call
+from tokenfan.store.boundary import count_failure, storage_call
 from tokenfan.store.jobs import JOB_FUNCTION, deserialize_job, serialize_job
 
 __all__ = ["JobWorker", "expire_claims", "generation_worker", "supervise"]
@@ -60,6 +60,12 @@ class _QueueWorker(Worker):
         claim = super().start_jobs
         for first in range(0, len(candidates), _CLAIMS_AT_ONCE):
             await asyncio.gather(*(claim([job_id]) for job_id in candidates[first : first + _CLAIMS_AT_ONCE]))
+
+    async def run_job(self, job_id: str, score: int) -> None:
+        # arq runs each job in a task of its own: bound here, the job's ids are on every line logged for it,
+        # arq's own included (a job's id is its generation's id; the job binds its session's).
+        structlog.contextvars.bind_contextvars(job_id=job_id, generation_id=job_id)
+        await super().run_job(job_id, score)
 
 
 #: The worker `generation_worker` builds: `supervise` runs it, ``await worker.close()`` ends it.
@@ -122,6 +128,7 @@ async def supervise(worker: JobWorker) -> None:
         except asyncio.CancelledError:
             return  # a stop signal (arq cancels its loop)
         except (RedisError, OSError) as exc:
+            count_failure("job_queue", exc)
             log.error("queue_unreachable", error=str(exc), retry_in_s=backoff)
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 5.0)

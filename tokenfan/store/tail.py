@@ -32,6 +32,7 @@ from redis.exceptions import RedisError
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.keys import SessionKeys
 from tokenfan.contract.offsets import StreamId
+from tokenfan.store.boundary import count_failure
 from tokenfan.store.slots import key_slot
 from tokenfan.store.topology import Topology
 
@@ -127,6 +128,7 @@ class LiveTail:
                 await self.topology.refresh()
                 await self._place(channels)
             except (RedisError, OSError) as exc:
+                count_failure("live_tail", exc)
                 log.warning("live_tail_reconnecting", error=str(exc), backoff_s=backoff)
                 self._homeless |= {channel for channel in channels if channel in self._listeners}
 
@@ -201,6 +203,7 @@ class _Shard:
             self._spawn(self._ping(connection))
             await self._read(connection)
         except (RedisError, OSError, ValueError) as exc:
+            count_failure("live_tail", exc)
             log.warning("live_tail_shard_lost", node=self.node, error=str(exc))
         finally:
             self.closed = True

@@ -126,6 +126,7 @@ class Follower:
             max_buffer_bytes=max_buffer_bytes,
             slow_policy="close",
             merge=False,
+            transport="openai",
         )
         self.expires_at = expires_at
 
