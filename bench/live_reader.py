@@ -1,15 +1,16 @@
 """The measuring reader of the worker benchmark: sees every appended entry on pub/sub, in its own process.
 
-    python -m bench.live_reader --redis-url URL --out DIR [--probe-ms 10] [--ready-file F]
+    python -m bench.live_reader --redis-url URL --out DIR --sessions PREFIX:N [--probe-ms 10] [--ready-file F]
 
-``PSUBSCRIBE tf:*:live`` on a raw connection parsed by hiredis (the WRITE script publishes every appended
-entry as ``<epoch> <prev-id> <id> <body JSON>``). Each token the bench upstream sends carries its send time
+``SSUBSCRIBE`` to the live channel of each session ``PREFIX0`` … ``PREFIX{N-1}`` (shard channels have no
+patterns) on a raw connection parsed by hiredis (the WRITE script ``SPUBLISH``es every appended entry as
+``<epoch> <prev-id> <id> <body JSON>``). Each token the bench upstream sends carries its send time
 (``" <time_ns>"`` in the delta's content; a delta may carry several tokens), so for every token this records
 its send time and its latency: the time this process received it minus the send time (one wall clock, one
 machine). The receive time is taken once per socket read, before parsing.
 
 The reader must not be the bottleneck it measures, so it also reports its own lag: every ``probe-ms`` it
-``PUBLISH``es its current time on ``tf:probe:live`` from a second connection and records how long the message
+``SPUBLISH``es its current time on ``tf:{probe}:live`` from a second connection and records how long the message
 takes to come back through the same subscription: Redis and this reader's own queueing, with no worker
 involved. Probe publishes are counted, so the bench can subtract them from Redis's command counts.
 
@@ -36,9 +37,10 @@ from urllib.parse import urlsplit
 
 import hiredis
 
+from tokenfan.contract.keys import SessionKeys
 from tokenfan.runtime.serving import write_ready_file
 
-PROBE_CHANNEL = b"tf:probe:live"
+PROBE_CHANNEL = b"tf:{probe}:live"
 _CONTENT = b'"content":"'
 _TYPE = b'"type":"'
 
@@ -53,7 +55,9 @@ def _command(*parts: bytes) -> bytes:
 class Recorder(asyncio.Protocol):
     """The subscription: parses pmessages as they arrive and records what they carry."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: list[bytes]) -> None:
+        self.channels = channels
+        self.confirmed = 0
         self.reader = hiredis.Reader()
         self.transport: asyncio.Transport | None = None
         self.subscribed = asyncio.Event()
@@ -68,7 +72,8 @@ class Recorder(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self.transport.write(_command(b"PSUBSCRIBE", b"tf:*:live"))
+        # One channel per command: a shard subscription's channels must share a slot on a cluster.
+        self.transport.write(b"".join(_command(b"SSUBSCRIBE", channel) for channel in self.channels))
 
     def data_received(self, data: bytes) -> None:
         now = time.time_ns()
@@ -80,11 +85,13 @@ class Recorder(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 break
-            if not isinstance(reply, list) or reply[0] != b"pmessage":
-                if isinstance(reply, list) and reply[0] == b"psubscribe":
-                    self.subscribed.set()
+            if not isinstance(reply, list) or reply[0] != b"smessage":
+                if isinstance(reply, list) and reply[0] == b"ssubscribe":
+                    self.confirmed += 1
+                    if self.confirmed == len(self.channels):
+                        self.subscribed.set()
                 continue
-            channel, payload = reply[2], reply[3]
+            channel, payload = reply[1], reply[2]
             if channel == PROBE_CHANNEL:
                 sent = int(payload)
                 probes.append(sent)
@@ -118,7 +125,7 @@ async def probe(host: str, port: int, interval: float, counter: list[int]) -> No
     try:
         while True:
             await asyncio.sleep(interval)
-            writer.write(_command(b"PUBLISH", PROBE_CHANNEL, b"%d" % time.time_ns()))
+            writer.write(_command(b"SPUBLISH", PROBE_CHANNEL, b"%d" % time.time_ns()))
             counter[0] += 1
             while parser.gets() is False:
                 parser.feed(await reader.read(4096))
@@ -126,7 +133,9 @@ async def probe(host: str, port: int, interval: float, counter: list[int]) -> No
         writer.close()
 
 
-async def run(redis_url: str, probe_ms: float, ready_file: str | None) -> tuple[Recorder, int]:
+async def run(
+    redis_url: str, channels: list[bytes], probe_ms: float, ready_file: str | None
+) -> tuple[Recorder, int]:
     """Record until SIGTERM; returns the recorder and how many probes were published."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -134,7 +143,7 @@ async def run(redis_url: str, probe_ms: float, ready_file: str | None) -> tuple[
     loop.add_signal_handler(signal.SIGINT, stop.set)
     parts = urlsplit(redis_url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 6379
-    _, recorder = await loop.create_connection(Recorder, host, port)
+    _, recorder = await loop.create_connection(lambda: Recorder(channels), host, port)
     await asyncio.wait_for(recorder.subscribed.wait(), 10)
     probes_sent = [0]
     prober = asyncio.create_task(probe(host, port, probe_ms / 1000, probes_sent))
@@ -168,13 +177,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--redis-url", required=True)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--sessions",
+        required=True,
+        help="PREFIX:N: the sessions PREFIX0 … PREFIX{N-1}, whose live channels to hear",
+    )
     parser.add_argument("--probe-ms", type=float, default=10.0)
     parser.add_argument("--ready-file")
     args = parser.parse_args()
+    prefix, count = args.sessions.rsplit(":", 1)
+    channels = [PROBE_CHANNEL] + [SessionKeys(f"{prefix}{n}").live.encode() for n in range(int(count))]
     import uvloop
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        recorder, probes_sent = runner.run(run(args.redis_url, args.probe_ms, args.ready_file))
+        recorder, probes_sent = runner.run(run(args.redis_url, channels, args.probe_ms, args.ready_file))
     save(recorder, probes_sent, Path(args.out))
 
 

@@ -99,6 +99,7 @@ class Variant:
     flush_window_ms: float
     worker_path: str | None = None  # import the `worker` package from here instead of this checkout
     metrics: bool = False  # serve /metrics (scraped every second during the window)
+    workers: int = 1  # worker processes sharing the generations
 
     def env(self) -> dict[str, str]:
         env = {
@@ -186,13 +187,13 @@ class Stack:
     redis: EmbeddedRedis
     upstream: BenchProcess
     reader: BenchProcess
-    worker: ChildProcess
+    workers: list[ChildProcess]
     out: Path
 
     def pids(self) -> dict[str, int]:
         assert self.redis.process is not None
         return {
-            "worker": self.worker.pid,
+            **{f"worker-{n}": worker.pid for n, worker in enumerate(self.workers)},
             "redis": self.redis.process.pid,
             "upstream": self.upstream.pid,
             "reader": self.reader.pid,
@@ -200,33 +201,57 @@ class Stack:
         }
 
     def cpu(self) -> dict[str, float]:
-        return {name: cpu_seconds(pid) for name, pid in self.pids().items()}
+        """CPU seconds so far of each process, and ``worker``: all worker processes together."""
+        usage = {name: cpu_seconds(pid) for name, pid in self.pids().items()}
+        usage["worker"] = sum(v for k, v in usage.items() if k.startswith("worker-"))
+        return usage
 
     def stop(self) -> None:
-        self.worker.stop(timeout=30)
+        for worker in self.workers:  # all at once: each takes up to a few seconds to drain
+            if worker.process is not None and worker.alive():
+                worker.process.terminate()
+        for worker in self.workers:
+            worker.stop(timeout=30)
         self.reader.stop()
         self.upstream.stop()
         self.redis.close()
 
 
-def start_stack(variant: Variant, rate: float, tokens: int, name: str) -> Stack:
+def start_stack(variant: Variant, rate: float, tokens: int, name: str, generations: int) -> Stack:
     redis = EmbeddedRedis().start()
     env = base_env(redis.url)
     out = LOGS / name
     upstream = BenchProcess(
         f"{name}-upstream", "bench.fast_upstream", ["--rate", f"{rate:g}", "--tokens", str(tokens)], env
     ).start()
+    sessions = f"{session_prefix(name)}:{generations}"
     reader = BenchProcess(
-        f"{name}-reader", "bench.live_reader", ["--redis-url", redis.url, "--out", str(out)], env
+        f"{name}-reader",
+        "bench.live_reader",
+        ["--redis-url", redis.url, "--out", str(out), "--sessions", sessions],
+        env,
     ).start()
     worker_env = {**env, "OPENAI_BASE_URL": upstream.url + "/v1", **variant.env()}
     if variant.worker_path:  # another version of the worker, against the same everything else
         worker_env["PYTHONPATH"] = os.pathsep.join([variant.worker_path, env["PYTHONPATH"]])
         worker_env["PYTHONSAFEPATH"] = "1"  # or `python -m` puts the working directory (this checkout) first
-    with (LOGS / f"{name}-worker.log").open("ab") as stderr:
-        worker = ChildProcess("worker", ["--concurrency", "1000"], env=worker_env, stderr=stderr).start()
-    worker.wait_ready()
-    return Stack(redis, upstream, reader, worker, out)
+    # Each worker takes at most its share: arq hands a polling worker every job it has room for, so
+    # without a cap the first to poll would run them all.
+    concurrency = str(1000 if variant.workers == 1 else -(-generations // variant.workers))
+    workers = []
+    for n in range(variant.workers):
+        with (LOGS / f"{name}-worker-{n}.log").open("ab") as stderr:
+            worker = ChildProcess(
+                "worker", ["--concurrency", concurrency], env=worker_env, stderr=stderr, name=f"worker-{n}"
+            )
+            workers.append(worker.start())
+    for worker in workers:
+        worker.wait_ready()
+    return Stack(redis, upstream, reader, workers, out)
+
+
+def session_prefix(name: str) -> str:
+    return f"bench-{name}-"
 
 
 async def upstream_stats(client: httpx.AsyncClient) -> dict[str, Any]:
@@ -249,7 +274,7 @@ async def create_generations(redis_url: str, count: int, tokens: int, rate: floa
     directive = json.dumps({"tokens": tokens, "rate": rate})
     try:
         for n in range(count):
-            session_id, generation_id = f"bench-{tag}-{n}", new_generation_id()
+            session_id, generation_id = f"{session_prefix(tag)}{n}", new_generation_id()
             request = {
                 "model": "bench-upstream",
                 "messages": [{"role": "user", "content": f"bench {n} <<fast {directive}>>"}],
@@ -292,7 +317,7 @@ async def measure_point(
     n = point.generations
     tokens = int(rate * (START_ALLOWANCE + warmup + seconds + GRACE + 3))
     name = f"{tag}-{point.variant.name}-{n}"
-    stack = start_stack(point.variant, rate, tokens, name)
+    stack = start_stack(point.variant, rate, tokens, name, n)
     try:
         redis = Redis.from_url(stack.redis.url)
         async with httpx.AsyncClient(base_url=stack.upstream.url, timeout=10) as http:
@@ -316,9 +341,10 @@ async def measure_point(
             while (left := w0 + seconds - time.monotonic()) > 0:
                 await asyncio.sleep(min(1.0, left))
                 open_samples.append((await upstream_stats(http))["streams_open"])
-                rss_samples.append(rss_bytes(pids["worker"]))
+                rss_samples.append(max(rss_bytes(pids[f"worker-{w}"]) for w in range(len(stack.workers))))
                 if point.variant.metrics:  # a scrape costs the worker too: count it in
-                    (await http.get(stack.worker.metrics_url)).raise_for_status()
+                    for worker in stack.workers:
+                        (await http.get(worker.metrics_url)).raise_for_status()
             t1 = time.time_ns()
             cpu_after, busy_after = stack.cpu(), machine_jiffies()
             calls_after = await command_calls(redis)
@@ -340,7 +366,7 @@ async def measure_point(
     probe_publishes = sum(1 for sent in probe_sends if t0 <= sent < t1)
     delta = {k: calls_after.get(k, 0) - calls_before.get(k, 0) for k in calls_after}
     delta.pop("info", None)
-    delta["publish"] = delta.get("publish", 0) - probe_publishes
+    delta["spublish"] = delta.get("spublish", 0) - probe_publishes
     delta = {k: v for k, v in sorted(delta.items()) if v}
     script_calls = delta.get("evalsha", 0) + delta.get("eval", 0)
     all_commands = sum(delta.values())
@@ -353,6 +379,7 @@ async def measure_point(
     return {
         "generations": n,
         "variant": point.variant.name,
+        "workers": point.variant.workers,
         "coalesce": point.variant.coalesce,
         "flush_window_ms": point.variant.flush_window_ms,
         "rate_per_generation": rate,
