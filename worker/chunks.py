@@ -221,6 +221,29 @@ class ChunkReader:
             updates.append(UsagePiece({key: value for key, value in usage.items() if value is not None}))
         return updates
 
+    def content(self, chunk: object) -> str | None:
+        """The text of a chunk that carries content and nothing else, once this stream's text is known to be
+        incremental: nearly every chunk, read here without building updates ('' for no text). None for any
+        other chunk, which `updates` reads; both give the same text for a chunk they both read."""
+        if type(chunk) is not dict or not self._content.incremental:
+            return None
+        choices = chunk.get("choices")
+        if type(choices) is not list or len(choices) != 1 or type(chunk.get("usage")) is dict:
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason") or choice.get("index", 0) != 0:
+            return None
+        delta = choice.get("delta")
+        if (
+            type(delta) is not dict
+            or delta.get("reasoning_content")
+            or delta.get("reasoning")
+            or delta.get("tool_calls") is not None
+        ):
+            return None
+        content = delta.get("content")
+        return content if type(content) is str else ""
+
     def flush(self) -> list[Update]:
         """Text still held back (`TextChannel.flush`): at the finish, or at the end of the stream."""
         flushed: list[Update] = []

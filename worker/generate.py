@@ -23,7 +23,7 @@ from tokenfan.contract.errors import ServiceUnavailable
 from tokenfan.contract.events import EventType, FailureType, GenerationStatus, text_sha256
 from tokenfan.store import Finish, StartOutcome, StartResult, Store
 from tokenfan.store.jobs import Retry
-from worker.chunks import ContentPiece, FinishPiece, ReasoningPiece, ToolCallPiece, UsagePiece
+from worker.chunks import ContentPiece, FinishPiece, ReasoningPiece, ToolCallPiece, Update, UsagePiece
 from worker.hooks import HookContext, Hooks, load_hooks
 from worker.stream_writer import Fenced, GenerationStream, StreamWriter, WriteRefused
 from worker.traces import attempt_trace
@@ -262,29 +262,13 @@ class GenerationJob:
             return await self._read_upstream(stream, request)
 
     async def _read_upstream(self, stream: GenerationStream, request: dict[str, Any]) -> Outcome:
-        finish_reason: str | None = None
-        usage: dict[str, Any] | None = None
-        async with contextlib.aclosing(self.upstream.stream(request)) as updates:
-            async for update in updates:
-                if type(update) is ContentPiece:  # nearly every update: skip the match below
-                    stream.add_content(update.text)
-                    continue
-                match update:
-                    case ContentPiece(text):
-                        stream.add_content(text)
-                    case ReasoningPiece(text):
-                        stream.add_reasoning(text)
-                    case ToolCallPiece(index, call_id, name, arguments):
-                        stream.add_tool_call(index, call_id, name, arguments)
-                    case FinishPiece(reason):
-                        finish_reason = reason
-                    case UsagePiece(report):
-                        usage = report  # some providers repeat it on every chunk: the last one wins
-        if finish_reason is None:
+        received = _Received(stream)
+        await self.upstream.stream(request, received)
+        if received.finish_reason is None:
             raise UpstreamFailure(
                 FailureType.UPSTREAM_DISCONNECTED, "the upstream stream ended without finishing"
             )
-        return Outcome(GenerationStatus.COMPLETED, finish_reason=finish_reason, usage=usage)
+        return Outcome(GenerationStatus.COMPLETED, finish_reason=received.finish_reason, usage=received.usage)
 
     async def _finish(
         self, stream: GenerationStream, request: dict[str, Any], context: HookContext, outcome: Outcome
@@ -321,6 +305,36 @@ class GenerationJob:
             stream.trace.failed(str(outcome.error.get("type", "error")))
         if result.next_generation_id is not None:
             await self.enqueue(stream.session_id, result.next_generation_id)
+
+
+class _Received:
+    """Takes the updates of one upstream stream as they arrive (in the transport's callback, per chunk):
+    pieces go to the generation's stream, the finish reason and usage are kept for its end."""
+
+    __slots__ = ("finish_reason", "stream", "usage")
+
+    def __init__(self, stream: GenerationStream) -> None:
+        self.stream = stream
+        self.finish_reason: str | None = None
+        self.usage: dict[str, Any] | None = None
+
+    def text(self, text: str) -> None:
+        self.stream.add_content(text)
+
+    def updates(self, updates: list[Update]) -> None:
+        stream = self.stream
+        for update in updates:
+            match update:
+                case ContentPiece(text):
+                    stream.add_content(text)
+                case ReasoningPiece(text):
+                    stream.add_reasoning(text)
+                case ToolCallPiece(index, call_id, name, arguments):
+                    stream.add_tool_call(index, call_id, name, arguments)
+                case FinishPiece(reason):
+                    self.finish_reason = reason
+                case UsagePiece(report):
+                    self.usage = report  # some providers repeat it on every chunk: the last one wins
 
 
 def _proof(stream: GenerationStream) -> dict[str, Any]:

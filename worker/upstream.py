@@ -1,4 +1,4 @@
-"""The upstream adapter: one OpenAI-compatible streaming chat completion as a sequence of `Update`s.
+"""The upstream adapter: one OpenAI-compatible streaming chat completion, handed on as `Update`s.
 
 The official ``openai`` client does the HTTP; this module hands its chunks to `worker.chunks.ChunkReader`
 (pure), which makes our updates of them, and maps its exceptions to `UpstreamFailure` (`translate_error`,
@@ -8,8 +8,7 @@ the job's decision, because only it knows whether tokens were already shown to s
 Why the generic request path (``client.post(..., stream=True, stream_cls=AsyncStream[object])``) instead of
 ``client.chat.completions.create``: the typed path builds a pydantic ``ChatCompletionChunk`` for every token,
 which costs about 340 CPU-us per chunk in openai 3.x, ten times everything else a worker does per token. The
-generic path is the same client, authentication, request, HTTP status and error translation, with openai's
-aiohttp transport (``DefaultAioHttpClient``, a C HTTP parser).
+generic path is the same client, authentication, request, HTTP status and error translation.
 
 Why the body is decoded here (`SSEDecoder`) rather than by iterating the ``AsyncStream``: at a real token
 rate every chunk arrives on its own, and openai's generic SSE path (a byte-by-byte line splitter, an event
@@ -18,6 +17,12 @@ everything else the worker does per token (bench/worker.py, docs/BENCHMARKS.md).
 rules (CR, LF and CRLF line ends, comments, multi-line data, an event ends at a blank line, ``[DONE]`` ends
 the stream, a chunk carrying ``error`` raises ``openai.APIError``) to the raw bytes of the response openai
 returned, and transport errors are classified as openai classifies them (timeout, then connection).
+
+Why updates are handed to a callback (`Taker`) rather than yielded: the client runs on the worker's own
+transport (`worker.transport`), which delivers each piece of a body inside the connection's callback, so a
+token goes from the socket to the generation's stream with no task woken and no iterator climbed. With any
+other transport (openai's aiohttp one, used when a proxy is configured) the body is iterated, and the same
+callback takes the same updates.
 """
 
 from __future__ import annotations
@@ -26,9 +31,11 @@ import asyncio
 import contextlib
 import json
 import ssl
+import urllib.request
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from json.scanner import make_scanner
-from typing import Any, cast
+from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 import httpx2
 import openai
@@ -37,10 +44,12 @@ from tokenfan.contract.events import FailureType
 from tokenfan.contract.parameters import PASSED_THROUGH
 from tokenfan.runtime.settings import Settings
 from worker.chunks import ChunkReader, Update
+from worker.transport import BODY, Body, StreamingTransport
 
 __all__ = [
     "PASSTHROUGH",
     "SSEDecoder",
+    "Taker",
     "Upstream",
     "UpstreamFailure",
     "loads",
@@ -93,6 +102,19 @@ class SSEDecoder:
         self._skip_lf = False  # the last chunk ended with CR: a LF opening the next one belongs to it
 
     def feed(self, chunk: bytes) -> list[bytes]:
+        if (
+            not self._rest
+            and not self._skip_lf
+            and not self._data
+            and chunk.startswith(b"data: ")
+            and chunk.find(b"\n") == len(chunk) - 2
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+        ):  # the common read at a model's pace: exactly one whole event, one data line
+            return [chunk[6:-2]]
+        return self._feed(chunk)
+
+    def _feed(self, chunk: bytes) -> list[bytes]:
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk.startswith(b"\n"):
@@ -149,16 +171,62 @@ def _stream_error(chunk: dict[str, Any], request: Any) -> openai.APIError:
     return openai.APIError(message=message, request=request, body=chunk["error"])
 
 
-def _event_updates(event: bytes, reader: ChunkReader, request: Any) -> tuple[list[Update], bool]:
-    """The updates one event's data adds, and whether it ends the stream (``[DONE]``: what the reader
-    still held back comes out then). Raises ``openai.APIError`` for a chunk carrying ``error``."""
+def _event_updates(event: bytes, reader: ChunkReader, request: Any) -> tuple[list[Update] | str, bool]:
+    """What one event's data adds, and whether it ends the stream (``[DONE]``: what the reader still held
+    back comes out then): the text of a chunk that carries only text (`ChunkReader.content`, the hot path),
+    else its updates. Raises ``openai.APIError`` for a chunk carrying ``error``."""
     if event.startswith(b"[DONE]"):
         return reader.flush(), True
     chunk = loads(event)
-    if isinstance(chunk, dict) and chunk.get("error"):
+    if type(chunk) is dict and chunk.get("error"):
         raise _stream_error(chunk, request)
     # Only a \ud escape can decode to a lone surrogate: a byte search spares every other chunk the check.
-    return reader.updates(chunk, suspect=b"\\ud" in event or b"\\uD" in event), False
+    if b"\\ud" in event or b"\\uD" in event:
+        return reader.updates(chunk, suspect=True), False
+    text = reader.content(chunk)
+    return (reader.updates(chunk) if text is None else text), False
+
+
+class _Refused(Exception):
+    """What the taker of the updates raised (the writer's fencing or failure): it passes through as is."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class Taker(Protocol):
+    """Where a stream's updates go, in order, as they arrive."""
+
+    def text(self, text: str) -> None:
+        """Content text, from a chunk that carried nothing else (nearly every chunk)."""
+
+    def updates(self, updates: list[Update]) -> None:
+        """The updates of any other chunk."""
+
+
+def _reading(take: Taker, request: Any) -> Callable[[bytes], bool]:
+    """What each piece of the body goes through, in order: SSE events, chunks, updates, `take`. Returns True
+    once ``[DONE]`` is read."""
+    decoder, reader = SSEDecoder(), ChunkReader()
+    text, updates = take.text, take.updates
+
+    def feed(data: bytes) -> bool:
+        for event in decoder.feed(data):
+            added, done = _event_updates(event, reader, request)
+            try:
+                if isinstance(added, str):
+                    if added:
+                        text(added)
+                elif added:
+                    updates(added)
+            except Exception as exc:
+                raise _Refused(exc) from exc
+            if done:
+                return True
+        return False
+
+    return feed
 
 
 async def _drain(raw: AsyncIterator[bytes]) -> None:
@@ -232,36 +300,49 @@ def upstream_body(request: dict[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _http_client() -> Any:
-    """openai's aiohttp transport when its extra is installed (a C HTTP parser), else its default."""
-    try:
-        return openai.DefaultAioHttpClient()
-    except RuntimeError:  # pragma: no cover - `openai[aiohttp]` is a declared dependency
-        return openai.DefaultAsyncHttpx2Client()
+def _proxied(base_url: str) -> bool:
+    """Whether the environment routes `base_url` through a proxy (``HTTPS_PROXY``, ``NO_PROXY``, ...)."""
+    url = urlsplit(base_url)
+    proxies = urllib.request.getproxies()
+    if not (proxies.get(url.scheme) or proxies.get("all")):
+        return False
+    return not urllib.request.proxy_bypass(url.netloc)
+
+
+def _http_client(base_url: str, timeout: openai.Timeout) -> httpx2.AsyncClient:
+    """The worker's own transport (`worker.transport`), which hands each stream's bytes to its reader as
+    they arrive; openai's aiohttp transport when a proxy is configured, which it does not speak."""
+    if _proxied(base_url):
+        return openai.DefaultAioHttpClient(timeout=timeout)
+    return httpx2.AsyncClient(transport=StreamingTransport(), timeout=timeout, follow_redirects=True)
 
 
 class Upstream:
     """One shared ``AsyncOpenAI`` client (and its connection pool) per worker process."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, http_client: httpx2.AsyncClient | None = None) -> None:
+        """`http_client`: another httpx2 client for openai to use (by default the worker's transport's)."""
+        timeout = openai.Timeout(
+            settings.upstream_read_timeout_seconds, connect=settings.upstream_connect_timeout_seconds
+        )
+        base_url = settings.openai_base_url or "https://api.openai.com/v1"
         self.client = openai.AsyncOpenAI(
-            http_client=_http_client(),
-            base_url=settings.openai_base_url,
+            http_client=http_client or _http_client(base_url, timeout),
+            base_url=base_url,
             # Local OpenAI-compatible servers often need no key, but the client insists on one.
             api_key=settings.openai_api_key.reveal() if settings.openai_api_key else "unset",
             max_retries=0,
-            timeout=openai.Timeout(
-                settings.upstream_read_timeout_seconds,
-                connect=settings.upstream_connect_timeout_seconds,
-            ),
+            timeout=timeout,
         )
 
     async def close(self) -> None:
         await self.client.close()
 
-    async def stream(self, request: dict[str, Any]) -> AsyncGenerator[Update, None]:
-        """Yield the updates of one streamed completion. Closing the iterator closes the HTTP request,
-        which is how a provider learns to stop generating (and billing)."""
+    async def stream(self, request: dict[str, Any], take: Taker) -> None:
+        """Stream one completion, handing its updates to `take` as they arrive, in order; returns when the
+        upstream is done. What `take` raises ends the stream and comes out as it is. Leaving early (an
+        exception, a cancellation) closes the HTTP request, which is how a provider learns to stop
+        generating (and billing)."""
         try:
             stream = await self.client.post(
                 "/chat/completions",
@@ -273,19 +354,11 @@ class Upstream:
         except Exception as exc:
             raise translate_error(exc) from exc
         response = stream.response
-        # The transport's byte stream itself (what openai's own drain reads): one generator layer fewer per
-        # chunk than `response.aiter_raw()`, which only counts bytes on top.
-        raw = cast(AsyncGenerator[bytes, None], response.stream.__aiter__())  # type: ignore[union-attr]
-        decoder, reader = SSEDecoder(), ChunkReader()
+        feed = _reading(take, response.request)
         try:
-            async for data in raw:
-                for event in decoder.feed(data):
-                    updates, done = _event_updates(event, reader, response.request)
-                    for update in updates:
-                        yield update
-                    if done:
-                        await _drain(raw)
-                        return
+            await _read_body(response, feed)
+        except _Refused as refused:
+            raise refused.error from None
         except httpx2.TimeoutException as exc:
             raise translate_error(openai.APITimeoutError(request=response.request)) from exc
         except (httpx2.RequestError, ssl.SSLError) as exc:
@@ -293,5 +366,28 @@ class Upstream:
         except Exception as exc:
             raise translate_error(exc) from exc
         finally:
-            await raw.aclose()
             await stream.close()
+
+
+async def _read_body(response: httpx2.Response, feed: Callable[[bytes], bool]) -> None:
+    """Hand the response's body to `feed` until it returns True or the body ends. From the worker's
+    transport, in the connection's callback as bytes arrive (`Body.deliver`); from any other, by iterating
+    its byte stream (decoded by httpx2 when the upstream compressed it)."""
+    body = response.extensions.get(BODY)
+    encoded = response.headers.get("content-encoding", "identity").lower() not in ("", "identity")
+    if isinstance(body, Body) and not encoded:
+        await body.deliver(feed)
+        return
+    if encoded:
+        raw: AsyncGenerator[bytes, None] = response.aiter_bytes()
+    else:
+        # The transport's byte stream itself (what openai's own drain reads): one generator layer fewer per
+        # chunk than `response.aiter_raw()`, which only counts bytes on top.
+        raw = cast(AsyncGenerator[bytes, None], response.stream.__aiter__())  # type: ignore[union-attr]
+    try:
+        async for data in raw:
+            if feed(data):
+                await _drain(raw)
+                return
+    finally:
+        await raw.aclose()

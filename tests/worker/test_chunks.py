@@ -243,6 +243,47 @@ def test_any_decoded_json_gives_well_typed_updates(payload: object) -> None:
             assert isinstance(update.usage, dict)
 
 
+def incremental_reader() -> ChunkReader:
+    """A reader whose stream has shown its text to be incremental (the state the hot path needs)."""
+    reader = ChunkReader()
+    for piece in ("a", "b", "c"):
+        reader.updates(chunk([{"index": 0, "delta": {"content": piece}}]))
+    return reader
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(chunk_like, json_any), st.text(max_size=8))
+def test_the_text_only_reading_agrees_with_the_full_reading_wherever_it_answers(
+    payload: object, content: str
+) -> None:
+    """`ChunkReader.content` (the hot path) answers only for a chunk whose updates are its text alone, and
+    gives that text: the same, whichever of the two reads a chunk."""
+    for candidate in (payload, chunk([{"index": 0, "delta": {"content": content}, "finish_reason": None}])):
+        text = incremental_reader().content(candidate)
+        updates = incremental_reader().updates(candidate)
+        if text is not None:
+            assert all(isinstance(update, ContentPiece) for update in updates)
+            assert text == "".join(update.text for update in updates if isinstance(update, ContentPiece))
+
+
+def test_the_text_only_reading_takes_the_common_chunks_and_leaves_the_rest() -> None:
+    reader = incremental_reader()
+    assert reader.content(chunk([{"index": 0, "delta": {"content": "Hi"}, "finish_reason": None}])) == "Hi"
+    assert reader.content(chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}}])) == ""
+    assert reader.content(chunk([{"index": 0, "delta": {"content": "x"}, "finish_reason": "stop"}])) is None
+    assert reader.content(chunk([{"index": 0, "delta": {"reasoning_content": "hmm"}}])) is None
+    assert (
+        reader.content(
+            chunk(
+                [{"index": 0, "delta": {"content": "x"}}],
+                usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+            )
+        )
+        is None
+    )
+    assert ChunkReader().content(chunk([{"index": 0, "delta": {"content": "Hi"}}])) is None  # not yet told
+
+
 # ------------------------------------------------------------------------------------------------ a whole stream
 
 

@@ -185,6 +185,25 @@ def test_any_stream_cut_anywhere_gives_the_events_openai_gives(
     assert len(whole) == with_data
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"data: ", b"data:", b"data:  ", b": comment\ndata: ", b"event: x\ndata: "]),
+            st.text(max_size=12).map(str.encode),
+            st.sampled_from([b"\n\n", b"\n", b"\r\n\r\n", b"\r\r", b"\n\r\n"]),
+        ),
+        max_size=6,
+    )
+)
+def test_one_read_per_event_gives_the_events_openai_gives(reads: list[tuple[bytes, bytes, bytes]]) -> None:
+    """The shape of nearly every read at a model's pace (one whole event, read on its own, which the decoder
+    takes without splitting lines), and its near misses, decode as openai decodes them."""
+    pieces = [prefix + value + end for prefix, value, end in reads]
+    assert decode(*pieces) == decode(b"".join(pieces))
+    assert decode(*pieces) == [data for name, data in openai_data([b"".join(pieces)]) if name != "ping"]
+
+
 # --- loads
 
 
