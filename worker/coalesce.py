@@ -45,7 +45,8 @@ class Coalescer:
 
     def add_content(self, text: str) -> None:
         if text:
-            delta = self._open_delta(len(text.encode()))
+            # A token is nearly always ASCII, whose length is its UTF-8 size: no encoding to count it.
+            delta = self._open_delta(len(text) if text.isascii() else len(text.encode()))
             delta.fields["content"] = delta.fields.get("content", "") + text
             delta.text += text
 

@@ -76,7 +76,7 @@ class GenerationStream:
         self.coalescer = Coalescer(max_event_bytes=writer.max_event_bytes, merge=writer.merge)
         self.cancel_requested = ""
         self.fenced = False
-        self.last_offset: Offset | None = None
+        self._last: WriteResult | None = None  # the last write's result that named an entry
         self.text_parts: list[str] = []
         self.reasoning_parts: list[str] = []
         self.tool_calls: dict[int, dict[str, Any]] = {}
@@ -231,9 +231,14 @@ class GenerationStream:
             self._tool_calls_changed = False
         return WriteItem(self.session_id, self.generation_id, self.attempt, events, finish, tool_calls)
 
+    @property
+    def last_offset(self) -> Offset | None:
+        """The offset of this attempt's newest event in Redis (None before its first write)."""
+        return self._last.last_offset if self._last is not None else None
+
     def _apply(self, item: WriteItem, result: WriteResult) -> None:
-        if result.last_offset is not None:
-            self.last_offset = result.last_offset
+        if result.last_id != "0-0":
+            self._last = result
         if result.cancel_requested:
             self.request_cancel(result.cancel_requested)
         if result.outcome is WriteOutcome.FENCED:
@@ -309,6 +314,7 @@ class StreamWriter:
         self.streams: dict[str, GenerationStream] = {}
         self._dirty: dict[GenerationStream, None] = {}  # an ordered set: flush in arrival order
         self._wake = asyncio.Event()
+        self._woken = False  # whether `_wake` is set: checked per token, cheaper than asking the event
         self._urgent = asyncio.Event()
         self._last_flush = -1e9
 
@@ -335,7 +341,9 @@ class StreamWriter:
                 stream._writing = asyncio.get_running_loop().create_task(self._write_alone(stream))
             return
         self._dirty[stream] = None
-        self._wake.set()
+        if not self._woken:  # once per flush, not once per token
+            self._woken = True
+            self._wake.set()
         if urgent or stream.coalescer.pending_bytes >= self.max_pending_bytes:
             self._urgent.set()
 
@@ -348,6 +356,7 @@ class StreamWriter:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._urgent.wait(), delay)
             self._wake.clear()
+            self._woken = False
             self._urgent.clear()
             batch = self._collect()
             if batch:

@@ -13,7 +13,7 @@ from typing import Any
 
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.keys import GenerationField
-from tokenfan.contract.offsets import Offset
+from tokenfan.contract.offsets import Offset, StreamId
 
 __all__ = [
     "AcceptOutcome",
@@ -104,14 +104,22 @@ class WriteOutcome(StrEnum):
     GAP = "gap"  # a seq was skipped: a bug in the caller, never retried
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is built per generation per flush, and a frozen one builds slowly
 class WriteResult:
     outcome: WriteOutcome
     last_seq: int
-    last_offset: Offset | None
+    epoch: str  # the stream's epoch, '' when it has no entry
+    last_id: str  # the id of the generation's newest entry, as the script gave it ('0-0' for none)
     cancel_requested: str  # '' or why cancellation was asked for
     next_generation_id: str | None  # after a finish: the session's next generation, to enqueue
     status: str
+
+    @property
+    def last_offset(self) -> Offset | None:
+        """The offset of the generation's newest entry: parsed when asked for, rarely (not per flush)."""
+        if not self.epoch or self.last_id == "0-0":
+            return None
+        return Offset(self.epoch, StreamId.parse(self.last_id))
 
 
 class PositionReply(StrEnum):

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from tokenfan.contract.ids import new_epoch
-from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store.batch import ScriptCall, run_calls
 from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, now_ms
@@ -60,9 +59,19 @@ class Writes(StoreCore):
         return WriteCall(now, self.stream_max_length, self.session_ttl_seconds, epoch, item_count)
 
 
+#: write.lua's codes as they come back: a dict look-up per item rather than an enum call.
+_OUTCOMES: dict[bytes | str, WriteOutcome] = {
+    **{outcome.value: outcome for outcome in WriteOutcome},
+    **{outcome.value.encode(): outcome for outcome in WriteOutcome},
+}
+
+
 def _write_result(row: list[Any]) -> WriteResult:
-    code, epoch, last, last_seq, cancel, head, status = (
-        part.decode() if isinstance(part, bytes) else str(part) for part in row
-    )
-    offset = Offset(epoch, StreamId.parse(last)) if epoch and last != "0-0" else None
-    return WriteResult(WriteOutcome(code), int(last_seq), offset, cancel, head or None, status)
+    """One item's reply. Per generation per flush, so kept lean: the offset is parsed only when asked for."""
+    code, epoch, last, last_seq, cancel, head, status = [
+        part.decode() if type(part) is bytes else str(part) for part in row
+    ]
+    outcome = _OUTCOMES.get(code)
+    if outcome is None:
+        outcome = WriteOutcome(code)  # raises: a code this side does not know fails loudly
+    return WriteResult(outcome, int(last_seq), epoch, last, cancel, head or None, status)
