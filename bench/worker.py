@@ -513,12 +513,18 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--versions-at", default="100,250")
     parser.add_argument(
+        "--versions-workers",
+        default="1",
+        help="worker processes of part 'versions' (each count, both versions)",
+    )
+    parser.add_argument(
         "--metrics-at", default="100,250", help="generation counts of part 'metrics' (metrics port off vs on)"
     )
     parser.add_argument(
         "--merge", action="store_true", help="update the parts measured in the saved results, keep the rest"
     )
     parser.add_argument("--quick", action="store_true", help="one short run of the on/off pair only")
+    parser.add_argument("--output", default="", help="results file name (bench/results/NAME.json)")
     parser.add_argument(
         "--only", default="", help="comma-separated subset: pair, sweep, windows, versions, metrics"
     )
@@ -614,7 +620,7 @@ def report(path: Path) -> str:
         points = r.get("worker_versions", {}).get(key, [])
         if points:
             lines += ["", f"worker version: {key}:", "", head]
-            lines += [row(f"{key} {p['generations']}", p) for p in points]
+            lines += [row(f"{key} x{p.get('workers', 1)} {p['generations']}", p) for p in points]
     return "\n".join(lines)
 
 
@@ -643,6 +649,26 @@ async def metrics_pairs(
         }
         log(f"metrics at {count}: worker CPU per token on/off per pair {ratios}, median {median(ratios)}")
     return out
+
+
+async def version_pairs(
+    args: argparse.Namespace, run: Callable[[Variant, int, str, str], Awaitable[dict[str, Any]]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Part 'versions': another version of the worker (``--baseline-worker``) beside this one, coalescing on,
+    at each count of ``--versions-at`` with each number of ``--versions-workers``, ``--runs`` times,
+    alternating which goes first."""
+    versions: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
+    for count in [int(c) for c in args.versions_at.split(",") if c]:
+        for r in range(args.runs):
+            for workers in [int(w) for w in args.versions_workers.split(",") if w]:
+                pairs = [
+                    ("baseline", Variant("on", True, 5.0, args.baseline_worker, workers=workers)),
+                    ("current", Variant("on", True, 5.0, workers=workers)),
+                ]
+                for key, variant in pairs if r % 2 == 0 else pairs[::-1]:  # drift hits both alike
+                    label = f"{key} worker x{workers} {count} run {r}"
+                    versions[key].append(await run(variant, count, label, f"v{r}w{workers}"))
+    return versions
 
 
 async def main() -> None:
@@ -676,14 +702,7 @@ async def main() -> None:
         for count in [int(c) for c in args.windows_at.split(",") if c]
         for ms in ([float(w) for w in args.windows.split(",") if w] if "windows" in args.parts else [])
     ]
-    versions: dict[str, list[dict[str, Any]]] = {"baseline": [], "current": []}
-    for count in [int(c) for c in args.versions_at.split(",") if c] if "versions" in args.parts else []:
-        for r in range(args.runs):
-            for key, variant in (
-                ("baseline", Variant("on", True, 5.0, args.baseline_worker)),
-                ("current", ON),
-            ):
-                versions[key].append(await run(variant, count, f"{key} worker {count} run {r}", f"v{r}"))
+    versions = await version_pairs(args, run) if "versions" in args.parts else {"baseline": [], "current": []}
     metrics = await metrics_pairs(args, run) if "metrics" in args.parts else {}
     command = " ".join(["./dev bench worker", *sys.argv[1:]])
     result: dict[str, Any] = {
@@ -705,7 +724,7 @@ async def main() -> None:
         result["worker_versions"] = {"baseline_worker": args.baseline_worker, **versions}
     result.update({"metrics_cost": metrics} if metrics else {})
     print(json.dumps({k: result[k] for k in ("on", "off", "on_vs_off", "verdict") if k in result}, indent=2))
-    name = "worker-quick" if args.quick else "worker"
+    name = args.output or ("worker-quick" if args.quick else "worker")
     if args.merge and (RESULTS / f"{name}.json").exists():
         kept = json.loads((RESULTS / f"{name}.json").read_text())
         fresh = {k: v for k, v in result.items() if v not in ([], {"on": [], "off": []})}
