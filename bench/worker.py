@@ -49,6 +49,7 @@ if __package__ in (None, ""):
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import shutil
@@ -513,6 +514,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--versions-at", default="100,250")
     parser.add_argument(
+        "--sweep-workers", type=int, default=1, help="worker processes of the sweep's 'on' points"
+    )
+    parser.add_argument(
         "--versions-workers",
         default="1",
         help="worker processes of part 'versions' (each count, both versions)",
@@ -691,10 +695,11 @@ async def main() -> None:
         variant.name: [int(c) for c in spec.split(",") if c] if "sweep" in args.parts else []
         for variant, spec in ((ON, args.sweep), (OFF, args.sweep_off))
     }
+    on_sweep = dataclasses.replace(ON, workers=args.sweep_workers)
     sweep = [
-        await run(variant, count, f"{variant.name} {count}", "s")
+        await run(variant, count, f"{variant.name} x{variant.workers} {count}", "s")
         for count in sorted(set(counts["on"]) | set(counts["off"]))
-        for variant in (ON, OFF)
+        for variant in (on_sweep, OFF)
         if count in counts[variant.name]
     ]
     windows = [
