@@ -1,4 +1,5 @@
-"""CPU per chunk of the official openai client: typed vs generic streaming, httpx2 vs aiohttp transport.
+"""CPU per chunk of the official openai client: typed vs generic streaming; httpx2's, aiohttp's or the worker's
+own transport (`worker.transport`); and the worker's whole read of a stream (`worker.upstream.Upstream`).
 
     ./dev bench openai_client [--tokens 5000] [--streams 20] [--runs 3]
 
@@ -16,10 +17,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import httpx2
 import openai
 
 from bench.harness import median, save
 from tokenfan.cli.processes import ChildProcess
+from tokenfan.runtime.settings import Settings
+from worker.transport import StreamingTransport
+from worker.upstream import Upstream
 
 
 def cpu() -> float:
@@ -45,6 +50,30 @@ async def generic(client: openai.AsyncOpenAI, prompt: str) -> int:
     return sum([1 async for _ in stream])
 
 
+class _Count:
+    """Counts what the worker's read hands over: one per content piece or update."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def text(self, text: str) -> None:
+        self.count += 1
+
+    def updates(self, updates: list[Any]) -> None:
+        self.count += len(updates)
+
+
+def worker_read(upstream: Upstream) -> Callable[[openai.AsyncOpenAI, str], Awaitable[int]]:
+    async def read(client: openai.AsyncOpenAI, prompt: str) -> int:
+        counted = _Count()
+        await upstream.stream(
+            {"model": "tokenfan-sim", "messages": [{"role": "user", "content": prompt}]}, counted
+        )
+        return counted.count + 1  # the role chunk carries no update, but was read like the others
+
+    return read
+
+
 async def measure(
     read: Callable[[openai.AsyncOpenAI, str], Awaitable[int]],
     client: openai.AsyncOpenAI,
@@ -67,8 +96,12 @@ async def main() -> None:
     base_url = simulator.wait_ready() + "/v1"
     rows: dict[str, Any] = {}
     try:
-        for transport in ("httpx2", "aiohttp"):
-            http_client = openai.DefaultAioHttpClient() if transport == "aiohttp" else None
+        for transport in ("httpx2", "aiohttp", "worker"):
+            http_client: httpx2.AsyncClient | None = None
+            if transport == "aiohttp":
+                http_client = openai.DefaultAioHttpClient()
+            elif transport == "worker":
+                http_client = httpx2.AsyncClient(transport=StreamingTransport())
             client = openai.AsyncOpenAI(
                 base_url=base_url, api_key="unset", max_retries=0, http_client=http_client
             )
@@ -80,6 +113,19 @@ async def main() -> None:
                     "chunks_per_second": round(median([s[1] for s in samples])),
                 }
             await client.close()
+        settings = Settings.from_env({"OPENAI_BASE_URL": base_url, "REDIS_URL": "redis://unused"})
+        for transport in ("aiohttp", "worker"):
+            upstream = Upstream(settings, openai.DefaultAioHttpClient() if transport == "aiohttp" else None)
+            reader = worker_read(upstream)
+            await reader(upstream.client, 'warm up <<sim {"tokens": 10}>>')
+            samples = [
+                await measure(reader, upstream.client, args.streams, args.tokens) for _ in range(args.runs)
+            ]
+            rows[f"the worker's read (Upstream.stream) / {transport}"] = {
+                "cpu_us_per_chunk": round(median([s[0] for s in samples]), 1),
+                "chunks_per_second": round(median([s[1] for s in samples])),
+            }
+            await upstream.close()
     finally:
         simulator.stop()
     baseline = rows["typed chat.completions.create / httpx2"]["cpu_us_per_chunk"]
