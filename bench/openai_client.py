@@ -9,6 +9,12 @@ the figure is the CPU this process spends per chunk received (user + system, fro
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: this checkout first (bench/worker.py would shadow `worker`)
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
 import argparse
 import asyncio
 import json
