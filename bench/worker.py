@@ -11,9 +11,11 @@ Per measured point, a fresh stack of real processes on loopback:
 * an embedded Valkey (`tokenfan.cli.embedded_redis.EmbeddedRedis`);
 * a lean streaming upstream (`bench.fast_upstream`), one chunk per token at ``--rate`` tokens/s per stream,
   each token's content being its send time;
-* ONE ``tokenfan worker --concurrency 1000`` with the variant's coalescing settings;
-* the measuring reader (`bench.live_reader`), its own process: ``PSUBSCRIBE tf:*:live`` sees every appended
-  entry the moment Redis publishes it, and records each token's latency from its send at the upstream.
+* ONE ``tokenfan worker --concurrency 1000`` with the variant's coalescing settings (or several, each
+  taking its share: ``--versions-workers``, ``--sweep-workers``);
+* the measuring reader (`bench.live_reader`), its own process: ``SSUBSCRIBE`` to every session's live channel
+  sees every appended entry the moment Redis publishes it, and records each token's latency from its send at
+  the upstream.
 
 This process creates N sessions with one generation each (`Store.accept` + `enqueue_generation`, as the API
 does), long enough to outlast the measurement, waits until the upstream has all N streams open, lets them run
