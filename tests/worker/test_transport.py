@@ -16,6 +16,7 @@ from typing import Any
 
 import h11
 import httpx2
+import openai
 import pytest
 import trustme
 from hypothesis import given, settings
@@ -97,6 +98,14 @@ def parse_request(head: bytes) -> Received:
     fields = (line.partition(":") for line in lines[1:] if line)
     headers = {name.strip().lower(): value.strip() for name, _, value in fields}
     return Received(method, target, headers, b"")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The worker's transport is used when no proxy is configured: so these tests say, whatever the machine."""
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
 
 
 @pytest.fixture
@@ -505,6 +514,23 @@ def test_a_configured_proxy_keeps_openais_aiohttp_transport(monkeypatch: pytest.
     assert not isinstance(proxied.client._client._transport, StreamingTransport)
     monkeypatch.setenv("NO_PROXY", "api.example.com")
     assert isinstance(Upstream(settings).client._client._transport, StreamingTransport)
+
+
+async def test_over_openais_aiohttp_transport_the_same_stream_reads_the_same(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """The read the worker falls back to (a proxy configured): the body iterated, the same updates."""
+    server = await serve(answering([SSE_HEAD + b"transfer-encoding: chunked\r\n\r\n", *chunked(STREAM)]))
+    upstream = upstream_for(server, openai.DefaultAioHttpClient())
+    assert await stream_from(upstream) == EXPECTED
+    events = [*sse(delta(content="a")), b'data: {"error": {"message": "overloaded"}}\n\n']
+    failing = await serve(answering([SSE_HEAD + b"transfer-encoding: chunked\r\n\r\n", *chunked(events)]))
+    failing_upstream = upstream_for(failing, openai.DefaultAioHttpClient())
+    with pytest.raises(UpstreamFailure) as failed:
+        await stream_from(failing_upstream)
+    assert failed.value.failure is FailureType.UPSTREAM_ERROR
+    await failing_upstream.close()
+    await upstream.close()
 
 
 async def test_a_response_body_can_also_be_iterated(serve: Callable[..., Awaitable[Server]]) -> None:
