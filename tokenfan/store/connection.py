@@ -102,7 +102,8 @@ class _HiredisPacking:
 
 def pack_with_hiredis(redis: Client) -> None:
     """Make every connection `redis` opens from now on pack commands with hiredis (when installed). A
-    cluster client opens its connections itself, per node: it is left as it is."""
+    cluster client opens its connections itself, per node, for single commands: it is left as it is; the
+    per-node clients that carry its pipelines are packed by `Topology.pack_with_hiredis`."""
     if isinstance(redis, RedisCluster):
         return
     pool = redis.connection_pool
