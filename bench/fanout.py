@@ -50,6 +50,7 @@ from redis.asyncio import Redis
 from bench.fanout_client import ClientConfig, LatencyHistogram, run_client, token_content
 from bench.harness import (
     Backend,
+    calls_delta,
     command_calls,
     cpu_seconds,
     log,
@@ -398,11 +399,11 @@ class Bench:
     redis: Backend
     producer: Producer
     load: LoadGenerator
-    raw: Target
-    naive: Target
     seconds: float
     warmup: float
     runs: int
+    raw_target: Target | None = None  # the references (`bench.raw_broadcast`, `bench.naive_relay`)
+    naive_target: Target | None = None
     tag: int = 0
     controls: list[Redis] = field(default_factory=list)
 
@@ -414,6 +415,16 @@ class Bench:
     async def close(self) -> None:
         for control in self.controls:
             await control.aclose()
+
+    @property
+    def raw(self) -> Target:
+        assert self.raw_target is not None, "started without the raw broadcast reference"
+        return self.raw_target
+
+    @property
+    def naive(self) -> Target:
+        assert self.naive_target is not None, "started without the naive relay reference"
+        return self.naive_target
 
     def session_ids(self, count: int) -> list[str]:
         self.tag += 1
@@ -619,6 +630,7 @@ def summarize(
         "server_rss_idle_mb": rss[0] / 2**20,
         "server_rss_per_connection_kb": (rss[1] - rss[0]) / max(connected, 1) / 1024,
         "redis_calls": calls,
+        "calls_by_node": calls_delta(before["redis"]["calls_by_node"], after["redis"]["calls_by_node"]),
     }
     if kind in ("relay", "naive"):
         expected = appended * per_session
@@ -974,11 +986,11 @@ async def bench_main(args: argparse.Namespace, result: dict[str, Any]) -> None:
         redis,
         producer,
         load,
-        Target("raw", raw),
-        Target("naive", naive),
         args.seconds,
         args.warmup,
         args.runs,
+        raw_target=Target("raw", raw),
+        naive_target=Target("naive", naive),
     )
     result.update(scenarios=[], sustained={"relay": [], "naive": []})
     parts = set(args.parts.split(","))

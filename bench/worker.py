@@ -121,8 +121,7 @@ class Point:
     generations: int
     label: str = ""
     results: dict[str, Any] = field(default_factory=dict)
-    backend: str = "single"  # or "cluster" (`bench.harness.Backend`)
-    separate_queue: bool = False  # the job queue on a Valkey of its own (always so on a cluster)
+    backend: Backend = field(default_factory=Backend)  # where the sessions live (started with the point)
 
 
 # --- processes
@@ -222,7 +221,7 @@ def session_prefix(name: str) -> str:
 
 def start_stack(point: Point, rate: float, tokens: int, name: str) -> Stack:
     variant = point.variant
-    redis = Backend(point.backend, separate_queue=point.separate_queue).start()
+    redis = point.backend.start()
     env = base_env(redis.env())
     out = LOGS / name
     upstream = BenchProcess(
