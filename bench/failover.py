@@ -16,7 +16,9 @@ Reported per run, every time counted from the kill: when a surviving primary fir
 and when it says ``ok`` again; when the killed primary's replica answers ``ROLE`` as a master (promoted); for each
 affected session, when its first frame after the stall reaches its subscriber (p50 and max over the affected
 sessions, and the last of them: every affected session flowing again); for the unaffected sessions, the longest
-gap between two frames during the failover (and, for comparison, in the 2 s before the kill); each
+gap between two frames during the failover (and, for comparison, in the 2 s before the kill), and the longest gap
+between two of their events as Redis appended them (the stream ids' times: a stall in the writes, not the
+fan-out, shows there too); each
 generation's outcome (its terminal event, and the error type of a failure); whether each subscriber's final text
 equals ``GET /v1/generations/{id}``; rebuilds (snapshots) and reconnections; whether every process lived on.
 
@@ -68,6 +70,7 @@ class Watch:
     affected: bool
     generation_id: str = ""
     arrivals: list[float] = field(default_factory=list)
+    written: list[float] = field(default_factory=list)  # each delta's stream id: when Redis appended it
     transcript: Transcript = field(default_factory=Transcript)
     snapshots: int = 0
     error: str | None = None
@@ -87,6 +90,8 @@ class Watch:
             async for frame in self.stream:
                 if frame["type"] in ("delta", "snapshot"):
                     self.arrivals.append(time.monotonic())
+                if frame["type"] == "delta":  # offset "<epoch>:<ms>-<seq>", ms by the server's clock
+                    self.written.append(int(frame["offset"].split(":")[1].split("-")[0]) / 1000)
                 self.snapshots += frame["type"] == "snapshot"
                 self.transcript.apply(frame)
                 if self.deltas() >= LIVE_DELTAS:
@@ -110,6 +115,8 @@ class ClusterClock:
     survivor: EmbeddedRedis
     replica: EmbeddedRedis
     host: str
+    killed_at: float = 0.0
+    killed_wall: float = 0.0  # the same instant on the wall clock, which stream ids count in
     down_at: float | None = None
     promoted_at: float | None = None
     ok_at: float | None = None
@@ -169,13 +176,13 @@ async def start_generations(
 
 async def kill_and_wait(
     cluster: EmbeddedCluster, victim: EmbeddedRedis, tasks: list[asyncio.Task[None]], seconds: float
-) -> tuple[float, ClusterClock]:
+) -> ClusterClock:
     """SIGKILL `victim` while a `ClusterClock` watches; returns once every subscriber saw its generation end."""
     replica = cluster.replicas_of(victim)[0]
     survivor = next(node for node in cluster.primaries if node is not victim)
     clock = ClusterClock(survivor, replica, cluster.host)
     watcher = asyncio.create_task(asyncio.to_thread(clock.run))
-    killed_at = time.monotonic()
+    clock.killed_at, clock.killed_wall = time.monotonic(), time.time()
     victim.kill()
     try:
         async with asyncio.timeout(seconds):
@@ -185,7 +192,7 @@ async def kill_and_wait(
         await watcher
         for task in tasks:
             task.cancel()
-    return killed_at, clock
+    return clock
 
 
 def resumed_after(arrivals: list[float], killed_at: float) -> float | None:
@@ -229,8 +236,9 @@ async def outcomes(api_url: str, watches: list[Watch]) -> dict[str, Any]:
     return {"outcomes": counts, "subscriber_text_equals_api": equal}
 
 
-def figures(watches: list[Watch], killed_at: float, clock: ClusterClock) -> dict[str, Any]:
+def figures(watches: list[Watch], clock: ClusterClock) -> dict[str, Any]:
     """Every figure of one run, in seconds from the kill."""
+    killed_at = clock.killed_at
     affected = [w for w in watches if w.affected]
     others = [w for w in watches if not w.affected]
     resumed = [resumed_after(w.arrivals, killed_at) for w in affected]
@@ -255,6 +263,16 @@ def figures(watches: list[Watch], killed_at: float, clock: ClusterClock) -> dict
         "unaffected_longest_gap_s": round(
             max((longest_gap(w.arrivals, killed_at, all_back + 0.5) for w in others), default=0.0), 3
         ),
+        "unaffected_longest_write_gap_s": round(
+            max(
+                (
+                    longest_gap(w.written, clock.killed_wall, clock.killed_wall + all_back - killed_at + 0.5)
+                    for w in others
+                ),
+                default=0.0,
+            ),
+            3,
+        ),
         "unaffected_longest_gap_before_kill_s": before_kill(others, killed_at),
         "affected_longest_gap_before_kill_s": before_kill(affected, killed_at),
         "snapshots": sum(w.snapshots for w in watches),
@@ -274,8 +292,8 @@ async def one_run(args: argparse.Namespace, tag: str) -> dict[str, Any]:
             await asyncio.gather(*(w.live.wait() for w in watches))
         await asyncio.sleep(args.before)
         running = [child for child in stack.children.values() if child.alive()]
-        killed_at, clock = await kill_and_wait(backend.cluster, victim, tasks, args.timeout)
-        result = figures(watches, killed_at, clock)
+        clock = await kill_and_wait(backend.cluster, victim, tasks, args.timeout)
+        result = figures(watches, clock)
         result.update(await outcomes(stack.url("api"), watches))
         result["processes_alive"] = all(child.alive() for child in running)
     finally:
@@ -296,6 +314,7 @@ def summarize(runs: list[dict[str, Any]], node_timeout_s: float) -> dict[str, An
         "affected_first_frame_s_max",
         "affected_first_frame_after_promotion_s_p50",
         "unaffected_longest_gap_s",
+        "unaffected_longest_write_gap_s",
     ):
         values = [run[key] for run in runs if run[key] is not None]
         summary[key] = {
