@@ -1,14 +1,14 @@
 """A primary of the Redis Cluster killed with SIGKILL mid-generation: how long until tokens flow again.
 
     ./dev bench failover [--runs 5] [--sessions 30] [--rate 50] [--tokens 600] [--workers 1]
-        [--node-timeout-ms 1000]
+        [--node-timeout-ms 1000,2000,5000] [--output failover]
     python -m bench.failover ...
 
 Each run starts afresh: an embedded cluster of 3 primaries with one replica each
-(`tokenfan.cli.embedded_cluster.EmbeddedCluster`, ``--cluster-node-timeout`` as given), the job queue on a Valkey
-of its own, and one API, ``--workers`` workers and one relay (`bench.harness.Stack`). ``--sessions`` sessions get
-one generation each from the simulator at ``--rate`` tokens/s, and each session is watched by one WebSocket
-subscriber (`tokenfan.client.SessionStream`, resuming and rebuilding as a user's would, default backoff) that
+(`tokenfan.cli.embedded_cluster.EmbeddedCluster`, its ``cluster-node-timeout`` from ``--node-timeout-ms``; several
+values are measured one after the other), the job queue on a Valkey of its own, and one API, ``--workers``
+workers and one relay (`bench.harness.Stack`). ``--sessions`` sessions get one generation each from the simulator
+at ``--rate`` tokens/s, and each session is watched by one WebSocket subscriber (`tokenfan.client.SessionStream`, resuming and rebuilding as a user's would, default backoff) that
 records when every frame arrives. Once every session streams, the primary owning the first session's slot is
 killed with SIGKILL; the sessions in its slots are the *affected* ones.
 
