@@ -6,11 +6,12 @@
 
 Each run starts afresh: an embedded cluster of 3 primaries with one replica each
 (`tokenfan.cli.embedded_cluster.EmbeddedCluster`, its ``cluster-node-timeout`` from ``--node-timeout-ms``; several
-values are measured one after the other), the job queue on a Valkey of its own, and one API, ``--workers``
-workers and one relay (`bench.harness.Stack`). ``--sessions`` sessions get one generation each from the simulator
-at ``--rate`` tokens/s, and each session is watched by one WebSocket subscriber (`tokenfan.client.SessionStream`, resuming and rebuilding as a user's would, default backoff) that
-records when every frame arrives. Once every session streams, the primary owning the first session's slot is
-killed with SIGKILL; the sessions in its slots are the *affected* ones.
+values are measured one after the other), the job queue on a Valkey of its own, and one API, ``--workers`` workers
+and one relay (`bench.harness.Stack`). ``--sessions`` sessions get one generation each from the simulator at
+``--rate`` tokens/s, and each session is watched by one WebSocket subscriber (`tokenfan.client.SessionStream`,
+resuming and rebuilding as a user's would, default backoff) that records when every frame arrives. Once every session
+streams, the primary owning the first session's slot is killed with SIGKILL; the sessions in its slots are the
+*affected* ones.
 
 Reported per run, every time counted from the kill: when a surviving primary first says ``cluster_state:fail``
 and when it says ``ok`` again; when the killed primary's replica answers ``ROLE`` as a master (promoted); for each
