@@ -49,19 +49,23 @@ from redis.asyncio import Redis
 
 from bench.fanout_client import ClientConfig, LatencyHistogram, run_client, token_content
 from bench.harness import (
+    Backend,
+    calls_delta,
+    command_calls,
     cpu_seconds,
     log,
     machine_busy_seconds,
     median,
     rss_bytes,
     save,
+    summed,
     wait_until_quiet,
 )
-from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.cli.processes import ChildProcess
 from tokenfan.contract.events import EventType, encode_body, event_body
 from tokenfan.contract.ids import new_generation_id
-from tokenfan.store import EventWrite, StartOutcome, Store, WriteItem
+from tokenfan.store import EventWrite, StartOutcome, WriteItem
+from tokenfan.store.slots import slot_of
 
 ROOT = Path(__file__).resolve().parent.parent
 LOGS = Path(tempfile.mkdtemp(prefix="tokenfan-fanout-"))
@@ -86,10 +90,11 @@ def cpu_times(pid: int) -> tuple[float, float]:
 # --- processes
 
 
-def child_env(redis_url: str) -> dict[str, str]:
+def child_env(redis: dict[str, str]) -> dict[str, str]:
+    """The environment of a child process; `redis` is `Backend.env()`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENFAN_", "OPENAI_"))}
     env.update(
-        REDIS_URL=redis_url,
+        **redis,
         TOKENFAN_LOG_LEVEL="warning",
         TOKENFAN_LOG_FORMAT="json",
         # Measure the data path: authentication happens once per connection (as in bench/harness.py).
@@ -151,18 +156,20 @@ class BenchServer:
 RELAY_CODE = ROOT
 
 
-def relay_server(redis_url: str, name: str = "relay", *, metrics: bool = False) -> BenchServer:
+def relay_server(redis: Backend, name: str = "relay", *, metrics: bool = False) -> BenchServer:
     child = ChildProcess("relay", ["--port", "0"])  # only for its command line: python -m tokenfan relay
     command = [sys.executable, "-m", "tokenfan", child.role, *child.args]
-    env = child_env(redis_url)
+    env = child_env(redis.env())
     if metrics:
         env["TOKENFAN_METRICS_PORT"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(RELAY_CODE), env["PYTHONPATH"]])
     return BenchServer(name, command, env, cwd=RELAY_CODE)
 
 
-def module_server(module: str, args: list[str], redis_url: str) -> BenchServer:
-    return BenchServer(module.rsplit(".", 1)[-1], [sys.executable, "-m", module, *args], child_env(redis_url))
+def module_server(module: str, args: list[str], redis: Backend) -> BenchServer:
+    return BenchServer(
+        module.rsplit(".", 1)[-1], [sys.executable, "-m", module, *args], child_env(redis.env())
+    )
 
 
 class LoadGenerator:
@@ -275,9 +282,9 @@ class Stream:
 class Producer:
     """Appends deltas through `Store.write` at a fixed token rate per session; records what it appended."""
 
-    def __init__(self, redis_url: str) -> None:
-        self.redis = Redis.from_url(redis_url, client_name="bench-producer")
-        self.store = Store(self.redis, session_ttl_seconds=3600, stream_max_length=100_000)
+    def __init__(self, redis: Backend) -> None:
+        self.store = redis.store(client_name="bench-producer")
+        self.cluster = redis.is_cluster
         self.write_calls = 0
 
     async def open(self, session_ids: list[str]) -> list[Stream]:
@@ -313,7 +320,8 @@ class Producer:
                 events.append(EventWrite(stream.seq, stream.body(stream.seq, content), content))
             items.append(WriteItem(stream.session_id, stream.generation_id, stream.attempt, events))
         await self.store.write(items)
-        self.write_calls += 1
+        # Script calls: one per write on one Redis, one per slot written on a cluster.
+        self.write_calls += len({slot_of(item.session_id) for item in items}) if self.cluster else 1
         return now
 
     async def run(self, streams: list[Stream], rate: float, start_ns: int, window: tuple[int, int]) -> int:
@@ -355,7 +363,7 @@ class Producer:
         return str(offset)
 
     async def close(self) -> None:
-        await self.redis.aclose()
+        await self.store.close()
 
 
 # --- measuring one run
@@ -388,44 +396,67 @@ class Target:
 
 @dataclass
 class Bench:
-    redis: EmbeddedRedis
-    control: Redis
+    redis: Backend
     producer: Producer
     load: LoadGenerator
-    raw: Target
-    naive: Target
     seconds: float
     warmup: float
     runs: int
+    raw_target: Target | None = None  # the references (`bench.raw_broadcast`, `bench.naive_relay`)
+    naive_target: Target | None = None
     tag: int = 0
+    controls: list[Redis] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.controls = [
+            Redis(host=node.host, port=node.port, client_name="bench-control") for node in self.redis.nodes
+        ]
+
+    async def close(self) -> None:
+        for control in self.controls:
+            await control.aclose()
+
+    @property
+    def raw(self) -> Target:
+        assert self.raw_target is not None, "started without the raw broadcast reference"
+        return self.raw_target
+
+    @property
+    def naive(self) -> Target:
+        assert self.naive_target is not None, "started without the naive relay reference"
+        return self.naive_target
 
     def session_ids(self, count: int) -> list[str]:
         self.tag += 1
         return [f"fan-{self.tag}-{n}" for n in range(count)]
 
     async def redis_counters(self) -> dict[str, Any]:
-        stats = await self.control.info("commandstats")
-        calls = {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+        """Commands called (every data node together, and by node) and, per connection of the server being
+        measured (not named ``bench-*``), its commands and bytes sent to it."""
+        by_node: dict[str, dict[str, int]] = {}
         clients: dict[str, tuple[int, int]] = {}
-        for client in await self.control.client_list():
-            if not client.get("name", "").startswith("bench-"):  # the relay's, or the naive relay's
-                clients[client["id"]] = (int(client.get("tot-cmds", 0)), int(client.get("tot-net-out", 0)))
-        return {"calls": calls, "clients": clients}
+        for node, control in zip(self.redis.node_names(), self.controls, strict=True):
+            by_node[node] = await command_calls(control)
+            for client in await control.client_list():
+                if not client.get("name", "").startswith("bench-"):  # the relay's, or the naive relay's
+                    cmds, out = int(client.get("tot-cmds", 0)), int(client.get("tot-net-out", 0))
+                    clients[f"{node}/{client['id']}"] = (cmds, out)
+        return {"calls": summed(by_node), "calls_by_node": by_node, "clients": clients}
 
     def cpu(self, target: Target) -> dict[str, tuple[float, float]]:
         usage = {
             target.kind: cpu_times(target.server.pid),
-            "redis": cpu_times(self.redis_pid),
+            "redis": self.redis_cpu_times(),
             "producer": cpu_times(os.getpid()),
         }
         for n, pid in enumerate(self.load.pids):
             usage[f"loadgen-{n}"] = cpu_times(pid)
         return usage
 
-    @property
-    def redis_pid(self) -> int:
-        assert self.redis.process is not None
-        return self.redis.process.pid
+    def redis_cpu_times(self) -> tuple[float, float]:
+        """User and system CPU seconds of every data node together."""
+        times = [cpu_times(pid) for pid in self.redis.node_pids().values()]
+        return sum(user for user, _ in times), sum(system for _, system in times)
 
     async def sample(self, target: Target) -> dict[str, Any]:
         sample: dict[str, Any] = {
@@ -599,6 +630,7 @@ def summarize(
         "server_rss_idle_mb": rss[0] / 2**20,
         "server_rss_per_connection_kb": (rss[1] - rss[0]) / max(connected, 1) / 1024,
         "redis_calls": calls,
+        "calls_by_node": calls_delta(before["redis"]["calls_by_node"], after["redis"]["calls_by_node"]),
     }
     if kind in ("relay", "naive"):
         expected = appended * per_session
@@ -635,7 +667,18 @@ def summarize(
 
 #: Commands the WRITE script runs (the producer's); everything else in the window is the relay's (its reads,
 #: pub/sub, presence) or the benchmark's own INFO / CLIENT LIST.
-_WRITE_SCRIPT_COMMANDS = ("xadd", "publish", "append", "hset", "hget", "hdel", "expire", "lindex", "lrem")
+_WRITE_SCRIPT_COMMANDS = (
+    "xadd",
+    "spublish",
+    "append",
+    "hset",
+    "hmget",
+    "hdel",
+    "expire",
+    "lindex",
+    "lrem",
+    "del",
+)
 _BENCH_COMMANDS = ("info", "client|list")
 
 
@@ -700,7 +743,7 @@ async def relay_vs_raw(bench: Bench, scenario: Scenario) -> dict[str, Any]:
         f"{scenario.name}: {scenario.sessions} session(s) x {scenario.per_session}, {scenario.rate:g} tok/s each"
     )
     for _ in range(bench.runs):
-        server = relay_server(bench.redis.url).start()
+        server = relay_server(bench.redis).start()
         try:
             target = Target("relay", server)
             run = await bench.run(
@@ -748,7 +791,7 @@ async def metrics_on_off(bench: Bench, scenario: Scenario) -> dict[str, Any]:
     )
     for n in range(bench.runs):
         for variant in ("off", "on") if n % 2 == 0 else ("on", "off"):
-            server = relay_server(bench.redis.url, metrics=variant == "on").start()
+            server = relay_server(bench.redis, metrics=variant == "on").start()
             scraping = (
                 asyncio.create_task(scrape_every_second(server.ready["metrics"])) if variant == "on" else None
             )
@@ -791,7 +834,7 @@ async def sustained_sweep(
     async def once(rate: float) -> dict[str, Any]:
         if target is not None:
             return await bench.run(target, 1, per_session, bench.produce(rate))
-        server = relay_server(bench.redis.url).start()
+        server = relay_server(bench.redis).start()
         try:
             relay = Target("relay", server)
             run = await bench.run(relay, 1, per_session, bench.produce(rate))
@@ -835,7 +878,7 @@ async def sustained_sweep(
 async def catch_up(bench: Bench, subscribers: int, behind: int) -> dict[str, Any]:
     """Subscribers resuming `behind` events back, all at once, on a quiet session: from the first connection
     attempt until the last of them has received all `behind` events."""
-    server = relay_server(bench.redis.url).start()
+    server = relay_server(bench.redis).start()
     runs: list[dict[str, Any]] = []
     try:
         for _ in range(bench.runs):
@@ -843,10 +886,10 @@ async def catch_up(bench: Bench, subscribers: int, behind: int) -> dict[str, Any
             offset = await bench.producer.backlog(stream, behind)
             path = f"/v1/sessions/{stream.session_id}/stream?after={offset}"
             await wait_until_quiet(10.0)
-            relay_cpu, redis_cpu = cpu_seconds(server.pid), cpu_seconds(bench.redis_pid)
+            relay_cpu, redis_cpu = cpu_seconds(server.pid), bench.redis.cpu_seconds()
             reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
             relay_cpu = cpu_seconds(server.pid) - relay_cpu
-            redis_cpu = cpu_seconds(bench.redis_pid) - redis_cpu
+            redis_cpu = bench.redis.cpu_seconds() - redis_cpu
             started = min(r["started_ns"] for r in reports)
             finished = [r["started_ns"] + ms * 1e6 for r in reports for ms in r["done_ms"]]
             each = [ms for r in reports for ms in r["done_ms"]]
@@ -934,22 +977,20 @@ async def bench_main(args: argparse.Namespace, result: dict[str, Any]) -> None:
         scenarios = [scenarios[0], scenarios[1], Scenario("sessions-200x3", 200, 3, args.session_rate)]
     relay_rates = [200.0, 1000.0, 3000.0, 10000.0] if not quick else [200.0, 2000.0]
     naive_rates = [6.25, 12.5, 25.0, 50.0, 100.0, 200.0, 400.0, 800.0, 1600.0]
-    redis = EmbeddedRedis().start()
-    control = Redis.from_url(redis.url, client_name="bench-control")
+    redis = Backend().start()
     load = LoadGenerator(args.clients, max_seconds=4 * 3600)
-    raw = module_server("bench.raw_broadcast", ["--port", "0"], redis.url).start()
-    naive = module_server("bench.naive_relay", ["--port", "0", "--redis-url", redis.url], redis.url).start()
-    producer = Producer(redis.url)
+    raw = module_server("bench.raw_broadcast", ["--port", "0"], redis).start()
+    naive = module_server("bench.naive_relay", ["--port", "0", "--redis-url", redis.url], redis).start()
+    producer = Producer(redis)
     bench = Bench(
         redis,
-        control,
         producer,
         load,
-        Target("raw", raw),
-        Target("naive", naive),
         args.seconds,
         args.warmup,
         args.runs,
+        raw_target=Target("raw", raw),
+        naive_target=Target("naive", naive),
     )
     result.update(scenarios=[], sustained={"relay": [], "naive": []})
     parts = set(args.parts.split(","))
@@ -982,7 +1023,7 @@ async def bench_main(args: argparse.Namespace, result: dict[str, Any]) -> None:
             result["catch_up"] = [await catch_up(bench, 1, 5000), await catch_up(bench, 100, 5000)]
     finally:
         await producer.close()
-        await control.aclose()
+        await bench.close()
         load.close()
         raw.stop()
         naive.stop()

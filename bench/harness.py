@@ -16,8 +16,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from tokenfan.cli.embedded_cluster import EmbeddedCluster
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.cli.processes import ChildProcess
+from tokenfan.store import Store
+from tokenfan.store.connection import Client, cluster_client, redis_client
 
 RESULTS = Path(__file__).parent / "results"
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -85,6 +88,119 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
+
+
+@dataclass
+class Backend:
+    """Where a benchmark's sessions live: one embedded Valkey (``single``), or an embedded cluster of
+    `primaries` primaries with `replicas` replicas each (``cluster``), whose job queue is a plain Valkey of its
+    own. With `separate_queue`, one Redis gets its queue on a plain Valkey of its own too, so that the data
+    nodes' counters hold the store's commands alone in both kinds."""
+
+    kind: str = "single"
+    primaries: int = 3
+    replicas: int = 0
+    separate_queue: bool = False
+    nodes: list[EmbeddedRedis] = field(default_factory=list)
+    queue: EmbeddedRedis | None = None
+    cluster: EmbeddedCluster | None = None
+
+    def start(self) -> Backend:
+        if self.kind == "cluster":
+            self.cluster = EmbeddedCluster(primaries=self.primaries, replicas=self.replicas).start()
+            self.nodes = list(self.cluster.primaries)
+        else:
+            self.nodes = [EmbeddedRedis().start()]
+        if self.kind == "cluster" or self.separate_queue:
+            self.queue = EmbeddedRedis().start()
+        return self
+
+    @property
+    def is_cluster(self) -> bool:
+        return self.kind == "cluster"
+
+    @property
+    def url(self) -> str:
+        """``REDIS_URL``: the one node, or every primary of the cluster (seeds)."""
+        return self.cluster.url if self.cluster is not None else self.nodes[0].url
+
+    @property
+    def queue_url(self) -> str:
+        return self.queue.url if self.queue is not None else self.url
+
+    def env(self) -> dict[str, str]:
+        """The settings every process of the system needs to use this backend."""
+        env = {"REDIS_URL": self.url}
+        if self.is_cluster:
+            env["TOKENFAN_REDIS_CLUSTER"] = "true"
+        if self.queue is not None:
+            env["TOKENFAN_QUEUE_REDIS_URL"] = self.queue.url
+        return env
+
+    def node_names(self) -> list[str]:
+        return [f"{node.host}:{node.port}" for node in self.nodes]
+
+    def node_pids(self) -> dict[str, int]:
+        """The data nodes (primaries; replicas and the queue excluded), by ``host:port``."""
+        return {
+            f"{node.host}:{node.port}": node.process.pid for node in self.nodes if node.process is not None
+        }
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the data nodes have used so far, all together."""
+        return sum(cpu_seconds(pid) for pid in self.node_pids().values())
+
+    def client(self, client_name: str | None = None) -> Client:
+        """A client of the store's kind for this backend (close it with ``aclose()``); `client_name` names
+        its connections on every node (``CLIENT LIST``)."""
+        if self.is_cluster:
+            return cluster_client(self.url, client_name=client_name)
+        return redis_client(self.url, client_name=client_name)
+
+    def store(self, client_name: str | None = None) -> Store:
+        """A store on a new client (close it with ``close()``)."""
+        return Store(self.client(client_name), session_ttl_seconds=3600, stream_max_length=100_000)
+
+    async def command_calls(self) -> dict[str, dict[str, int]]:
+        """``INFO commandstats`` calls of every data node, by node."""
+        calls: dict[str, dict[str, int]] = {}
+        for node in self.nodes:
+            redis = Redis(host=node.host, port=node.port)
+            try:
+                calls[f"{node.host}:{node.port}"] = await command_calls(redis)
+            finally:
+                await redis.aclose()
+        return calls
+
+    def close(self) -> None:
+        if self.cluster is not None:
+            self.cluster.close()
+        else:
+            for node in self.nodes:
+                node.close()
+        if self.queue is not None:
+            self.queue.close()
+
+
+def calls_delta(
+    before: dict[str, dict[str, int]], after: dict[str, dict[str, int]]
+) -> dict[str, dict[str, int]]:
+    """Per node, the commands called between two `Backend.command_calls` (the benchmark's INFO left out)."""
+    delta: dict[str, dict[str, int]] = {}
+    for node, calls in after.items():
+        was = before.get(node, {})
+        changed = {name: n - was.get(name, 0) for name, n in calls.items() if name != "info"}
+        delta[node] = {name: n for name, n in sorted(changed.items()) if n}
+    return delta
+
+
+def summed(per_node: dict[str, dict[str, int]]) -> dict[str, int]:
+    """Per-node command counts added up over the nodes."""
+    total: dict[str, int] = {}
+    for calls in per_node.values():
+        for name, n in calls.items():
+            total[name] = total.get(name, 0) + n
+    return dict(sorted(total.items()))
 
 
 @dataclass

@@ -8,14 +8,15 @@ added latency, with coalescing on and off in the same run.
 
 Per measured point, a fresh stack of real processes on loopback:
 
-* an embedded Valkey (`tokenfan.cli.embedded_redis.EmbeddedRedis`);
+* an embedded Valkey (`tokenfan.cli.embedded_redis.EmbeddedRedis`), or for `bench.cluster` an embedded
+  Redis Cluster with the job queue on a Valkey of its own (`bench.harness.Backend`);
 * a lean streaming upstream (`bench.fast_upstream`), one chunk per token at ``--rate`` tokens/s per stream,
   each token's content being its send time;
 * ONE ``tokenfan worker --concurrency 1000`` with the variant's coalescing settings (or several, each
   taking its share: ``--versions-workers``, ``--sweep-workers``);
-* the measuring reader (`bench.live_reader`), its own process: ``SSUBSCRIBE`` to every session's live channel
-  sees every appended entry the moment Redis publishes it, and records each token's latency from its send at
-  the upstream.
+* the measuring reader (`bench.live_reader`), its own process: ``SSUBSCRIBE`` to every session's live
+  channel (one connection per node) sees every appended entry the moment Redis publishes it, and records
+  each token's latency from its send at the upstream.
 
 This process creates N sessions with one generation each (`Store.accept` + `enqueue_generation`, as the API
 does), long enough to outlast the measurement, waits until the upstream has all N streams open, lets them run
@@ -24,8 +25,8 @@ does), long enough to outlast the measurement, waits until the upstream has all 
 * tokens appended per second: tokens the reader received during the window;
 * Redis commands per token: the ``INFO commandstats`` delta over the window, as script calls (``evalsha``)
   and as all commands including those run inside scripts. In that window only the worker talks to Redis,
-  besides the reader (its probe ``PUBLISH``es are subtracted) and this process's two ``INFO`` calls
-  (excluded);
+  besides the reader (its probe ``SPUBLISH``es are subtracted) and this process's ``INFO`` calls
+  (excluded); on a cluster, per node too;
 * added latency p50/p99: receive time at the reader minus send time at the upstream, over every token sent
   within the window; and the reader's own lag (its probes, published straight to Redis);
 * CPU seconds and share of one core of each process, the machine's idle share, and the worker's RSS;
@@ -65,11 +66,11 @@ from typing import Any
 
 import httpx
 import openai
-from redis.asyncio import Redis
 
 from bench.harness import (
     RESULTS,
-    command_calls,
+    Backend,
+    calls_delta,
     cpu_seconds,
     log,
     machine_jiffies,
@@ -77,13 +78,11 @@ from bench.harness import (
     percentile,
     rss_bytes,
     save,
+    summed,
     wait_until_quiet,
 )
-from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.cli.processes import ChildProcess
 from tokenfan.contract.ids import new_generation_id
-from tokenfan.runtime.settings import Settings
-from tokenfan.store import Store, redis_client
 from tokenfan.store.jobs import create_queue, enqueue_generation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,15 +124,17 @@ class Point:
     generations: int
     label: str = ""
     results: dict[str, Any] = field(default_factory=dict)
+    backend: Backend = field(default_factory=Backend)  # where the sessions live (started with the point)
 
 
 # --- processes
 
 
-def base_env(redis_url: str) -> dict[str, str]:
+def base_env(redis: dict[str, str]) -> dict[str, str]:
+    """The environment of the bench's child processes; `redis` is `Backend.env()`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOKENFAN_", "OPENAI_"))}
     env.update(
-        REDIS_URL=redis_url,
+        **redis,
         TOKENFAN_LOG_LEVEL="warning",
         TOKENFAN_LOG_FORMAT="json",
         PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
@@ -187,27 +188,29 @@ class BenchProcess:
 
 @dataclass
 class Stack:
-    redis: EmbeddedRedis
+    redis: Backend
     upstream: BenchProcess
     reader: BenchProcess
     workers: list[ChildProcess]
     out: Path
 
     def pids(self) -> dict[str, int]:
-        assert self.redis.process is not None
         return {
             **{f"worker-{n}": worker.pid for n, worker in enumerate(self.workers)},
-            "redis": self.redis.process.pid,
             "upstream": self.upstream.pid,
             "reader": self.reader.pid,
             "bench": os.getpid(),
         }
 
     def cpu(self) -> dict[str, float]:
-        """CPU seconds so far of each process, and ``worker``: all worker processes together."""
+        """CPU seconds so far of each process; ``worker``: every worker process together; ``redis``: every
+        data node together."""
         usage = {name: cpu_seconds(pid) for name, pid in self.pids().items()}
-        usage["worker"] = sum(v for k, v in usage.items() if k.startswith("worker-"))
-        return usage
+        workers = sum(v for k, v in usage.items() if k.startswith("worker-"))
+        return {**usage, "worker": workers, "redis": self.redis.cpu_seconds()}
+
+    def node_cpu(self) -> dict[str, float]:
+        return {name: cpu_seconds(pid) for name, pid in self.redis.node_pids().items()}
 
     def stop(self) -> None:
         for worker in self.workers:  # all at once: each takes up to a few seconds to drain
@@ -220,18 +223,25 @@ class Stack:
         self.redis.close()
 
 
-def start_stack(variant: Variant, rate: float, tokens: int, name: str, generations: int) -> Stack:
-    redis = EmbeddedRedis().start()
-    env = base_env(redis.url)
+def session_prefix(name: str) -> str:
+    """The sessions of the point `name` are this prefix followed by 0 .. N-1."""
+    return f"bench-{name}-"
+
+
+def start_stack(point: Point, rate: float, tokens: int, name: str) -> Stack:
+    variant = point.variant
+    redis = point.backend.start()
+    env = base_env(redis.env())
     out = LOGS / name
     upstream = BenchProcess(
         f"{name}-upstream", "bench.fast_upstream", ["--rate", f"{rate:g}", "--tokens", str(tokens)], env
     ).start()
-    sessions = f"{session_prefix(name)}:{generations}"
+    sessions = ["--sessions-prefix", session_prefix(name), "--sessions", str(point.generations)]
+    cluster = ["--cluster"] if redis.is_cluster else []
     reader = BenchProcess(
         f"{name}-reader",
         "bench.live_reader",
-        ["--redis-url", redis.url, "--out", str(out), "--sessions", sessions],
+        ["--redis-url", redis.url, *cluster, *sessions, "--out", str(out)],
         env,
     ).start()
     worker_env = {**env, "OPENAI_BASE_URL": upstream.url + "/v1", **variant.env()}
@@ -240,7 +250,7 @@ def start_stack(variant: Variant, rate: float, tokens: int, name: str, generatio
         worker_env["PYTHONSAFEPATH"] = "1"  # or `python -m` puts the working directory (this checkout) first
     # Each worker takes at most its share: arq hands a polling worker every job it has room for, so
     # without a cap the first to poll would run them all.
-    concurrency = str(1000 if variant.workers == 1 else -(-generations // variant.workers))
+    concurrency = str(1000 if variant.workers == 1 else -(-point.generations // variant.workers))
     workers = []
     for n in range(variant.workers):
         with (LOGS / f"{name}-worker-{n}.log").open("ab") as stderr:
@@ -253,10 +263,6 @@ def start_stack(variant: Variant, rate: float, tokens: int, name: str, generatio
     return Stack(redis, upstream, reader, workers, out)
 
 
-def session_prefix(name: str) -> str:
-    return f"bench-{name}-"
-
-
 async def upstream_stats(client: httpx.AsyncClient) -> dict[str, Any]:
     response = await client.get("/stats")
     response.raise_for_status()
@@ -264,16 +270,10 @@ async def upstream_stats(client: httpx.AsyncClient) -> dict[str, Any]:
     return result
 
 
-async def create_generations(redis_url: str, count: int, tokens: int, rate: float, tag: str) -> None:
+async def create_generations(redis: Backend, count: int, tokens: int, rate: float, tag: str) -> None:
     """What the API does for each POST: accept the generation, enqueue its job (one session each)."""
-    settings = Settings.from_env({"REDIS_URL": redis_url})
-    redis = redis_client(redis_url)
-    store = Store(
-        redis,
-        session_ttl_seconds=settings.session_ttl_seconds,
-        stream_max_length=settings.stream_max_length,
-    )
-    queue = await create_queue(redis_url)
+    store = redis.store()
+    queue = await create_queue(redis.queue_url)
     directive = json.dumps({"tokens": tokens, "rate": rate})
     try:
         for n in range(count):
@@ -286,7 +286,7 @@ async def create_generations(redis_url: str, count: int, tokens: int, rate: floa
             await enqueue_generation(queue, session_id, generation_id)
     finally:
         await queue.aclose()
-        await redis.aclose()
+        await store.close()
 
 
 def ms(value: float) -> float | None:
@@ -320,12 +320,11 @@ async def measure_point(
     n = point.generations
     tokens = int(rate * (START_ALLOWANCE + warmup + seconds + GRACE + 3))
     name = f"{tag}-{point.variant.name}-{n}"
-    stack = start_stack(point.variant, rate, tokens, name, n)
+    stack = start_stack(point, rate, tokens, name)
     try:
-        redis = Redis.from_url(stack.redis.url)
         async with httpx.AsyncClient(base_url=stack.upstream.url, timeout=10) as http:
             created = time.monotonic()
-            await create_generations(stack.redis.url, n, tokens, rate, name)
+            await create_generations(stack.redis, n, tokens, rate, name)
             while (await upstream_stats(http))["streams_open"] < n:
                 if time.monotonic() - created > START_ALLOWANCE:
                     log(f"{name}: not all {n} generations started within {START_ALLOWANCE:g}s; measuring")
@@ -335,8 +334,8 @@ async def measure_point(
             await asyncio.sleep(warmup)
             await http.post("/stats/reset")
             pids = stack.pids()
-            calls_before = await command_calls(redis)
-            cpu_before, busy_before = stack.cpu(), machine_jiffies()
+            calls_before = await stack.redis.command_calls()
+            cpu_before, busy_before, nodes_before = stack.cpu(), machine_jiffies(), stack.node_cpu()
             up_before = await upstream_stats(http)
             t0 = time.time_ns()
             w0 = time.monotonic()
@@ -349,12 +348,11 @@ async def measure_point(
                     for worker in stack.workers:
                         (await http.get(worker.metrics_url)).raise_for_status()
             t1 = time.time_ns()
-            cpu_after, busy_after = stack.cpu(), machine_jiffies()
-            calls_after = await command_calls(redis)
+            cpu_after, busy_after, nodes_after = stack.cpu(), machine_jiffies(), stack.node_cpu()
+            calls_after = await stack.redis.command_calls()
             up_after = await upstream_stats(http)
             window = (t1 - t0) / 1e9
             await asyncio.sleep(GRACE)
-        await redis.aclose()
         stack.reader.stop()
     finally:
         stack.stop()
@@ -367,10 +365,10 @@ async def measure_point(
     received_in_window = sum(1 for sent, lat in zip(sends, latencies, strict=True) if t0 <= sent + lat < t1)
     probes = [lat / 1e6 for sent, lat in zip(probe_sends, probe_latencies, strict=True) if t0 <= sent < t1]
     probe_publishes = sum(1 for sent in probe_sends if t0 <= sent < t1)
-    delta = {k: calls_after.get(k, 0) - calls_before.get(k, 0) for k in calls_after}
-    delta.pop("info", None)
-    delta["spublish"] = delta.get("spublish", 0) - probe_publishes
-    delta = {k: v for k, v in sorted(delta.items()) if v}
+    by_node = calls_delta(calls_before, calls_after)
+    for calls in by_node.values():  # the reader probes every node alike
+        calls["spublish"] = calls.get("spublish", 0) - round(probe_publishes / len(by_node))
+    delta = summed(by_node)
     script_calls = delta.get("evalsha", 0) + delta.get("eval", 0)
     all_commands = sum(delta.values())
     cpu = {k: round(cpu_after[k] - cpu_before[k], 3) for k in cpu_after}
@@ -410,6 +408,10 @@ async def measure_point(
             reader_summary["tokens"] / max(1, reader_summary["delta_messages"]), 2
         ),
         "redis_commands_in_window": delta,
+        "redis_commands_in_window_by_node": by_node,
+        "redis_cpu_share_by_node": {
+            node: round((nodes_after[node] - nodes_before[node]) / window, 3) for node in nodes_after
+        },
         "cpu_seconds": cpu,
         "cpu_share_of_one_core": {k: round(v / window, 3) for k, v in cpu.items()},
         "worker_cpu_us_per_token": round(cpu["worker"] / max(1, appended) * 1e6, 1),
@@ -459,7 +461,7 @@ def print_row(label: str, r: dict[str, Any]) -> None:
 async def validate_upstream() -> dict[str, Any]:
     """The lean upstream speaks the wire format: the official client's typed path parses one of its streams
     (content, finish reason, usage), as does its generic path, which the worker uses."""
-    env = base_env("redis://unused")
+    env = base_env({"REDIS_URL": "redis://unused"})
     upstream = BenchProcess("validate-upstream", "bench.fast_upstream", ["--rate", "1000"], env).start()
     client = openai.AsyncOpenAI(base_url=upstream.url + "/v1", api_key="unset", max_retries=0)
     try:
@@ -516,12 +518,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--versions-at", default="100,250")
     parser.add_argument(
-        "--sweep-workers", type=int, default=1, help="worker processes of the sweep's 'on' points"
-    )
-    parser.add_argument(
         "--versions-workers",
         default="1",
         help="worker processes of part 'versions' (each count, both versions)",
+    )
+    parser.add_argument(
+        "--sweep-workers", type=int, default=1, help="worker processes of the sweep's 'on' points"
     )
     parser.add_argument(
         "--metrics-at", default="100,250", help="generation counts of part 'metrics' (metrics port off vs on)"

@@ -16,6 +16,7 @@ from redis.asyncio import Redis
 
 from tests.support.requests import new_session_id
 from tests.support.stack import RunningStack
+from tests.support.waiting import Closer
 from tokenfan.cli.embedded_cluster import EmbeddedCluster
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.store.connection import cluster_client
@@ -102,3 +103,11 @@ async def api(stack: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
 @pytest.fixture
 def session_id() -> str:
     return new_session_id()
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[Closer]:
+    """Connections a test opens, closed at its end whatever the outcome."""
+    closer = Closer()
+    yield closer
+    await closer.close_all()

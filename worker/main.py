@@ -26,7 +26,6 @@ from tokenfan.runtime.tracing import tracer_from_env
 from tokenfan.store import LeaseReply, Store
 from tokenfan.store.boundary import expose_redis_errors
 from tokenfan.store.cancellations import listen_for_cancellations
-from tokenfan.store.connection import pack_with_hiredis
 from tokenfan.store.job_runner import expire_claims, generation_worker, supervise
 from tokenfan.store.jobs import JobQueue, create_queue, hand_over
 from worker.generate import GenerationJob, RetryPolicy
@@ -179,7 +178,7 @@ async def run_worker(
 ) -> None:
     """Run one worker process until SIGINT/SIGTERM; its metrics (``TOKENFAN_METRICS_PORT``) on `host`."""
     store = Store.from_settings(settings)
-    pack_with_hiredis(store.redis)
+    store.topology.pack_with_hiredis()
     metrics = Metrics("worker", enabled=settings.metrics_port is not None)
     writer = _stream_writer(settings, store, metrics, concurrency or settings.worker_concurrency)
     upstream = Upstream(settings)

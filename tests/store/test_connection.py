@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import Connection
 from redis.utils import HIREDIS_AVAILABLE
 
-from tests.store.helpers import resolved
+from tests.store.helpers import make_store, resolved
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.store.connection import pack_with_hiredis, redis_client
 
@@ -41,3 +42,18 @@ async def test_hiredis_packing_sends_the_same_bytes(redis_server: EmbeddedRedis)
         assert await resolved(client.get("tf:test:packed")) == "日本".encode()
     finally:
         await client.aclose()
+
+
+async def test_a_cluster_store_packs_with_hiredis_on_every_node_client(cluster_client: RedisCluster) -> None:
+    """The worker's flushes go out on per-node clients on a cluster: those pack with hiredis too, whether
+    they were made before or after the worker asked for it."""
+    early, late = make_store(cluster_client), make_store(cluster_client)
+    await early.topology.ready()
+    (node,) = early.topology.primaries()
+    made_before = early.topology.client(node)
+    early.topology.pack_with_hiredis()
+    late.topology.pack_with_hiredis()
+    for client in (made_before, late.topology.client(node)):
+        assert client.connection_pool.connection_class.__name__ == "HiredisPackingConnection"
+    await made_before.set("tf:{test}:packed", "日本")
+    assert await resolved(made_before.get("tf:{test}:packed")) == "日本".encode()

@@ -353,6 +353,63 @@ async def test_cluster_mode_groups_by_slot_and_keeps_the_order(
     assert await stream_texts(redis, other) == ["z"]
 
 
+async def command_calls(redis: Redis) -> dict[str, int]:
+    stats = await redis.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(value["calls"]) for name, value in stats.items()}
+
+
+async def test_a_cluster_flush_sends_its_script_calls_and_nothing_else(
+    cluster_redis: Redis, cluster_client: RedisCluster
+) -> None:
+    """One round trip per node and flush: the calls go out as EVALSHA, with no SCRIPT EXISTS before them
+    (redis-py's pipeline asks it on every execution)."""
+    store = make_store(cluster_client)
+    sessions = [new_session_id() for _ in range(4)]
+    started = [await running(store, session) for session in sessions]
+    for first_seq in (1, 3):  # the first flush of a process, then one like any other
+        items = [
+            WriteItem(session, generation_id, attempt, deltas(session, generation_id, "ab", first_seq))
+            for session, (generation_id, attempt) in zip(sessions, started, strict=True)
+        ]
+        before = await command_calls(cluster_redis)
+        await store.write(items)
+        after = await command_calls(cluster_redis)
+        sent = {name: n - before.get(name, 0) for name, n in after.items() if n != before.get(name, 0)}
+        assert sent.get("evalsha") == len({slot_of(session) for session in sessions})
+        assert "script|exists" not in sent
+    for session in sessions:
+        assert await stream_texts(cluster_redis, session) == ["a", "b", "a", "b"]
+
+
+async def test_calls_a_node_ran_without_its_script_go_again_once_it_is_loaded(
+    cluster_redis: Redis, cluster_client: RedisCluster
+) -> None:
+    store = make_store(cluster_client)
+    sessions = [new_session_id() for _ in range(3)]
+    started = [await running(store, session) for session in sessions]
+    await cluster_redis.script_flush()  # as a node that has just joined, or a replica just promoted
+    results = await store.write(
+        [
+            WriteItem(session, generation_id, attempt, deltas(session, generation_id, "xyz"))
+            for session, (generation_id, attempt) in zip(sessions, started, strict=True)
+        ]
+    )
+    assert [(result.outcome, result.last_seq) for result in results] == [(WriteOutcome.OK, 3)] * 3
+    for session in sessions:
+        assert await stream_texts(cluster_redis, session) == ["x", "y", "z"]  # each event once
+
+
+async def test_lease_renewals_on_one_redis_ask_no_script_exists(redis: Redis, session_id: str) -> None:
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    await redis.script_flush()
+    before = await command_calls(redis)
+    assert await store.renew_leases([(session_id, generation_id, attempt)] * 2) == ["", ""]
+    after = await command_calls(redis)
+    assert after.get("script|exists", 0) == before.get("script|exists", 0)
+    assert after["evalsha"] - before["evalsha"] == 4  # two refused for want of the script, then run
+
+
 async def test_each_append_is_published_with_its_predecessor(redis: Redis, session_id: str) -> None:
     store = make_store(redis)
     generation_id, attempt = await running(store, session_id)

@@ -61,6 +61,46 @@ def test_every_variable_the_deployment_files_set_is_one_tokenfan_reads() -> None
                 assert not {variable["name"] for variable in container.get("env", [])} - known
 
 
+#: Where every process of the deployment files serves its metrics (inside its container or pod).
+METRICS_PORT = "9090"
+ROLES = ("api", "relay", "worker")
+
+
+def listens_everywhere(args: list[str]) -> bool:
+    """Whether a process given these arguments listens on every interface (its metrics too)."""
+    return "--host" in args and args[args.index("--host") + 1] == "0.0.0.0"
+
+
+def test_every_compose_process_serves_metrics_to_the_network() -> None:
+    roles = set()
+    for name, service in compose()["services"].items():
+        role, *args = service.get("command", [""])
+        if str(service.get("image", "")).startswith("tokenfan") and role in ROLES:
+            roles.add(role)
+            assert service["environment"]["TOKENFAN_METRICS_PORT"] == METRICS_PORT, name
+            assert METRICS_PORT in service["expose"], name
+            assert listens_everywhere(args), name
+    assert roles == set(ROLES)
+
+
+def test_every_kubernetes_pod_serves_metrics_and_asks_to_be_scraped() -> None:
+    documents = list(yaml.safe_load_all((REPO / "deploy/kubernetes/tokenfan.yaml").read_text()))
+    (config,) = [document for document in documents if document["kind"] == "ConfigMap"]
+    assert config["data"]["TOKENFAN_METRICS_PORT"] == METRICS_PORT
+    deployments = [document for document in documents if document["kind"] == "Deployment"]
+    assert {deployment["metadata"]["labels"]["role"] for deployment in deployments} == set(ROLES)
+    for deployment in deployments:
+        pod = deployment["spec"]["template"]
+        assert pod["metadata"]["annotations"] == {
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": METRICS_PORT,
+            "prometheus.io/path": "/metrics",
+        }
+        (container,) = pod["spec"]["containers"]
+        assert {"containerPort": int(METRICS_PORT), "name": "metrics"} in container["ports"]
+        assert listens_everywhere(container["args"])
+
+
 class ComposeStack:
     """The single-Redis services of docker-compose.yml, run as the processes they are."""
 
@@ -82,7 +122,10 @@ class ComposeStack:
 
     def env(self, service: str) -> dict[str, str]:
         environment = self.services[service].get("environment", {})
-        return {**clean_environment(), **{k: self.translate(str(v)) for k, v in environment.items()}}
+        env = {**clean_environment(), **{k: self.translate(str(v)) for k, v in environment.items()}}
+        if "TOKENFAN_METRICS_PORT" in env:  # one port per container there; here, processes share a host
+            env["TOKENFAN_METRICS_PORT"] = "0"
+        return env
 
     def start(self, service: str) -> ChildProcess:
         role, *args = self.services[service]["command"]
@@ -132,8 +175,7 @@ async def test_the_compose_services_start_as_written_and_serve_a_generation(
     await asyncio.to_thread(subprocess.run, secrets, env=clean_environment(), capture_output=True, check=True)
     stack = ComposeStack(redis_server, tmp_path)
     try:
-        for service in ("simulator", "relay", "api", "worker"):
-            stack.start(service)
+        started = {service: stack.start(service) for service in ("simulator", "relay", "api", "worker")}
         key = (tmp_path / "secrets" / "api_keys").read_text().strip().partition(":")[2]
         session_id = new_session_id()
         body = user_message("as written", {"tokens": 20})
@@ -152,6 +194,11 @@ async def test_the_compose_services_start_as_written_and_serve_a_generation(
             await watcher.receive_until(finished(generation_id))
             await watcher.close()
         assert watcher.transcript().generations[generation_id].text == expected_text(body)
+        async with httpx.AsyncClient(timeout=10) as client:
+            for service in ROLES:
+                scraped = await client.get(started[service].metrics_url)
+                assert scraped.status_code == 200
+                assert f'tokenfan_info{{component="{service}"' in scraped.text
         alive = [stack.translate(part) for part in compose()["services"]["worker"]["healthcheck"]["test"][1:]]
         probe = await asyncio.to_thread(
             subprocess.run, [sys.executable, "-m", *alive], env=clean_environment()

@@ -22,7 +22,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlencode
 
@@ -97,13 +97,6 @@ def history(hostile: RunningStack) -> str:
             assert time.monotonic() < deadline, "the history generation did not complete"
             time.sleep(0.02)
     return session_id
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[Closer]:
-    closer = Closer()
-    yield closer
-    await closer.close_all()
 
 
 # ------------------------------------------------------------------------------------------------ schemathesis

@@ -55,13 +55,6 @@ async def mapi(metered: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest.fixture
-async def opened() -> AsyncIterator[Closer]:
-    closer = Closer()
-    yield closer
-    await closer.close_all()
-
-
 def process(stack: RunningStack, role: str) -> ChildProcess:
     (child,) = [child for child in stack.children if child.role == role and child.alive()]
     return child

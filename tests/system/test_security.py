@@ -189,13 +189,6 @@ async def anonymous(secure: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-@pytest.fixture
-async def opened() -> AsyncIterator[Closer]:
-    closer = Closer()
-    yield closer
-    await closer.close_all()
-
-
 async def finished_generation(
     secure: RunningStack, service: httpx.AsyncClient, session_id: str, text: str = "hello"
 ) -> tuple[str, str, dict[str, Any]]:

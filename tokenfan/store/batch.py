@@ -6,6 +6,11 @@ all nodes in parallel. A call a node refuses because its slot is elsewhere now (
 the cluster is settling (TRYAGAIN, CLUSTERDOWN, LOADING, READONLY after a failover), is sent again once the
 slot map is reloaded; a node that cannot be reached sends its calls there too. Sending again is safe: every
 script of the store is idempotent (by generation id, start token, attempt or seq).
+
+A pipeline is one round trip. Calls go out as EVALSHA; a node that does not hold a script (a new node, a
+failover, SCRIPT FLUSH) answers NOSCRIPT without running it, and those calls alone go again once the script
+is loaded there. (redis-py's own pipeline would ask SCRIPT EXISTS first, on every execution: a second round
+trip per node per flush.)
 """
 
 from __future__ import annotations
@@ -15,9 +20,10 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
+from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from tokenfan.store.slots import key_slot
@@ -30,22 +36,30 @@ ScriptCall = tuple[AsyncScript, Sequence[str], Sequence[Any]]
 
 #: Replies that mean "not here, or not now": the call goes again after the slot map is reloaded.
 _UNSETTLED = ("MOVED ", "ASK ", "TRYAGAIN", "CLUSTERDOWN", "LOADING", "READONLY", "MASTERDOWN")
-_ROUNDS = 6  # about 3 s with the backoff below: a failover with a one-second node timeout fits
+# About 3 s in all: a failover with a one-second node timeout fits. The pause doubles from 50 ms but stays
+# at 250 ms, so that the calls land within a quarter of a second of a replica's promotion, not up to 1.6 s
+# after it (measured by bench/failover.py).
+_ROUNDS = 15
 _BACKOFF = 0.05
+_MAX_PAUSE = 0.25
 
 
 async def run_calls(topology: Topology, calls: Sequence[ScriptCall]) -> list[Any]:
     """Each call's reply, in order. Raises the first reply that is an error of the call itself, and a
     `RedisError` when the cluster does not settle (the store's boundary makes it `StorageUnavailable`)."""
     if not topology.is_cluster:
-        return await _pipeline(topology, "single", calls, raise_on_error=True)
+        replies = await _pipeline(topology, "single", calls)
+        for reply in replies:
+            if isinstance(reply, RedisError):
+                raise reply
+        return replies
     results: list[Any] = [None] * len(calls)
     pending = list(range(len(calls)))
     for round_ in range(_ROUNDS):
         pending = await _round(topology, calls, pending, results)
         if not pending:
             return results
-        await asyncio.sleep(_BACKOFF * 2**round_)
+        await asyncio.sleep(min(_BACKOFF * 2**round_, _MAX_PAUSE))
         await topology.refresh()
     raise RedisConnectionError(f"{len(pending)} script calls found no node to run them")
 
@@ -59,10 +73,7 @@ async def _round(
         groups[topology.node_of(key_slot(calls[index][1][0]))].append(index)
     names = list(groups)
     outcomes = await asyncio.gather(
-        *(
-            _pipeline(topology, name, [calls[i] for i in groups[name]], raise_on_error=False)
-            for name in names
-        ),
+        *(_pipeline(topology, name, [calls[i] for i in groups[name]]) for name in names),
         return_exceptions=True,
     )
     again: list[int] = []
@@ -82,11 +93,23 @@ async def _round(
     return again
 
 
-async def _pipeline(
-    topology: Topology, name: str, calls: Sequence[ScriptCall], *, raise_on_error: bool
-) -> list[Any]:
-    async with topology.client(name).pipeline(transaction=False) as pipe:
+async def _pipeline(topology: Topology, name: str, calls: Sequence[ScriptCall]) -> list[Any]:
+    """Each call's reply (errors as exceptions among them), in one round trip to node `name`, and one more
+    for the calls whose script the node did not hold."""
+    client = topology.client(name)
+    replies = await _send(client, calls)
+    missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+    if missing:
+        for script in {id(calls[i][0]): calls[i][0] for i in missing}.values():
+            await client.script_load(script.script)
+        for index, reply in zip(missing, await _send(client, [calls[i] for i in missing]), strict=True):
+            replies[index] = reply
+    return replies
+
+
+async def _send(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
+    async with client.pipeline(transaction=False) as pipe:
         for script, keys, args in calls:
-            await script(keys=keys, args=args, client=pipe)
-        replies: list[Any] = await pipe.execute(raise_on_error=raise_on_error)
+            pipe.evalsha(script.sha, len(keys), *keys, *args)
+        replies: list[Any] = await pipe.execute(raise_on_error=False)
     return replies

@@ -43,19 +43,23 @@ def _options(url: str) -> dict[str, Any]:
 REDIS_VERSION_FLOOR = "7.0"
 
 
-def redis_client(url: str) -> Redis:
-    """A client that reconnects and retries commands after a dropped connection.
+def redis_client(url: str, *, client_name: str | None = None) -> Redis:
+    """A client that reconnects and retries commands after a dropped connection; `client_name` names its
+    connections (``CLIENT LIST``).
 
     Retrying is safe for every script of the store: each is idempotent (accept by generation id, start by
     token, write by seq, lease by attempt).
     """
-    return Redis.from_url(url, **_options(url), health_check_interval=15)  # type: ignore[no-any-return]
+    return Redis.from_url(  # type: ignore[no-any-return]
+        url, **_options(url), health_check_interval=15, client_name=client_name
+    )
 
 
-def cluster_client(urls: str) -> RedisCluster:
+def cluster_client(urls: str, *, client_name: str | None = None) -> RedisCluster:
     """A Redis Cluster client from one or more seed URLs (comma-separated), each ``redis://`` or
     ``rediss://`` with the same credentials. It follows MOVED and ASK, and reloads the slot map after a
-    failover; like `redis_client`, it retries what a dropped connection interrupted."""
+    failover; like `redis_client`, it retries what a dropped connection interrupted. `client_name` names
+    its connections on every node, those of `node_client` included."""
     seeds = [url.strip() for url in urls.split(",") if url.strip()]
     first = urlsplit(seeds[0])
     nodes = [ClusterNode(urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 6379) for url in seeds]
@@ -65,6 +69,7 @@ def cluster_client(urls: str) -> RedisCluster:
         username=unquote(first.username) if first.username else None,
         password=unquote(first.password) if first.password else None,
         ssl=first.scheme == "rediss",
+        client_name=client_name,
         **options,
     )
     return client
@@ -75,7 +80,7 @@ def node_client(cluster: RedisCluster, host: str, port: int) -> Redis:
     cluster client cannot do itself (pipelines of scripts, sharded pub/sub)."""
     kwargs = cluster.get_connection_kwargs()
     keep = ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
-            "ssl_check_hostname", "socket_keepalive", "retry", "retry_on_error")  # fmt: skip
+            "ssl_check_hostname", "socket_keepalive", "retry", "retry_on_error", "client_name")  # fmt: skip
     options: dict[str, Any] = {key: kwargs[key] for key in keep if key in kwargs}
     return Redis(host=host, port=port, **options)
 
@@ -97,7 +102,8 @@ class _HiredisPacking:
 
 def pack_with_hiredis(redis: Client) -> None:
     """Make every connection `redis` opens from now on pack commands with hiredis (when installed). A
-    cluster client opens its connections itself, per node: it is left as it is."""
+    cluster client opens its connections itself, per node, for single commands: it is left as it is; the
+    per-node clients that carry its pipelines are packed by `Topology.pack_with_hiredis`."""
     if isinstance(redis, RedisCluster):
         return
     pool = redis.connection_pool

@@ -17,7 +17,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException
 
-from tokenfan.store.connection import Client, node_client
+from tokenfan.store.connection import Client, node_client, pack_with_hiredis
 
 __all__ = ["Topology"]
 
@@ -32,6 +32,7 @@ class Topology:
         self.redis = redis
         self._clients: dict[str, Redis] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        self._hiredis_packing = False
 
     @property
     def is_cluster(self) -> bool:
@@ -63,7 +64,17 @@ class Topology:
         if client is None:
             host, _, port = name.rpartition(":")
             client = self._clients[name] = node_client(self.redis, host, int(port))
+            if self._hiredis_packing:
+                pack_with_hiredis(client)
         return client
+
+    def pack_with_hiredis(self) -> None:
+        """Pack commands with hiredis on every connection that carries pipelines of script calls: the
+        client's own on a single Redis, each node's on a cluster (see `pack_with_hiredis`). The worker's
+        flushes are those pipelines."""
+        self._hiredis_packing = True
+        for client in [self.redis, *self._clients.values()]:
+            pack_with_hiredis(client)
 
     async def refresh(self) -> None:
         """Reload the slot map from the cluster (a no-op on a single Redis)."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -20,14 +20,6 @@ from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.keys import SessionKeys
 
 pytestmark = pytest.mark.cluster_too
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[Closer]:
-    """Registers clients to close at the end of the test, passed or failed."""
-    closer = Closer()
-    yield closer
-    await closer.close_all()
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -31,14 +31,6 @@ def few_subscriptions(stack: RunningStack) -> Iterator[RunningStack]:
     front = start_frontends(stack, {"TOKENFAN_RELAY_MAX_SUBSCRIPTIONS": str(MAX_SUBSCRIPTIONS)}, api=False)
     yield front
     front.stop()
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[Closer]:
-    """Registers clients to close at the end of the test, passed or failed."""
-    closer = Closer()
-    yield closer
-    await closer.close_all()
 
 
 def session_ended(multi: MultiWatcher, session_id: str, since: int) -> Callable[[list[dict[str, Any]]], bool]:

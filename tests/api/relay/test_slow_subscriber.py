@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -34,14 +34,6 @@ pytestmark = pytest.mark.fault
 #: What the relay may hold for one connection that does not read: the limit plus one batch of live frames
 #: (beyond the limit it stops queueing frames for it); generously, four times the limit.
 BOUND = 4 * LIMIT
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[Closer]:
-    """Registers clients to close at the end of the test, passed or failed."""
-    closer = Closer()
-    yield closer
-    await closer.close_all()
 
 
 @pytest.fixture(scope="module")
