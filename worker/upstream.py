@@ -309,10 +309,11 @@ def _proxied(base_url: str) -> bool:
     return not urllib.request.proxy_bypass(url.netloc)
 
 
-def _http_client(base_url: str, timeout: openai.Timeout) -> httpx2.AsyncClient:
+def _http_client(settings: Settings, base_url: str, timeout: openai.Timeout) -> httpx2.AsyncClient:
     """The worker's own transport (`worker.transport`), which hands each stream's bytes to its reader as
-    they arrive; openai's aiohttp transport when a proxy is configured, which it does not speak."""
-    if _proxied(base_url):
+    they arrive; openai's aiohttp transport when the operator asks for it, or when a proxy is configured,
+    which the worker's transport does not speak."""
+    if settings.upstream_transport == "openai" or _proxied(base_url):
         return openai.DefaultAioHttpClient(timeout=timeout)
     return httpx2.AsyncClient(transport=StreamingTransport(), timeout=timeout, follow_redirects=True)
 
@@ -327,7 +328,7 @@ class Upstream:
         )
         base_url = settings.openai_base_url or "https://api.openai.com/v1"
         self.client = openai.AsyncOpenAI(
-            http_client=http_client or _http_client(base_url, timeout),
+            http_client=http_client or _http_client(settings, base_url, timeout),
             base_url=base_url,
             # Local OpenAI-compatible servers often need no key, but the client insists on one.
             api_key=settings.openai_api_key.reveal() if settings.openai_api_key else "unset",

@@ -516,6 +516,17 @@ def test_a_configured_proxy_keeps_openais_aiohttp_transport(monkeypatch: pytest.
     assert isinstance(Upstream(settings).client._client._transport, StreamingTransport)
 
 
+def test_the_operator_can_ask_for_openais_own_transport() -> None:
+    settings = Settings.from_env(
+        {
+            "OPENAI_BASE_URL": "https://api.example.com/v1",
+            "REDIS_URL": "redis://x",
+            "TOKENFAN_UPSTREAM_TRANSPORT": "openai",
+        }
+    )
+    assert not isinstance(Upstream(settings).client._client._transport, StreamingTransport)
+
+
 async def test_over_openais_aiohttp_transport_the_same_stream_reads_the_same(
     serve: Callable[..., Awaitable[Server]],
 ) -> None:
