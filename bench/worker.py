@@ -107,6 +107,8 @@ class Variant:
         env = {
             "TOKENFAN_COALESCE": "true" if self.coalesce else "false",
             "TOKENFAN_FLUSH_WINDOW_MS": f"{self.flush_window_ms:g}",
+            # The worker's own transport, as measured in docs/BENCHMARKS.md (an older worker ignores it).
+            "TOKENFAN_UPSTREAM_TRANSPORT": "tokenfan",
         }
         if self.metrics:
             env["TOKENFAN_METRICS_PORT"] = "0"
