@@ -315,6 +315,51 @@ async def test_a_kept_connection_the_server_closed_meanwhile_is_replaced_without
     await upstream.close()
 
 
+async def test_a_connection_whose_short_response_ended_serves_the_next_request_before_its_first_returns(
+    serve: Callable[..., Awaitable[Server]],
+) -> None:
+    """A short response (an error status, say) arrives whole, and its connection goes back to the pool in
+    the callback that read it, before the task that asked resumes: a request of another task that runs in
+    between takes it (as once happened under load: that request then waited out its read timeout).
+
+    The server schedules the second request's wake-up (`call_soon`) right after writing the first answer:
+    it runs before the client's next read, so the second task runs after the first response is read and
+    before the first task resumes, which the client reading that response wakes later."""
+    loop = asyncio.get_running_loop()
+    go: asyncio.Future[None] = loop.create_future()
+    body = json.dumps({"error": {"message": "busy"}}).encode()
+    short = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+
+    async def answer(request: Received, writer: asyncio.StreamWriter) -> bool:
+        writer.write(short if request.target.endswith("first") else SSE_HEAD + b"content-length: 2\r\n\r\nok")
+        if not go.done():
+            loop.call_soon(go.set_result, None)
+        return True
+
+    server = await serve(answer)
+    transport = StreamingTransport()
+    timeout = {"connect": 5.0, "read": 10.0}
+
+    async def second() -> bytes:
+        await go
+        response = await transport.handle_async_request(
+            httpx2.Request("GET", server.url + "/second", extensions={"timeout": timeout})
+        )
+        return b"".join([piece async for piece in response.stream])  # type: ignore[union-attr]
+
+    following = asyncio.create_task(second())
+    first = await transport.handle_async_request(
+        httpx2.Request("GET", server.url + "/first", extensions={"timeout": timeout})
+    )
+    assert first.status_code == 503
+    assert b"".join([piece async for piece in first.stream]) == body  # type: ignore[union-attr]
+    assert await following == b"ok"
+    assert (server.connections, len(server.requests)) == (1, 2), (
+        "the second request took the first's connection"
+    )
+    await transport.aclose()
+
+
 async def test_connection_close_is_honoured(serve: Callable[..., Awaitable[Server]]) -> None:
     head = SSE_HEAD + b"connection: close\r\ntransfer-encoding: chunked\r\n\r\n"
     server = await serve(answering([head, *chunked(STREAM)]))
