@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import httpx2
 import openai
 import pytest
 import trustme
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -315,49 +317,64 @@ async def test_a_kept_connection_the_server_closed_meanwhile_is_replaced_without
     await upstream.close()
 
 
-async def test_a_connection_whose_short_response_ended_serves_the_next_request_before_its_first_returns(
-    serve: Callable[..., Awaitable[Server]],
+@pytest.mark.parametrize(
+    "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_a_connection_whose_short_response_ended_serves_the_next_request_before_its_first_returns(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
 ) -> None:
     """A short response (an error status, say) arrives whole, and its connection goes back to the pool in
     the callback that read it, before the task that asked resumes: a request of another task that runs in
     between takes it (as once happened under load: that request then waited out its read timeout).
 
-    The server schedules the second request's wake-up (`call_soon`) right after writing the first answer:
-    it runs before the client's next read, so the second task runs after the first response is read and
-    before the first task resumes, which the client reading that response wakes later."""
-    loop = asyncio.get_running_loop()
-    go: asyncio.Future[None] = loop.create_future()
+    The other task is woken by a byte the server writes on a side socket just before the short response:
+    the loop reads both in one turn, in that order, so it runs after the response was read and before the
+    first task resumes. On both event loops the worker may run on (uvloop is what it runs)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(short_response_then_another_request()) == (b"ok", 1, 2)
+
+
+async def short_response_then_another_request() -> tuple[bytes, int, int]:
+    """What the second request read, and how many connections and requests the server saw."""
+    wake, woken = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=woken)
     body = json.dumps({"error": {"message": "busy"}}).encode()
     short = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
 
-    async def answer(request: Received, writer: asyncio.StreamWriter) -> bool:
-        writer.write(short if request.target.endswith("first") else SSE_HEAD + b"content-length: 2\r\n\r\nok")
-        if not go.done():
-            loop.call_soon(go.set_result, None)
+    async def answer(request: Received, response: asyncio.StreamWriter) -> bool:
+        if request.target.endswith("first"):
+            wake.send(b"!")
+            response.write(short)
+        else:
+            response.write(SSE_HEAD + b"content-length: 2\r\n\r\nok")
         return True
 
-    server = await serve(answer)
+    server = Server(answer)
+    listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    server.port = listening.sockets[0].getsockname()[1]
     transport = StreamingTransport()
     timeout = {"connect": 5.0, "read": 10.0}
 
     async def second() -> bytes:
-        await go
+        await reader.readexactly(1)
         response = await transport.handle_async_request(
             httpx2.Request("GET", server.url + "/second", extensions={"timeout": timeout})
         )
         return b"".join([piece async for piece in response.stream])  # type: ignore[union-attr]
 
-    following = asyncio.create_task(second())
-    first = await transport.handle_async_request(
-        httpx2.Request("GET", server.url + "/first", extensions={"timeout": timeout})
-    )
-    assert first.status_code == 503
-    assert b"".join([piece async for piece in first.stream]) == body  # type: ignore[union-attr]
-    assert await following == b"ok"
-    assert (server.connections, len(server.requests)) == (1, 2), (
-        "the second request took the first's connection"
-    )
-    await transport.aclose()
+    try:
+        following = asyncio.create_task(second())
+        first = await transport.handle_async_request(
+            httpx2.Request("GET", server.url + "/first", extensions={"timeout": timeout})
+        )
+        assert first.status_code == 503
+        assert b"".join([piece async for piece in first.stream]) == body  # type: ignore[union-attr]
+        return await following, server.connections, len(server.requests)
+    finally:
+        await transport.aclose()
+        listening.close()
+        writer.close()
+        wake.close()
 
 
 async def test_connection_close_is_honoured(serve: Callable[..., Awaitable[Server]]) -> None:
