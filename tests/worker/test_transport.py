@@ -205,14 +205,7 @@ class Collected:
 
 
 def upstream_for(server: Server, http_client: httpx2.AsyncClient | None = None, **env: str) -> Upstream:
-    settings = Settings.from_env(
-        {
-            "OPENAI_BASE_URL": server.url,
-            "REDIS_URL": "redis://unused",
-            "TOKENFAN_UPSTREAM_TRANSPORT": "tokenfan",
-            **env,
-        }
-    )
+    settings = Settings.from_env({"OPENAI_BASE_URL": server.url, "REDIS_URL": "redis://unused", **env})
     return Upstream(settings, http_client=http_client)
 
 
@@ -575,13 +568,7 @@ async def test_what_the_taker_raises_ends_the_stream_and_comes_out_as_it_is(
 
 
 def test_a_configured_proxy_keeps_openais_aiohttp_transport(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = Settings.from_env(
-        {
-            "OPENAI_BASE_URL": "https://api.example.com/v1",
-            "REDIS_URL": "redis://x",
-            "TOKENFAN_UPSTREAM_TRANSPORT": "tokenfan",
-        }
-    )
+    settings = Settings.from_env({"OPENAI_BASE_URL": "https://api.example.com/v1", "REDIS_URL": "redis://x"})
     direct = Upstream(settings)
     assert isinstance(direct.client._client._transport, StreamingTransport)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
@@ -591,9 +578,9 @@ def test_a_configured_proxy_keeps_openais_aiohttp_transport(monkeypatch: pytest.
     assert isinstance(Upstream(settings).client._client._transport, StreamingTransport)
 
 
-def test_openais_own_transport_is_the_default_and_can_be_asked_for() -> None:
+def test_the_workers_transport_is_the_default_and_openais_own_can_be_asked_for() -> None:
     default = Settings.from_env({"OPENAI_BASE_URL": "https://api.example.com/v1", "REDIS_URL": "redis://x"})
-    assert not isinstance(Upstream(default).client._client._transport, StreamingTransport)
+    assert isinstance(Upstream(default).client._client._transport, StreamingTransport)
     settings = Settings.from_env(
         {
             "OPENAI_BASE_URL": "https://api.example.com/v1",
