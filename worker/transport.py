@@ -323,7 +323,8 @@ class Body(httpx2.AsyncByteStream):
         buffered = list(self._chunks)
         self._chunks.clear()
         self._buffered = 0
-        self._connection.resume_reading()
+        if not self.ended:  # an ended body's connection may serve another request, paused or not
+            self._connection.resume_reading()
         if buffered:
             self._take(buffered)
         if self._error is not None and not self._delivered.done():
@@ -339,7 +340,7 @@ class Body(httpx2.AsyncByteStream):
             if self._chunks:
                 piece = self._chunks.popleft()
                 self._buffered -= len(piece)
-                if self._buffered < _HIGH_WATER // 2:
+                if self._buffered < _HIGH_WATER // 2 and not self.ended:
                     self._connection.resume_reading()
                 yield piece
                 continue
@@ -482,19 +483,30 @@ class _Connection(asyncio.Protocol):
         assert self.transport is not None
         self._method, self._read_timeout, self._keep_alive = method, read_timeout, keep_alive
         self.received, self.body = False, None
-        self._head = self.loop.create_future()
+        waiter: asyncio.Future[tuple[_Head, Body]] = self.loop.create_future()
+        self._head = waiter
         try:
             self.transport.write(message)
             async with asyncio.timeout(read_timeout):
-                return await self._head
+                return await waiter
         except TimeoutError:
-            self.abort()
+            self._abandon(waiter)
             raise httpx2.ReadTimeout("no response within the read timeout") from None
         except BaseException:
-            self.abort()
+            self._abandon(waiter)
             raise
         finally:
-            self._head = None
+            # A response that came whole (an error status, say) handed the connection back to the pool in
+            # the callback that read it, before this task resumed: another task's request may have taken
+            # it meanwhile, and its head is not ours to forget (its response would then be refused as
+            # bytes nobody asked for, and its reader wait out the read timeout).
+            if self._head is waiter:
+                self._head = None
+
+    def _abandon(self, waiter: asyncio.Future[tuple[_Head, Body]]) -> None:
+        """The request failed or was cancelled: its connection is closed, unless it serves another already."""
+        if self._head is waiter:
+            self.abort()
 
     def release(self, body: Body, reusable: bool) -> None:
         """`body` ended: the connection takes the next request, or closes."""

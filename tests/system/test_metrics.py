@@ -111,7 +111,10 @@ async def test_generations_move_the_worker_and_api_counters_by_exactly_their_num
     tokens = sum(len(list(reply_chunks(body, SIMULATOR))) for body in [*completing, retried])
     assert grew("tokenfan_worker_tokens_total") == tokens
     assert grew("tokenfan_worker_inter_token_gap_seconds_count") == tokens - 5
-    assert grew("tokenfan_worker_redis_write_seconds_count") >= 6
+    # One write carries the events of every generation that has some at that moment (concurrent generations
+    # share writes, however many): each of the six is in at least one, however few writes they took.
+    assert grew("tokenfan_worker_redis_write_seconds_count") >= 1
+    assert grew("tokenfan_worker_flush_generations_sum") >= 6
     assert after.value("tokenfan_worker_generations_running") == 0
 
     api_after = await scrape(api)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import httpx2
 import openai
 import pytest
 import trustme
+import uvloop
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -203,14 +205,7 @@ class Collected:
 
 
 def upstream_for(server: Server, http_client: httpx2.AsyncClient | None = None, **env: str) -> Upstream:
-    settings = Settings.from_env(
-        {
-            "OPENAI_BASE_URL": server.url,
-            "REDIS_URL": "redis://unused",
-            "TOKENFAN_UPSTREAM_TRANSPORT": "tokenfan",
-            **env,
-        }
-    )
+    settings = Settings.from_env({"OPENAI_BASE_URL": server.url, "REDIS_URL": "redis://unused", **env})
     return Upstream(settings, http_client=http_client)
 
 
@@ -313,6 +308,66 @@ async def test_a_kept_connection_the_server_closed_meanwhile_is_replaced_without
     assert await stream_from(upstream) == EXPECTED
     assert (served, server.connections) == (2, 2)
     await upstream.close()
+
+
+@pytest.mark.parametrize(
+    "loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"]
+)
+def test_a_connection_whose_short_response_ended_serves_the_next_request_before_its_first_returns(
+    loop_factory: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """A short response (an error status, say) arrives whole, and its connection goes back to the pool in
+    the callback that read it, before the task that asked resumes: a request of another task that runs in
+    between takes it (as once happened under load: that request then waited out its read timeout).
+
+    The other task is woken by a byte the server writes on a side socket just before the short response:
+    the loop reads both in one turn, in that order, so it runs after the response was read and before the
+    first task resumes. On both event loops the worker may run on (uvloop is what it runs)."""
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        assert runner.run(short_response_then_another_request()) == (b"ok", 1, 2)
+
+
+async def short_response_then_another_request() -> tuple[bytes, int, int]:
+    """What the second request read, and how many connections and requests the server saw."""
+    wake, woken = socket.socketpair()
+    reader, writer = await asyncio.open_connection(sock=woken)
+    body = json.dumps({"error": {"message": "busy"}}).encode()
+    short = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: %d\r\n\r\n%b" % (len(body), body)
+
+    async def answer(request: Received, response: asyncio.StreamWriter) -> bool:
+        if request.target.endswith("first"):
+            wake.send(b"!")
+            response.write(short)
+        else:
+            response.write(SSE_HEAD + b"content-length: 2\r\n\r\nok")
+        return True
+
+    server = Server(answer)
+    listening = await asyncio.start_server(server.serve, "127.0.0.1", 0)
+    server.port = listening.sockets[0].getsockname()[1]
+    transport = StreamingTransport()
+    timeout = {"connect": 5.0, "read": 10.0}
+
+    async def second() -> bytes:
+        await reader.readexactly(1)
+        response = await transport.handle_async_request(
+            httpx2.Request("GET", server.url + "/second", extensions={"timeout": timeout})
+        )
+        return b"".join([piece async for piece in response.stream])  # type: ignore[union-attr]
+
+    try:
+        following = asyncio.create_task(second())
+        first = await transport.handle_async_request(
+            httpx2.Request("GET", server.url + "/first", extensions={"timeout": timeout})
+        )
+        assert first.status_code == 503
+        assert b"".join([piece async for piece in first.stream]) == body  # type: ignore[union-attr]
+        return await following, server.connections, len(server.requests)
+    finally:
+        await transport.aclose()
+        listening.close()
+        writer.close()
+        wake.close()
 
 
 async def test_connection_close_is_honoured(serve: Callable[..., Awaitable[Server]]) -> None:
@@ -513,13 +568,7 @@ async def test_what_the_taker_raises_ends_the_stream_and_comes_out_as_it_is(
 
 
 def test_a_configured_proxy_keeps_openais_aiohttp_transport(monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = Settings.from_env(
-        {
-            "OPENAI_BASE_URL": "https://api.example.com/v1",
-            "REDIS_URL": "redis://x",
-            "TOKENFAN_UPSTREAM_TRANSPORT": "tokenfan",
-        }
-    )
+    settings = Settings.from_env({"OPENAI_BASE_URL": "https://api.example.com/v1", "REDIS_URL": "redis://x"})
     direct = Upstream(settings)
     assert isinstance(direct.client._client._transport, StreamingTransport)
     monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example.com:3128")
@@ -529,9 +578,9 @@ def test_a_configured_proxy_keeps_openais_aiohttp_transport(monkeypatch: pytest.
     assert isinstance(Upstream(settings).client._client._transport, StreamingTransport)
 
 
-def test_openais_own_transport_is_the_default_and_can_be_asked_for() -> None:
+def test_the_workers_transport_is_the_default_and_openais_own_can_be_asked_for() -> None:
     default = Settings.from_env({"OPENAI_BASE_URL": "https://api.example.com/v1", "REDIS_URL": "redis://x"})
-    assert not isinstance(Upstream(default).client._client._transport, StreamingTransport)
+    assert isinstance(Upstream(default).client._client._transport, StreamingTransport)
     settings = Settings.from_env(
         {
             "OPENAI_BASE_URL": "https://api.example.com/v1",
