@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import structlog
 
 from api.live.cursor import FeedCursor, Verdict
-from api.live.frames import FrameBatch, frames_for, snapshot_frame
+from api.live.frames import FrameBatch, snapshot_frame
 from api.live.history import CHUNK, History
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
@@ -76,9 +76,9 @@ class SessionFeed:
         self._repairing = False
         self._delivered: StreamId | None = None  # the last entry of the previous batch fanned out
         self._catching_up = 0  # subscribers reading pages now
-        self._pages: dict[tuple[bytes, StreamId, StreamId, int], list[bytes]] = {}  # while any is
+        self._pages: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # while any is
         self._reads: dict[tuple[StreamId, int], asyncio.Future[list[StreamEntry]]] = {}  # in flight
-        self._chunks: dict[tuple[bytes, StreamId, StreamId, int], list[bytes]] = {}  # the history's
+        self._chunks: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # the history's
         self._history: History | None = None  # while any subscriber catches up
         self._backfill: asyncio.Future[None] | None = None  # the history's read backwards in flight
 
@@ -163,23 +163,24 @@ class SessionFeed:
         if not read.cancelled():
             read.exception()  # retrieved: every waiter may have been cancelled
 
-    def page_frames(self, entries: list[StreamEntry]) -> list[bytes]:
-        """`frames_for` a catch-up page, shared by subscribers catching up over the same range. A page is a
-        contiguous run of one stream incarnation, so its epoch, first and last id and length identify its
-        entries exactly. A whole chunk of the history is kept apart from other pages (a resumer's first,
-        partial one is its own, and a storm of them would push the shared ones out)."""
+    def page_batch(self, entries: list[StreamEntry]) -> FrameBatch:
+        """A catch-up page as a `FrameBatch`: its frames merged, and each transport's encoding of them made,
+        once for every subscriber catching up over the same range. A page is a contiguous run of one stream
+        incarnation, so its epoch, first and last id and length identify its entries exactly. A whole chunk
+        of the history is kept apart from other pages (a resumer's first, partial one is its own, and a
+        storm of them would push the shared ones out)."""
         if len(entries) < 2:
-            return frames_for(entries)
+            return FrameBatch(entries)
         key = (entries[0].epoch, entries[0].stream_id, entries[-1].stream_id, len(entries))
-        frames = self._chunks.get(key) or self._pages.get(key)
-        if frames is None:
-            frames = frames_for(entries)
+        batch = self._chunks.get(key) or self._pages.get(key)
+        if batch is None:
+            batch = FrameBatch(entries)
             whole = self._history is not None and self._history.starts_chunk(entries[0].stream_id)
             kept, limit = (self._chunks, _CHUNKS_KEPT) if whole else (self._pages, _PAGES_KEPT)
-            kept[key] = frames
+            kept[key] = batch
             if len(kept) > limit:
                 del kept[next(iter(kept))]
-        return frames
+        return batch
 
     async def snapshot_after(self, position: StreamId, reason: str) -> tuple[bytes, StreamId] | None:
         """A ``snapshot`` frame of every generation that changed after `position`, and the position it is

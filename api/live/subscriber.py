@@ -28,6 +28,7 @@ from tokenfan.contract.offsets import StreamId
 __all__ = [
     "SLOW_CONSUMER_CLOSE_CODE",
     "TOKEN_EXPIRED_REASON",
+    "BatchSink",
     "EntrySink",
     "Sink",
     "SinkClosed",
@@ -76,6 +77,15 @@ class EntrySink(Sink, Protocol):
 
     async def send_entries(self, entries: list[StreamEntry]) -> None:
         """Send a catch-up page, waiting while the client is behind; raises `SinkClosed` once gone."""
+
+
+@runtime_checkable
+class BatchSink(Sink, Protocol):
+    """A sink that sends a catch-up page's frames at once: one write of the batch's encoding, made once for
+    every subscriber reading that page (`FrameBatch.encoded`), instead of one send per frame."""
+
+    async def send_batch(self, batch: FrameBatch) -> None:
+        """Send a catch-up page's frames, waiting while the client is behind; raises `SinkClosed` once gone."""
 
 
 def close_for(error: BaseException) -> tuple[int, str]:
@@ -256,10 +266,23 @@ class Subscriber:
                     if fresh:
                         await self.sink.send_entries(fresh)
                     continue
-                for frame in feed.page_frames(fresh) if self.merge else [entry.frame() for entry in fresh]:
-                    await self.sink.send(frame)
-                    self.bus.metrics.sent(Phase.CATCHUP, frame)
+                await self._send_page(feed, fresh)
         self._execute(core.go_live(feed.position))
+
+    async def _send_page(self, feed: SessionFeed, fresh: list[StreamEntry]) -> None:
+        if not self.merge:
+            frames = [entry.frame() for entry in fresh]
+        else:
+            batch = feed.page_batch(fresh)
+            frames = batch.frames
+            if isinstance(self.sink, BatchSink) and frames:
+                await self.sink.send_batch(batch)
+                for frame in frames:
+                    self.bus.metrics.sent(Phase.CATCHUP, frame)
+                return
+        for frame in frames:
+            await self.sink.send(frame)
+            self.bus.metrics.sent(Phase.CATCHUP, frame)
 
     async def _recover(self) -> None:
         """Action.SEND_SNAPSHOT: let the client take what is already queued for it, then replace the rest of

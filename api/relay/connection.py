@@ -24,7 +24,7 @@ from websockets.protocol import State
 from api.live.frames import FrameBatch, close_reason, control_frame
 from api.live.subscriber import SLOW_CONSUMER_CLOSE_CODE, SinkClosed, Subscriber
 from api.relay.messages import ClientMessage, Invalid, Refresh, Subscribe, Unsubscribe, parse_message
-from api.relay.wire import FRAGMENT_BYTES, fragments, write_batch
+from api.relay.wire import FRAGMENT_BYTES, fragments, send_batch, write_batch
 from tokenfan.contract.errors import InvalidRequest, InvalidSessionId, TokenfanError, Unauthorized
 from tokenfan.contract.ids import is_session_id
 from tokenfan.contract.offsets import parse_offset
@@ -55,6 +55,21 @@ class WebSocketSink:
             await self.connection.send(frame)
         except ConnectionClosed:
             raise SinkClosed from None
+
+    async def send_batch(self, batch: FrameBatch) -> None:
+        """A catch-up page in one write when it fits under a quarter of the connection's buffer limit (a
+        page of merged deltas, tens of KB); frame by frame otherwise (a page of large events)."""
+        websocket = self.connection.websocket
+        try:
+            sent = await send_batch(websocket, batch, self.connection.max_buffer_bytes // 4)
+        except OSError:  # the connection was lost while we waited for it to drain
+            raise SinkClosed from None
+        if sent:
+            if websocket.state is not State.OPEN:
+                raise SinkClosed
+            return
+        for frame in batch.frames:
+            await self.send(frame)
 
     def buffered(self) -> int:
         return self.connection.buffered()
