@@ -253,7 +253,7 @@ class LoadGenerator:
             config.connect_concurrency = len(config.paths)
         replies = await asyncio.gather(
             *(
-                self._ask(pipe, ("catchup", config, tokens, seconds, hold), seconds + hold + 30)
+                self._ask(pipe, ("catchup", config, tokens, seconds, hold), seconds + hold + 100)
                 for pipe, config in zip(self.pipes, configs, strict=False)
             )
         )

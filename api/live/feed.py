@@ -127,25 +127,27 @@ class SessionFeed:
         return await self._read_forwards(after)
 
     async def _grow_history(self) -> None:
-        """Read the page before the history into it; one read at a time, shared by every waiting resumer."""
-        if self._backfill is None:
+        """Read the page before the history into it; one read at a time, shared by every waiting resumer.
+        A read that has finished is never waited for again (its done callbacks may not have run yet), so
+        every wait is for a read that moves the history back or marks it stuck."""
+        backfill = self._backfill
+        if backfill is None or backfill.done():
             history = self._history
             assert history is not None
-            self._backfill = asyncio.ensure_future(self._read_backwards(history))
-            self._backfill.add_done_callback(self._backfill_done)
-        await asyncio.shield(self._backfill)  # one reader's cancellation leaves the others' read alone
+            backfill = self._backfill = asyncio.ensure_future(self._read_backwards(history))
+            backfill.add_done_callback(_retrieved)
+        await asyncio.shield(backfill)  # one reader's cancellation leaves the others' read alone
 
     async def _read_backwards(self, history: History) -> None:
         self.bus.metrics.pages.inc()
-        run, predecessor = await self.bus.store.read_before(
-            self.session_id, history.after, self.bus.page_size
-        )
+        try:
+            run, predecessor = await self.bus.store.read_before(
+                self.session_id, history.after, self.bus.page_size
+            )
+        except BaseException:
+            history.stuck = True  # the next reader goes forwards, and meets the error itself
+            raise
         history.prepend(run, predecessor)
-
-    def _backfill_done(self, read: asyncio.Future[None]) -> None:
-        self._backfill = None
-        if not read.cancelled() and read.exception() is not None and self._history is not None:
-            self._history.stuck = True  # the next reader goes forwards, and meets the error itself
 
     async def _read_forwards(self, after: StreamId) -> list[StreamEntry]:
         key = (after, self.bus.page_size)
@@ -304,6 +306,12 @@ class SessionFeed:
             sent += subscriber.on_live_batch(batch, before)
         self.frames_sent += sent
         self.bus.metrics.fanned_out(batch, sent)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Mark a shared read's error as retrieved: every waiter may have been cancelled."""
+    if not future.cancelled():
+        future.exception()
 
 
 class LiveBus:
