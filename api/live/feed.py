@@ -126,6 +126,13 @@ class SessionFeed:
             return history.chunk(after)
         return await self._read_forwards(after)
 
+    def held_page(self, after: StreamId) -> list[StreamEntry]:
+        """The next page after `after` when the history holds it (nothing to wait for), else nothing."""
+        history = self._history
+        if history is not None and history.covers(after):
+            return history.chunk(after)
+        return []
+
     async def _grow_history(self) -> None:
         """Read the page before the history into it; one read at a time, shared by every waiting resumer.
         A read that has finished is never waited for again (its done callbacks may not have run yet), so

@@ -10,7 +10,7 @@ from websockets.protocol import State
 
 from api.live.frames import FrameBatch
 
-__all__ = ["FRAGMENT_BYTES", "fragments", "send_batch", "websocket_wire", "write_batch"]
+__all__ = ["FRAGMENT_BYTES", "fragments", "send_wire", "websocket_wire", "write_batch"]
 
 #: Frames larger than this are sent as fragments of this size.
 FRAGMENT_BYTES = 16_384
@@ -52,19 +52,14 @@ def _writable(websocket: ServerConnection) -> bool:
     )
 
 
-async def send_batch(websocket: ServerConnection, batch: FrameBatch, max_bytes: int) -> bool:
-    """Send a catch-up batch in one transport write, then wait while the socket is above its high-water mark,
-    as `websocket.send` does after each frame; returns False, having sent nothing, when it cannot (the
-    connection is not simply open, or the batch's encoding is over `max_bytes`): send frame by frame then.
-
-    The encoding is the batch's own (`FrameBatch.encoded`), made once for every connection catching up over
-    the same page."""
+async def send_wire(websocket: ServerConnection, wires: list[bytes]) -> bool:
+    """Write encoded frames (`FrameBatch.encoded`, made once for every connection catching up over the same
+    pages) in one transport write, then wait while the socket is above its high-water mark, as
+    `websocket.send` does after each frame. Returns False, having sent nothing, when the connection is not
+    simply open: send frame by frame then."""
     if not _writable(websocket):
         return False
-    wire = batch.encoded(websocket_wire)
-    if len(wire) > max_bytes:
-        return False
-    websocket.transport.write(wire)
+    websocket.transport.writelines(wires)
     await websocket.drain()
     return True
 
