@@ -897,27 +897,38 @@ async def sustained_sweep(
     }
 
 
-def storm_times(reports: list[dict[str, Any]]) -> dict[str, Any]:
+def storm_times(reports: list[dict[str, Any]], expected: int) -> dict[str, Any]:
     """Each subscriber's time from its own first connection attempt until it was done (caught up, or live),
-    as p50/p99/max; the storm's, from the first attempt until the last subscriber was done; and the parts
-    of the median subscriber's time (to TCP connected, to upgraded, to its first frame)."""
+    as p50/p99/max over all `expected` subscribers (None where that share was not done in the time given);
+    the storm's, from the first attempt until the last was done; and the parts of the median subscriber's
+    time (to TCP connected, to upgraded, to its first frame)."""
     rows = [
         [r["started_ns"] / 1e6 + ms for ms in phase] for r in reports for phase in r["phases_ms"]
     ]  # absolute ms: attempted, connected, upgraded, first frame, done
-    each = sorted(row[4] - row[0] for row in rows)
+    each = sorted(row[4] - row[0] for row in rows) + [float("inf")] * (expected - len(rows))
     if not rows:
-        return {"done": 0, "each_ms_p50": float("nan"), "each_ms_p99": float("nan")}
+        return {"done": 0, "each_ms_p50": None, "each_ms_p99": None, "each_ms_max": None}
+
+    def finite(value: float) -> float | None:
+        return round(value, 1) if value != float("inf") else None
+
     return {
         "done": len(rows),
-        "all_done_ms": max(row[4] for row in rows) - min(row[0] for row in rows),
-        "each_ms_p50": percentile(each, 50),
-        "each_ms_p99": percentile(each, 99),
-        "each_ms_max": each[-1],
+        "all_done_ms": finite(max(row[4] for row in rows) - min(row[0] for row in rows)),
+        "each_ms_p50": finite(percentile(each, 50)),
+        "each_ms_p99": finite(percentile(each, 99)),
+        "each_ms_max": finite(each[-1]),
         "to_connected_ms_p50": percentile(sorted(row[1] - row[0] for row in rows), 50),
         "to_upgraded_ms_p50": percentile(sorted(row[2] - row[0] for row in rows), 50),
         "to_first_frame_ms_p50": percentile(sorted(row[3] - row[0] for row in rows), 50),
         "to_upgraded_ms_max": max(row[2] - row[0] for row in rows),
     }
+
+
+def median_or_none(values: list[Any]) -> Any:
+    """The median, where a None (not reached in the time given) ranks above every number."""
+    ranked = sorted(values, key=lambda v: (v is None, v if v is not None else 0))
+    return ranked[len(ranked) // 2]
 
 
 def percentile(ordered: list[float], q: float) -> float:
@@ -952,7 +963,7 @@ async def catch_up(bench: Bench, subscribers: int, behind: int, code: Path | Non
             reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
             used = cpu_used(before, bench.cpu(Target("relay", server)))
             run = {
-                **storm_times(reports),
+                **storm_times(reports, subscribers),
                 "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
                 "relay_cpu_seconds": used["relay"],
                 "redis_cpu_seconds": used["redis"],
@@ -961,14 +972,14 @@ async def catch_up(bench: Bench, subscribers: int, behind: int, code: Path | Non
             }
             runs.append(run)
             log(
-                f"  catch-up {subscribers} x {behind} behind: each p50 {run['each_ms_p50']:.0f} ms, "
-                f"p99 {run['each_ms_p99']:.0f} ms, all done {run['all_done_ms']:.0f} ms; relay CPU "
+                f"  catch-up {subscribers} x {behind} behind: each p50 {run['each_ms_p50']} ms, "
+                f"p99 {run['each_ms_p99']} ms, all done {run['all_done_ms']} ms; relay CPU "
                 f"{run['relay_cpu_seconds']:.2f} s, Redis {run['redis_cpu_seconds']:.2f} s, load "
                 f"{run['loadgen_cpu_seconds']:.2f} s"
             )
     finally:
         server.stop()
-    summary = {key: median([run[key] for run in runs]) for key in runs[0]}
+    summary = {key: median_or_none([run[key] for run in runs]) for key in runs[0]}
     return {"subscribers": subscribers, "events_behind": behind, **summary, "runs": runs}
 
 
@@ -999,6 +1010,7 @@ class Storm:
     rate: float = 200.0
     spread: float = 10.0
     hold: float = 2.0
+    give_up: float = 20.0  # a subscriber not live this long after the storm began counts as never
 
 
 async def reconnect_once(bench: Bench, storm: Storm, code: Path) -> dict[str, Any]:
@@ -1016,7 +1028,7 @@ async def reconnect_once(bench: Bench, storm: Storm, code: Path) -> dict[str, An
                  for k in range(storm.subscribers)]  # fmt: skip
         paths = [f"/v1/sessions/{stream.session_id}/stream?after={offset}" for offset in picks]
         before = bench.cpu(Target("relay", server))
-        reports = await bench.load.catch_up(server.url, paths, 0, 60, hold=storm.hold)
+        reports = await bench.load.catch_up(server.url, paths, 0, storm.give_up, hold=storm.hold)
         used = cpu_used(before, bench.cpu(Target("relay", server)))
         peak_rss = peak_rss_bytes(server.pid)
     finally:
@@ -1027,7 +1039,7 @@ async def reconnect_once(bench: Bench, storm: Storm, code: Path) -> dict[str, An
     for report in reports:
         tail.merge(report["window"]["hist"])
     return {
-        **storm_times(reports),
+        **storm_times(reports, storm.subscribers),
         "events_behind_max": newest - oldest,
         "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
         "connect_errors": [r["window"]["errors"] for r in reports],
@@ -1055,13 +1067,13 @@ async def reconnect(bench: Bench, storm: Storm, baseline: Path | None) -> dict[s
             run = await reconnect_once(bench, storm, code)
             runs[label].append(run)
             log(
-                f"  {label}: all live {run['all_done_ms']:.0f} ms (each p50 {run['each_ms_p50']:.0f}, "
-                f"p99 {run['each_ms_p99']:.0f}, max {run['each_ms_max']:.0f}); {run['done']} live, "
+                f"  {label}: {run['done']} of {storm.subscribers} live within {storm.give_up:g} s; each "
+                f"p50/p99/max {run['each_ms_p50']}/{run['each_ms_p99']}/{run['each_ms_max']} ms; "
                 f"upgraded p50 {run['to_upgraded_ms_p50']:.0f} max {run['to_upgraded_ms_max']:.0f} ms; "
                 f"RSS peak {run['relay_rss_peak_mb']:.0f} MB; relay CPU {run['relay_cpu_seconds']:.2f} s; "
                 f"tail after: p99 {run['tail_after_ms_p99']:.1f} ms"
             )
-    summary = {label: {k: median([r[k] for r in rs]) for k in rs[0] if k != "connect_errors"}
+    summary = {label: {k: median_or_none([r[k] for r in rs]) for k in rs[0] if k != "connect_errors"}
                for label, rs in runs.items()}  # fmt: skip
     return {"storm": storm.__dict__, **summary, "runs": runs}
 
