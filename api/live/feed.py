@@ -24,7 +24,7 @@ import structlog
 
 from api.live.cursor import FeedCursor, Verdict
 from api.live.frames import FrameBatch, snapshot_frame
-from api.live.history import CHUNK, History
+from api.live.history import STEP, History
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
@@ -46,8 +46,8 @@ _PAGES_KEPT = 16
 #: At most this many entries in a feed's catch-up history (`api.live.history`), about 4 MB of deltas; a
 #: resumer further behind reads its own pages until it reaches the history.
 HISTORY_ENTRIES = 16_384
-#: Frames of whole chunks of the history kept (every chunk of a full history, and a few more).
-_CHUNKS_KEPT = HISTORY_ENTRIES // CHUNK + 8
+#: Frames of the history's shared answers kept (every step of a full history, and a few more).
+_CHUNKS_KEPT = HISTORY_ENTRIES // STEP + 8
 
 
 class LiveSubscriber(Protocol):
@@ -176,16 +176,16 @@ class SessionFeed:
     def page_batch(self, entries: list[StreamEntry]) -> FrameBatch:
         """A catch-up page as a `FrameBatch`: its frames merged, and each transport's encoding of them made,
         once for every subscriber catching up over the same range. A page is a contiguous run of one stream
-        incarnation, so its epoch, first and last id and length identify its entries exactly. A whole chunk
-        of the history is kept apart from other pages (a resumer's first, partial one is its own, and a
-        storm of them would push the shared ones out)."""
+        incarnation, so its epoch, first and last id and length identify its entries exactly. The history's
+        shared answers (chunks and steps) are kept apart from other pages (a resumer's first, partial one is
+        its own, and a storm of them would push the shared ones out)."""
         if len(entries) < 2:
             return FrameBatch(entries)
         key = (entries[0].epoch, entries[0].stream_id, entries[-1].stream_id, len(entries))
         batch = self._chunks.get(key) or self._pages.get(key)
         if batch is None:
             batch = FrameBatch(entries)
-            whole = self._history is not None and self._history.starts_chunk(entries[0].stream_id)
+            whole = self._history is not None and self._history.starts_step(entries[0].stream_id)
             kept, limit = (self._chunks, _CHUNKS_KEPT) if whole else (self._pages, _PAGES_KEPT)
             kept[key] = batch
             if len(kept) > limit:

@@ -11,9 +11,10 @@ It covers the entries after `after` up to the feed's position, all of them: `aft
 its oldest entry (entries name their predecessors), so a resumer at `after` or at any entry it holds gets
 exactly what follows, no gap, no duplicate. It never holds more than `max_entries`: the oldest go first.
 
-Its answers are cut at fixed places (`CHUNK` entries apart, counted from where the history began), so the
-frames of a chunk are merged once and shared by every resumer that reads it (`SessionFeed.chunk_frames`);
-only a resumer's first answer, up to the next cut, is its own.
+Its answers are cut at fixed places (`CHUNK` entries apart, counted from where the history began, and
+`STEP` apart inside a chunk for a resumer that starts in its middle), so the frames of each answer are merged
+once and shared by every resumer that reads it (`SessionFeed.page_batch`); only a resumer's first answer, up
+to the next cut, is its own.
 """
 
 from __future__ import annotations
@@ -24,11 +25,14 @@ from collections.abc import Sequence
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.offsets import StreamId
 
-__all__ = ["CHUNK", "History"]
+__all__ = ["CHUNK", "STEP", "History"]
 
 #: Entries between two cuts: a chunk of benchmark-sized deltas (about 130 bytes each) merges into one
 #: frame under `api.live.frames.MAX_MERGED_BYTES`.
 CHUNK = 256
+#: Finer cuts inside a chunk, for a resumer that starts in its middle: its own first answer runs only to the
+#: next of these (a few entries merged for it alone), then it reads steps shared with every resumer there.
+STEP = 32
 
 
 def _stream_id(entry: StreamEntry) -> StreamId:
@@ -38,15 +42,21 @@ def _stream_id(entry: StreamEntry) -> StreamId:
 class History:
     """The entries after `after`, up to the feed's position, oldest first."""
 
-    __slots__ = ("after", "base", "chunk_size", "entries", "epoch", "max_entries", "stuck")
+    __slots__ = ("after", "base", "chunk_size", "entries", "epoch", "max_entries", "step", "stuck")
 
     def __init__(
-        self, after: StreamId, epoch: bytes | None, max_entries: int, chunk_size: int = CHUNK
+        self,
+        after: StreamId,
+        epoch: bytes | None,
+        max_entries: int,
+        chunk_size: int = CHUNK,
+        step: int = STEP,
     ) -> None:
         self.after = after  # the predecessor of the oldest entry held: everything after it is here
         self.epoch = epoch
         self.max_entries = max_entries
         self.chunk_size = chunk_size
+        self.step = step  # divides chunk_size
         self.entries: list[StreamEntry] = []
         self.base = 0  # where the cuts are counted from: the oldest entry's number, stable as entries come
         self.stuck = False  # the entries before `after` could not be read (trimmed, or another epoch)
@@ -63,17 +73,20 @@ class History:
         return not self.stuck and position < self.after and len(self.entries) < self.max_entries
 
     def chunk(self, position: StreamId) -> list[StreamEntry]:
-        """The entries after `position` (covered) up to the next cut: past the first answer, each is a
-        whole chunk, the same run for every resumer that reads it."""
+        """The entries after `position` (covered) up to the next cut: a whole chunk from the start of one, a
+        step from a step inside one, else up to the next step. Past the first answer, each is the same run
+        for every resumer that reads it."""
         start = bisect.bisect_right(self.entries, position, key=_stream_id)
-        end = min(len(self.entries), start + self.chunk_size - (self.base + start) % self.chunk_size)
-        return self.entries[start:end]
+        number = self.base + start
+        size = self.chunk_size if number % self.chunk_size == 0 else self.step
+        return self.entries[start : min(len(self.entries), start + size - number % size)]
 
-    def starts_chunk(self, stream_id: StreamId) -> bool:
-        """Whether the entry `stream_id` is held and a chunk begins with it."""
+    def starts_step(self, stream_id: StreamId) -> bool:
+        """Whether the entry `stream_id` is held and a step (or a chunk) begins with it: answers that begin
+        there are the same for every resumer."""
         index = bisect.bisect_left(self.entries, stream_id, key=_stream_id)
         held = index < len(self.entries) and self.entries[index].stream_id == stream_id
-        return held and (self.base + index) % self.chunk_size == 0
+        return held and (self.base + index) % self.step == 0
 
     def append(self, run: Sequence[StreamEntry]) -> None:
         """The feed delivered `run`, which follows on from the newest entry (or from `after`)."""

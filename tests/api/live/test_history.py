@@ -43,7 +43,7 @@ def drain(history: History, position: StreamId) -> list[StreamEntry]:
 
 def test_a_resumer_anywhere_in_it_gets_what_follows_cut_at_fixed_places() -> None:
     stream = [entry(n) for n in range(20)]
-    history = History(stream[9].stream_id, EPOCH, max_entries=100, chunk_size=4)
+    history = History(stream[9].stream_id, EPOCH, max_entries=100, chunk_size=4, step=4)
     history.append(stream[10:20])
     history.prepend(*read_before(stream, 0, history.after, 6))
     assert history.after == stream[3].stream_id
@@ -51,10 +51,22 @@ def test_a_resumer_anywhere_in_it_gets_what_follows_cut_at_fixed_places() -> Non
     assert not history.covers(stream[2].stream_id)
     # Cuts are counted from where the history began, so chunks after the first are shared by everyone.
     assert history.chunk(stream[5].stream_id) == stream[6:10]
-    assert history.starts_chunk(stream[10].stream_id)
-    assert not history.starts_chunk(stream[11].stream_id)
+    assert history.starts_step(stream[10].stream_id)
+    assert not history.starts_step(stream[11].stream_id)
     assert drain(history, stream[3].stream_id) == stream[4:]
     assert history.chunk(stream[19].stream_id) == []
+
+
+def test_a_resumer_inside_a_chunk_reads_its_own_entries_to_the_next_step_then_shared_steps() -> None:
+    stream = [entry(n) for n in range(20)]
+    history = History(StreamId.ZERO, EPOCH, max_entries=100, chunk_size=8, step=2)
+    history.append(stream)
+    assert history.chunk(stream[2].stream_id) == stream[3:4]  # its own: up to the next step
+    assert history.chunk(stream[3].stream_id) == stream[4:6]  # a step, shared
+    assert history.chunk(stream[7].stream_id) == stream[8:16]  # a whole chunk, shared
+    assert history.starts_step(stream[4].stream_id)
+    assert not history.starts_step(stream[3].stream_id)
+    assert drain(history, stream[2].stream_id) == stream[3:]
 
 
 def test_it_stops_growing_backwards_at_a_trimmed_gap_or_another_epoch() -> None:
@@ -73,7 +85,7 @@ def test_it_stops_growing_backwards_at_a_trimmed_gap_or_another_epoch() -> None:
 
 def test_it_keeps_at_most_its_bound_dropping_whole_chunks() -> None:
     stream = [entry(n) for n in range(40)]
-    history = History(StreamId.ZERO, EPOCH, max_entries=10, chunk_size=4)
+    history = History(StreamId.ZERO, EPOCH, max_entries=10, chunk_size=4, step=4)
     history.append(stream[:13])
     assert len(history) == 13  # 3 over: less than a chunk, nothing dropped yet
     history.append(stream[13:15])
@@ -93,7 +105,7 @@ class HistoryMachine(RuleBasedStateMachine):
         self.stream = [entry(n) for n in range(12)]
         self.trimmed = 0  # the first `trimmed` entries of the stream are gone
         self.delivered = 8  # the feed has delivered stream[:delivered]
-        self.history = History(self.stream[7].stream_id, EPOCH, max_entries=12, chunk_size=3)
+        self.history = History(self.stream[7].stream_id, EPOCH, max_entries=12, chunk_size=6, step=2)
         self.pending: tuple[list[StreamEntry], StreamId | None] | None = None  # read, not yet applied
 
     @rule(count=st.integers(min_value=1, max_value=4))
