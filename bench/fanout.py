@@ -15,7 +15,11 @@ In the same run, two references with the same subscribers and frame sizes:
 
 Reported per scenario (medians of ``--runs``): token deliveries/s, frames/s, latency p50/p99, relay CPU-µs
 per delivered frame and raw broadcast's, relay RSS, Redis commands per frame, each process's CPU; the
-highest sustained token deliveries/s of the relay and of the naive relay; catch-up times. Every process
+highest sustained token deliveries/s of the relay and of the naive relay; catch-up times (part ``catchup``:
+one resume and 100 at the same instant, each subscriber timed from its own connection attempt); a storm of
+1,000 reconnects to a freshly started relay during a live generation (part ``reconnect``); and the
+1,000-subscriber tail (part ``tail``). With ``--baseline-code DIR`` those three parts run a relay from DIR
+too ("before"), in the same run. Every process
 shares the machine's cores, so each figure comes with the CPU each process used.
 """
 
