@@ -30,7 +30,7 @@ from api.live.presence import publish_presence
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.ids import is_session_id
-from tokenfan.contract.offsets import Offset, StreamId
+from tokenfan.contract.offsets import StreamId
 from tokenfan.runtime.metrics import Metrics
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store
@@ -148,9 +148,8 @@ class SessionFeed:
     async def _read_backwards(self, history: History) -> None:
         self.bus.metrics.pages.inc()
         try:
-            # Four pages a read: every entry of it is wanted (resumers wait for it), in fewer round trips.
             run, predecessor = await self.bus.store.read_before(
-                self.session_id, history.after, 4 * self.bus.page_size
+                self.session_id, history.after, self.bus.page_size
             )
         except BaseException:
             history.stuck = True  # the next reader goes forwards, and meets the error itself
@@ -343,7 +342,6 @@ class LiveBus:
         self.presence_interval = presence_interval
         self.feeds: dict[str, SessionFeed] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        self._checks: dict[tuple[str, Offset], asyncio.Future[StreamId]] = {}  # in flight
         self.metrics.feeds.set_function(lambda: len(self.feeds))  # len(): atomic for the scrape's thread
 
     @classmethod
@@ -377,26 +375,6 @@ class LiveBus:
         for task in list(self.tasks):
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-    async def check_resume(self, session_id: str, offset: Offset | None) -> StreamId:
-        """`Store.check_resume`, with identical checks in flight shared: a storm of resumers from the same
-        offset asks Redis once. A shared answer is as fresh as one asked a moment earlier; a page read
-        after it still refuses a resume point trimmed since (`Store.read_after`)."""
-        if offset is None:
-            return await self.store.check_resume(session_id, None)
-        key = (session_id, offset)
-        pending = self._checks.get(key)
-        if pending is None:
-            pending = asyncio.ensure_future(self.store.check_resume(session_id, offset))
-            self._checks[key] = pending
-            pending.add_done_callback(functools.partial(self._check_done, key))
-        return await asyncio.shield(pending)  # one resumer's cancellation leaves the others' check alone
-
-    def _check_done(self, key: tuple[str, Offset], check: asyncio.Future[StreamId]) -> None:
-        if self._checks.get(key) is check:
-            del self._checks[key]
-        if not check.cancelled():
-            check.exception()  # retrieved: every waiter may have been cancelled
 
     async def acquire(self, session_id: str) -> SessionFeed:
         """The feed of `session_id`, ready to be joined. Pair every call with `release`."""

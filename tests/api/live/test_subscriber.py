@@ -15,10 +15,9 @@ from api.live.feed import LiveBus
 from api.live.frames import FrameBatch
 from api.live.subscriber import Subscriber
 from tests.support.requests import new_session_id
-from tokenfan.contract.errors import OffsetGone
 from tokenfan.contract.events import EventType, encode_body, event_body
 from tokenfan.contract.ids import new_generation_id
-from tokenfan.contract.offsets import Offset, StreamId
+from tokenfan.contract.offsets import StreamId
 from tokenfan.store import EventWrite, Store, WriteItem
 from tokenfan.store.tail import LiveTail
 
@@ -165,29 +164,3 @@ async def test_resumers_at_different_offsets_read_each_entry_from_redis_once(red
             await subscriber.stop()
         await bus.close()
         await store.topology.close()
-
-
-async def test_resumers_from_the_same_offset_at_once_check_it_with_redis_once(bus: LiveBus) -> None:
-    store, session_id, generation_id = bus.store, new_session_id(), new_generation_id()
-    await store.accept(session_id, generation_id, request={"model": "m", "messages": []}, model="m")
-    attempt = (await store.start(session_id, generation_id)).attempt
-    await write_deltas(store, session_id, generation_id, attempt, range(1, 4))
-    epoch, last = await store.tail(session_id)
-    assert epoch is not None
-    asked: list[Offset | None] = []
-    check_resume = store.check_resume
-
-    async def counted(session: str, offset: Offset | None) -> StreamId:
-        asked.append(offset)
-        return await check_resume(session, offset)
-
-    store.check_resume = counted  # type: ignore[method-assign,assignment]
-    offset = Offset(epoch.decode(), last)
-    assert await asyncio.gather(*(bus.check_resume(session_id, offset) for _ in range(5))) == [last] * 5
-    assert asked == [offset]
-    gone = Offset("another-epoch", last)
-    results = await asyncio.gather(
-        *(bus.check_resume(session_id, gone) for _ in range(3)), return_exceptions=True
-    )
-    assert all(isinstance(result, OffsetGone) for result in results)
-    assert asked == [offset, gone]
