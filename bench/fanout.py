@@ -15,7 +15,11 @@ In the same run, two references with the same subscribers and frame sizes:
 
 Reported per scenario (medians of ``--runs``): token deliveries/s, frames/s, latency p50/p99, relay CPU-µs
 per delivered frame and raw broadcast's, relay RSS, Redis commands per frame, each process's CPU; the
-highest sustained token deliveries/s of the relay and of the naive relay; catch-up times. Every process
+highest sustained token deliveries/s of the relay and of the naive relay; catch-up times (part ``catchup``:
+one resume and 100 at the same instant, each subscriber timed from its own connection attempt); a storm of
+1,000 reconnects to a freshly started relay during a live generation (part ``reconnect``); and the
+1,000-subscriber tail (part ``tail``). With ``--baseline-code DIR`` those three parts run a relay from DIR
+too ("before"), in the same run. Every process
 shares the machine's cores, so each figure comes with the CPU each process used.
 """
 
@@ -52,7 +56,6 @@ from bench.harness import (
     Backend,
     calls_delta,
     command_calls,
-    cpu_seconds,
     log,
     machine_busy_seconds,
     median,
@@ -156,14 +159,18 @@ class BenchServer:
 RELAY_CODE = ROOT
 
 
-def relay_server(redis: Backend, name: str = "relay", *, metrics: bool = False) -> BenchServer:
+def relay_server(
+    redis: Backend, name: str = "relay", *, metrics: bool = False, code: Path | None = None
+) -> BenchServer:
+    """A relay process running the code in `code` (default: `RELAY_CODE`)."""
+    code = code or RELAY_CODE
     child = ChildProcess("relay", ["--port", "0"])  # only for its command line: python -m tokenfan relay
     command = [sys.executable, "-m", "tokenfan", child.role, *child.args]
     env = child_env(redis.env())
     if metrics:
         env["TOKENFAN_METRICS_PORT"] = "0"
-    env["PYTHONPATH"] = os.pathsep.join([str(RELAY_CODE), env["PYTHONPATH"]])
-    return BenchServer(name, command, env, cwd=RELAY_CODE)
+    env["PYTHONPATH"] = os.pathsep.join([str(code), env["PYTHONPATH"]])
+    return BenchServer(name, command, env, cwd=code)
 
 
 def module_server(module: str, args: list[str], redis: Backend) -> BenchServer:
@@ -236,19 +243,22 @@ class LoadGenerator:
     async def disconnect(self) -> None:
         await asyncio.gather(*(self._ask(pipe, ("disconnect",), 60) for pipe in self.pipes))
 
-    async def catch_up(self, url: str, paths: list[str], tokens: int, seconds: float) -> list[dict[str, Any]]:
+    async def catch_up(
+        self, url: str, paths: list[str], tokens: int, seconds: float, hold: float = 0.0
+    ) -> list[dict[str, Any]]:
+        """Every path at the same instant, as a storm of reconnecting clients does: no handshake waits for
+        another (the relay's accept queue takes them, or drops SYNs as it would for real clients)."""
         parts = urlsplit(url)
         assert parts.hostname is not None
         assert parts.port is not None
         shares = [share for share in self._split(paths) if share]
+        configs = [self._config(parts.hostname, parts.port, share, n) for n, share in enumerate(shares)]
+        for config in configs:
+            config.connect_concurrency = len(config.paths)
         replies = await asyncio.gather(
             *(
-                self._ask(
-                    pipe,
-                    ("catchup", self._config(parts.hostname, parts.port, share, n), tokens, seconds),
-                    seconds + 30,
-                )
-                for n, (pipe, share) in enumerate(zip(self.pipes, shares, strict=False))
+                self._ask(pipe, ("catchup", config, tokens, seconds, hold), seconds + hold + 100)
+                for pipe, config in zip(self.pipes, configs, strict=False)
             )
         )
         return [reply[1] for reply in replies]
@@ -361,6 +371,22 @@ class Producer:
         for done in range(0, events, batch):
             await self.write([stream], [min(batch, events - done)])
         return str(offset)
+
+    async def live(self, stream: Stream, rate: float, offsets: list[tuple[int, str]]) -> None:
+        """Append one delta at a time at `rate` tokens/s, as a model streams, until cancelled; records each
+        delta's append time and offset in `offsets`."""
+        started = time.monotonic()
+        while True:
+            stream.seq += 1
+            now = time.time_ns()
+            content = token_content(now)
+            event = EventWrite(stream.seq, stream.body(stream.seq, content), content)
+            (written,) = await self.store.write(
+                [WriteItem(stream.session_id, stream.generation_id, stream.attempt, [event])]
+            )
+            assert written.last_offset is not None
+            offsets.append((now, str(written.last_offset)))
+            await asyncio.sleep(max(0.0, started + len(offsets) / rate - time.monotonic()))
 
     async def close(self) -> None:
         await self.store.close()
@@ -875,10 +901,61 @@ async def sustained_sweep(
     }
 
 
-async def catch_up(bench: Bench, subscribers: int, behind: int) -> dict[str, Any]:
-    """Subscribers resuming `behind` events back, all at once, on a quiet session: from the first connection
-    attempt until the last of them has received all `behind` events."""
-    server = relay_server(bench.redis).start()
+def storm_times(reports: list[dict[str, Any]], expected: int) -> dict[str, Any]:
+    """Each subscriber's time from its own first connection attempt until it was done (caught up, or live),
+    as p50/p99/max over all `expected` subscribers (None where that share was not done in the time given);
+    the storm's, from the first attempt until the last was done; and the parts of the median subscriber's
+    time (to TCP connected, to upgraded, to its first frame)."""
+    rows = [
+        [r["started_ns"] / 1e6 + ms for ms in phase] for r in reports for phase in r["phases_ms"]
+    ]  # absolute ms: attempted, connected, upgraded, first frame, done
+    each = sorted(row[4] - row[0] for row in rows) + [float("inf")] * (expected - len(rows))
+    if not rows:
+        return {"done": 0, "each_ms_p50": None, "each_ms_p99": None, "each_ms_max": None}
+
+    def finite(value: float) -> float | None:
+        return round(value, 1) if value != float("inf") else None
+
+    return {
+        "done": len(rows),
+        "all_done_ms": finite(max(row[4] for row in rows) - min(row[0] for row in rows)),
+        "each_ms_p50": finite(percentile(each, 50)),
+        "each_ms_p99": finite(percentile(each, 99)),
+        "each_ms_max": finite(each[-1]),
+        "to_connected_ms_p50": percentile(sorted(row[1] - row[0] for row in rows), 50),
+        "to_upgraded_ms_p50": percentile(sorted(row[2] - row[0] for row in rows), 50),
+        "to_first_frame_ms_p50": percentile(sorted(row[3] - row[0] for row in rows), 50),
+        "to_upgraded_ms_max": max(row[2] - row[0] for row in rows),
+    }
+
+
+def median_or_none(values: list[Any]) -> Any:
+    """The median, where a None (not reached in the time given) ranks above every number."""
+    ranked = sorted(values, key=lambda v: (v is None, v if v is not None else 0))
+    return ranked[len(ranked) // 2]
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    """The nearest-rank percentile of an ascending list."""
+    if not ordered:
+        return float("nan")
+    return ordered[max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))]
+
+
+def versions(baseline: Path | None) -> list[tuple[str, Path]]:
+    """The relay code each storm part runs: with ``--baseline-code``, that code ("before") and this
+    ("after"), alternating which goes first from one run to the next."""
+    return [("before", baseline), ("after", RELAY_CODE)] if baseline is not None else [("this", RELAY_CODE)]
+
+
+def in_turn(labels: list[tuple[str, Path]], run: int) -> list[tuple[str, Path]]:
+    return labels if run % 2 == 0 else labels[::-1]
+
+
+async def catch_up(bench: Bench, subscribers: int, behind: int, code: Path | None = None) -> dict[str, Any]:
+    """Subscribers resuming `behind` events back, all at the same instant, on a quiet session: each one's
+    time from its connection attempt until it has received all `behind` events."""
+    server = relay_server(bench.redis, code=code).start()
     runs: list[dict[str, Any]] = []
     try:
         for _ in range(bench.runs):
@@ -886,31 +963,150 @@ async def catch_up(bench: Bench, subscribers: int, behind: int) -> dict[str, Any
             offset = await bench.producer.backlog(stream, behind)
             path = f"/v1/sessions/{stream.session_id}/stream?after={offset}"
             await wait_until_quiet(10.0)
-            relay_cpu, redis_cpu = cpu_seconds(server.pid), bench.redis.cpu_seconds()
+            before = bench.cpu(Target("relay", server))
             reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
-            relay_cpu = cpu_seconds(server.pid) - relay_cpu
-            redis_cpu = bench.redis.cpu_seconds() - redis_cpu
-            started = min(r["started_ns"] for r in reports)
-            finished = [r["started_ns"] + ms * 1e6 for r in reports for ms in r["done_ms"]]
-            each = [ms for r in reports for ms in r["done_ms"]]
+            used = cpu_used(before, bench.cpu(Target("relay", server)))
             run = {
-                "all_done_ms": (max(finished) - started) / 1e6 if finished else float("nan"),
-                "each_ms_p50": median(each),
-                "each_ms_max": max(each) if each else float("nan"),
+                **storm_times(reports, subscribers),
                 "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
-                "relay_cpu_seconds": relay_cpu,
-                "redis_cpu_seconds": redis_cpu,
-                "relay_cpu_us_per_event_delivered": relay_cpu / (subscribers * behind) * 1e6,
+                "relay_cpu_seconds": used["relay"],
+                "redis_cpu_seconds": used["redis"],
+                "loadgen_cpu_seconds": sum(v for k, v in used.items() if k.startswith("loadgen")),
+                "relay_cpu_us_per_event_delivered": used["relay"] / (subscribers * behind) * 1e6,
             }
             runs.append(run)
             log(
-                f"  catch-up {subscribers} x {behind} behind: all done in {run['all_done_ms']:.0f} ms "
-                f"(each: median {run['each_ms_p50']:.0f} ms), relay CPU {relay_cpu:.2f} s, Redis {redis_cpu:.2f} s"
+                f"  catch-up {subscribers} x {behind} behind: each p50 {run['each_ms_p50']} ms, "
+                f"p99 {run['each_ms_p99']} ms, all done {run['all_done_ms']} ms; relay CPU "
+                f"{run['relay_cpu_seconds']:.2f} s, Redis {run['redis_cpu_seconds']:.2f} s, load "
+                f"{run['loadgen_cpu_seconds']:.2f} s"
             )
     finally:
         server.stop()
-    summary = {key: median([run[key] for run in runs]) for key in runs[0]}
+    summary = {key: median_or_none([run[key] for run in runs]) for key in runs[0]}
     return {"subscribers": subscribers, "events_behind": behind, **summary, "runs": runs}
+
+
+def cpu_used(
+    before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]
+) -> dict[str, float]:
+    return {key: sum(after[key]) - sum(before[key]) for key in after}
+
+
+async def catch_up_versions(bench: Bench, baseline: Path | None) -> list[dict[str, Any]]:
+    """Part 'catchup': one resume and 100 at once, 5,000 events behind, per relay version."""
+    results = []
+    for label, code in versions(baseline):
+        log(f"catch-up, relay {label} ({code})")
+        for subscribers in (1, 100):
+            results.append({"version": label, **await catch_up(bench, subscribers, 5000, code)})
+    return results
+
+
+@dataclass
+class Storm:
+    """Part 'reconnect': `subscribers` reconnect at once to a relay started a moment before, while one
+    generation streams at `rate` tokens/s; their offsets are spread evenly over the last `spread` seconds of
+    the stream. Each one's time from its attempt until a frame's newest token is under 100 ms old on receipt (it
+    is at the live edge: `bench.fanout_client.LIVE_EDGE_NS`), then `hold` seconds of the live tail."""
+
+    subscribers: int = 1000
+    rate: float = 200.0
+    spread: float = 10.0
+    hold: float = 2.0
+    give_up: float = 20.0  # a subscriber not live this long after the storm began counts as never
+
+
+async def reconnect_once(bench: Bench, storm: Storm, code: Path) -> dict[str, Any]:
+    (stream,) = await bench.producer.open(bench.session_ids(1))
+    offsets: list[tuple[int, str]] = []  # (append time, offset) of every delta
+    producing = asyncio.create_task(bench.producer.live(stream, storm.rate, offsets))
+    server = relay_server(bench.redis, name="relay-storm", code=code)
+    try:
+        await asyncio.sleep(storm.spread + 1.0)
+        server.start()
+        rss_idle = rss_bytes(server.pid)
+        newest = len(offsets) - 1
+        oldest = max(0, newest - int(storm.rate * storm.spread))
+        picks = [offsets[oldest + (newest - oldest) * k // max(1, storm.subscribers - 1)][1]
+                 for k in range(storm.subscribers)]  # fmt: skip
+        paths = [f"/v1/sessions/{stream.session_id}/stream?after={offset}" for offset in picks]
+        before = bench.cpu(Target("relay", server))
+        reports = await bench.load.catch_up(server.url, paths, 0, storm.give_up, hold=storm.hold)
+        used = cpu_used(before, bench.cpu(Target("relay", server)))
+        peak_rss = peak_rss_bytes(server.pid)
+    finally:
+        producing.cancel()
+        await asyncio.gather(producing, return_exceptions=True)
+        server.stop()
+    tail = LatencyHistogram()
+    for report in reports:
+        tail.merge(report["window"]["hist"])
+    return {
+        **storm_times(reports, storm.subscribers),
+        "events_behind_max": newest - oldest,
+        "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
+        "connect_errors": [r["window"]["errors"] for r in reports],
+        "relay_rss_idle_mb": rss_idle / 1e6,
+        "relay_rss_peak_mb": peak_rss / 1e6,
+        "relay_cpu_seconds": used["relay"],
+        "redis_cpu_seconds": used["redis"],
+        "loadgen_cpu_seconds": sum(v for k, v in used.items() if k.startswith("loadgen")),
+        "tail_after_ms_p50": tail.percentile_ms(50),
+        "tail_after_ms_p99": tail.percentile_ms(99),
+        "snapshots": sum(r["window"]["snapshots"] for r in reports),
+    }
+
+
+async def reconnect(bench: Bench, storm: Storm, baseline: Path | None) -> dict[str, Any]:
+    """Part 'reconnect': `runs` storms per relay version, alternating which goes first."""
+    labels = versions(baseline)
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in labels}
+    log(
+        f"reconnect storm: {storm.subscribers} subscribers, {storm.rate:g} tok/s, offsets over {storm.spread:g} s"
+    )
+    for n in range(bench.runs):
+        for label, code in in_turn(labels, n):
+            await wait_until_quiet(10.0)
+            run = await reconnect_once(bench, storm, code)
+            runs[label].append(run)
+            log(
+                f"  {label}: {run['done']} of {storm.subscribers} live within {storm.give_up:g} s; each "
+                f"p50/p99/max {run['each_ms_p50']}/{run['each_ms_p99']}/{run['each_ms_max']} ms; "
+                f"upgraded p50 {run['to_upgraded_ms_p50']:.0f} max {run['to_upgraded_ms_max']:.0f} ms; "
+                f"RSS peak {run['relay_rss_peak_mb']:.0f} MB; relay CPU {run['relay_cpu_seconds']:.2f} s; "
+                f"tail after: p99 {run['tail_after_ms_p99']:.1f} ms"
+            )
+    summary = {label: {k: median_or_none([r[k] for r in rs]) for k in rs[0] if k != "connect_errors"}
+               for label, rs in runs.items()}  # fmt: skip
+    return {"storm": storm.__dict__, **summary, "runs": runs}
+
+
+async def tail(bench: Bench, baseline: Path | None, rate: float) -> dict[str, Any]:
+    """Part 'tail': 1,000 subscribers of one session at `rate` tok/s, per relay version, alternating."""
+    labels = versions(baseline)
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in labels}
+    log(f"tail: one session x 1000, {rate:g} tok/s")
+    for n in range(bench.runs):
+        for label, code in in_turn(labels, n):
+            server = relay_server(bench.redis, code=code).start()
+            try:
+                target = Target("relay", server)
+                run = await bench.run(target, 1, 1000, bench.produce(rate))
+                await target.http.aclose()
+            finally:
+                server.stop()
+            runs[label].append(run)
+            log(line(f"relay {label}", run))
+    return {label: medians(rs) for label, rs in runs.items()} | {"runs": runs}
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """The most resident memory the process has had (VmHWM)."""
+    for row in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if row.startswith("VmHWM:"):
+            return int(row.split()[1]) * 1024
+    return 0
 
 
 # --- main
@@ -1019,8 +1215,12 @@ async def bench_main(args: argparse.Namespace, result: dict[str, Any]) -> None:
             pairs = [scenarios[1], scenarios[3]] if not quick else [scenarios[1], scenarios[2]]
             result["metrics_cost"] = [await metrics_on_off(bench, scenario) for scenario in pairs]
         if "catchup" in parts:
-            log("catch-up")
-            result["catch_up"] = [await catch_up(bench, 1, 5000), await catch_up(bench, 100, 5000)]
+            result["catch_up"] = await catch_up_versions(bench, args.baseline_code)
+        if "reconnect" in parts:
+            storm = Storm(args.storm_subscribers, args.rate)
+            result["reconnect"] = await reconnect(bench, storm, args.baseline_code)
+        if "tail" in parts:
+            result["tail"] = await tail(bench, args.baseline_code, args.rate)
     finally:
         await producer.close()
         await bench.close()
@@ -1054,7 +1254,9 @@ def main() -> None:
         default="scenarios,ceiling,sustained,catchup",
         help="what to measure, comma-separated (default: all of scenarios,ceiling,sustained,catchup; "
         "'one' or 'many' for only the one-session or only the many-session scenarios; 'metrics' for the "
-        "relay without and with a metrics port, 1,000 subscribers of one session and 1,000 sessions x 3)",
+        "relay without and with a metrics port, 1,000 subscribers of one session and 1,000 sessions x 3; "
+        "'reconnect' for a storm of reconnects to a freshly started relay during a live generation; 'tail' for "
+        "1,000 subscribers of one session, before and after with --baseline-code)",
     )
     parser.add_argument(
         "--relay-code",
@@ -1062,10 +1264,24 @@ def main() -> None:
         default=ROOT,
         help="run the relay from this copy of the code (e.g. an older version, for before/after)",
     )
+    parser.add_argument(
+        "--baseline-code",
+        type=Path,
+        help="with the parts catchup, reconnect and tail: also run the relay from this copy of the code "
+        "(before), alternating with --relay-code (after)",
+    )
+    parser.add_argument(
+        "--storm-subscribers",
+        type=int,
+        default=1000,
+        help="subscribers of the reconnect storm (default 1000)",
+    )
     parser.add_argument("--output", help="results name (default: fanout, or fanout-quick with --quick)")
     args = parser.parse_args()
     global RELAY_CODE
     RELAY_CODE = args.relay_code.resolve()
+    if args.baseline_code is not None:
+        args.baseline_code = args.baseline_code.resolve()
     if args.quick:
         args.runs, args.seconds, args.warmup = 1, 2.0, 0.5
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -16,7 +16,9 @@ One process is driven over a `multiprocessing` pipe by `bench.fanout`:
     ("window", start_ns, end_ns)         count frames received in [start, end) (wall clock, ns)
     ("report",)                          answer with the counters and latency histogram
     ("disconnect",)                      close every connection
-    ("catchup", config, tokens, secs)    open config.paths at once; answer each one's time to `tokens` tokens
+    ("catchup", config, tokens, secs, hold)
+                                         open config.paths at once; answer each one's milestones until it
+                                         holds `tokens` tokens (0: until it is live); then count `hold` s more
     ("exit",)                            close everything and exit
 
 Every process also exits by itself after ``max_seconds``.
@@ -42,6 +44,8 @@ _PAD = "x" * (TOKEN_CHARS - 20)
 #: Latency histogram resolution (µs per bucket) and range.
 BUCKET_US = 50
 MAX_BUCKET = 400_000  # 20 s
+#: A subscriber is at the live edge once a frame's newest token is younger than this on receipt.
+LIVE_EDGE_NS = 100_000_000
 _CONTENT = b'"content":"'
 _SNAPSHOT = b'"type":"snapshot"'
 _HANDSHAKE_END = b"\r\n\r\n"
@@ -136,7 +140,15 @@ class Counters:
 class Subscriber(asyncio.Protocol):
     """One WebSocket subscription; counts what it receives into the process's `Counters`."""
 
-    def __init__(self, counters: Counters, request: bytes, expect_tokens: int = 0) -> None:
+    def __init__(
+        self,
+        counters: Counters,
+        request: bytes,
+        expect_tokens: int = 0,
+        *,
+        attempted_ns: int = 0,
+        until_live: bool = False,
+    ) -> None:
         self.counters = counters
         self.request = request
         self.transport: asyncio.Transport | None = None
@@ -146,12 +158,18 @@ class Subscriber(asyncio.Protocol):
         self.tokens = 0
         self.expect_tokens = expect_tokens
         self.done_ns = 0
+        # When this subscriber first tried to connect, connected (TCP), was upgraded (101), got its first
+        # data frame, and (`until_live`) reached the live edge.
+        self.started_ns = attempted_ns or time.time_ns()
+        self.connected_ns = self.upgraded_ns = self.first_ns = self.live_ns = 0
+        self.until_live = until_live
         self.finished: asyncio.Future[None] | None = None
-        if expect_tokens:
+        if expect_tokens or until_live:
             self.finished = asyncio.get_running_loop().create_future()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not asyncio's classes
+        self.connected_ns = time.time_ns()
         self.transport.write(self.request)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -211,6 +229,7 @@ class Subscriber(asyncio.Protocol):
         ok = self.buffer.startswith(b"HTTP/1.1 101")
         rest, self.buffer = self.buffer[end + 4 :], b""
         self.upgraded = True
+        self.upgraded_ns = time.time_ns()
         self.open.set_result(ok)
         if not ok and self.transport is not None:
             self.transport.close()
@@ -231,10 +250,11 @@ class Subscriber(asyncio.Protocol):
         tokens = (closing - at) // TOKEN_CHARS
         counters.total_frames += 1
         counters.total_tokens += tokens
+        if not self.first_ns:
+            self.first_ns = now
         self.tokens += tokens
-        if self.finished is not None and self.tokens >= self.expect_tokens and not self.finished.done():
-            self.done_ns = now
-            self.finished.set_result(None)
+        if self.finished is not None and not self.finished.done():
+            self._progress(buf, at, closing, now)
         window_start, window_end = counters.window
         if window_start <= now < window_end:
             latency_us = (now - int(buf[at : at + 19])) // 1000
@@ -252,6 +272,20 @@ class Subscriber(asyncio.Protocol):
                 row[1] += latency_us
                 if latency_us > row[2]:
                     row[2] = latency_us
+
+    def _progress(self, buf: bytes, at: int, closing: int, now: int) -> None:
+        """Resolve `finished` once the expected tokens arrived, or (`until_live`) once the newest token of a
+        frame (its content's last piece) is younger than `LIVE_EDGE_NS`: the subscriber is at the live edge."""
+        if self.until_live:
+            newest = int(buf[closing - TOKEN_CHARS : closing - 5]) if closing - at >= TOKEN_CHARS else 0
+            if now - newest < LIVE_EDGE_NS:
+                self.live_ns = self.done_ns = now
+                assert self.finished is not None
+                self.finished.set_result(None)
+        elif self.tokens >= self.expect_tokens:
+            self.done_ns = now
+            assert self.finished is not None
+            self.finished.set_result(None)
 
     def _reply(self, opcode: int, payload: bytes) -> None:
         # Client frames are masked; an all-zero mask key leaves the payload as is.
@@ -272,7 +306,12 @@ def _request(host: str, port: int, path: str) -> bytes:
 
 
 async def _open(
-    config: ClientConfig, paths: list[str], counters: Counters, expect_tokens: int = 0
+    config: ClientConfig,
+    paths: list[str],
+    counters: Counters,
+    expect_tokens: int = 0,
+    *,
+    until_live: bool = False,
 ) -> tuple[list[Subscriber], int]:
     loop = asyncio.get_running_loop()
     gate = asyncio.Semaphore(config.connect_concurrency)
@@ -283,11 +322,18 @@ async def _open(
         nonlocal failed
         async with gate:
             request = _request(config.host, config.port, path)
+            attempted = time.time_ns()  # a subscriber's times run from its first attempt, retries included
             for _attempt in range(3):  # a SYN dropped by a full accept queue is retried after 1, 3, 7 s…
                 try:
                     _, protocol = await asyncio.wait_for(
                         loop.create_connection(
-                            lambda: Subscriber(counters, request, expect_tokens),
+                            lambda: Subscriber(
+                                counters,
+                                request,
+                                expect_tokens,
+                                attempted_ns=attempted,
+                                until_live=until_live,
+                            ),
                             config.host,
                             config.port,
                             local_addr=(config.source(index), 0),
@@ -310,16 +356,42 @@ async def _open(
 
 
 async def _catch_up(
-    config: ClientConfig, paths: list[str], tokens: int, seconds: float, counters: Counters
+    config: ClientConfig,
+    paths: list[str],
+    tokens: int,
+    seconds: float,
+    counters: Counters,
+    *,
+    hold: float = 0.0,
 ) -> dict[str, Any]:
+    """Open `paths` at once; wait until each has `tokens` tokens (0: until each is live, see `Subscriber`),
+    then, with `hold`, count what arrives over `hold` more seconds (the live tail after the storm)."""
     started = time.time_ns()
-    subscribers, failed = await _open(config, paths, counters, expect_tokens=tokens)
+    subscribers, failed = await _open(config, paths, counters, expect_tokens=tokens, until_live=not tokens)
     pending = [s.finished for s in subscribers if s.finished is not None]
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(asyncio.gather(*pending), seconds)
+    if hold:
+        now = time.time_ns()
+        counters.window = (now, now + int(hold * 1e9))
+        await asyncio.sleep(hold)
     done = [(s.done_ns - started) / 1e6 for s in subscribers if s.done_ns]
+    # Each finished subscriber's milestones, ms after this process began: its first connection attempt,
+    # TCP connected, upgraded (101), first data frame, done (all tokens, or live).
+    phases = [
+        [(at - started) / 1e6 for at in (s.started_ns, s.connected_ns, s.upgraded_ns, s.first_ns, s.done_ns)]
+        for s in subscribers
+        if s.done_ns
+    ]
     _close(subscribers)
-    return {"started_ns": started, "done_ms": done, "failed": failed, "incomplete": len(paths) - len(done)}
+    return {
+        "started_ns": started,
+        "done_ms": done,
+        "phases_ms": phases,
+        "failed": failed,
+        "incomplete": len(paths) - len(done),
+        "window": counters.report() if hold else None,
+    }
 
 
 def _receive(
@@ -360,8 +432,9 @@ async def _serve(pipe: Connection) -> None:
                 subscribers = []
                 pipe.send(("disconnected",))
             elif kind == "catchup":
-                _, config, tokens, seconds = command
-                pipe.send(("catchup", await _catch_up(config, config.paths, tokens, seconds, Counters())))
+                _, config, tokens, seconds, hold = command
+                report = await _catch_up(config, config.paths, tokens, seconds, Counters(), hold=hold)
+                pipe.send(("catchup", report))
             else:
                 break
     finally:

@@ -23,7 +23,8 @@ from typing import Any, Protocol
 import structlog
 
 from api.live.cursor import FeedCursor, Verdict
-from api.live.frames import FrameBatch, frames_for, snapshot_frame
+from api.live.frames import FrameBatch, snapshot_frame
+from api.live.history import STEP, History
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
@@ -42,6 +43,11 @@ log = structlog.get_logger("tokenfan.live.feed")
 #: Catch-up pages whose frames a feed keeps while subscribers catch up (each page's frames: at most about
 #: 100 KB with the default page size).
 _PAGES_KEPT = 16
+#: At most this many entries in a feed's catch-up history (`api.live.history`), about 4 MB of deltas; a
+#: resumer further behind reads its own pages until it reaches the history.
+HISTORY_ENTRIES = 16_384
+#: Frames of the history's shared answers kept (every step of a full history, and a few more).
+_CHUNKS_KEPT = HISTORY_ENTRIES // STEP + 8
 
 
 class LiveSubscriber(Protocol):
@@ -70,8 +76,11 @@ class SessionFeed:
         self._repairing = False
         self._delivered: StreamId | None = None  # the last entry of the previous batch fanned out
         self._catching_up = 0  # subscribers reading pages now
-        self._pages: dict[tuple[bytes, StreamId, StreamId, int], list[bytes]] = {}  # while any is
+        self._pages: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # while any is
         self._reads: dict[tuple[StreamId, int], asyncio.Future[list[StreamEntry]]] = {}  # in flight
+        self._chunks: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # the history's
+        self._history: History | None = None  # while any subscriber catches up
+        self._backfill: asyncio.Future[None] | None = None  # the history's read backwards in flight
 
     @property
     def position(self) -> StreamId:
@@ -89,6 +98,8 @@ class SessionFeed:
     @contextlib.contextmanager
     def catching_up(self) -> Iterator[None]:
         """Held while a subscriber reads pages: the frames of shared pages are kept until nobody does."""
+        if not self._catching_up:
+            self._history = History(self.cursor.position, self.cursor.epoch, HISTORY_ENTRIES)
         self._catching_up += 1
         try:
             yield
@@ -96,12 +107,56 @@ class SessionFeed:
             self._catching_up -= 1
             if not self._catching_up:
                 self._pages.clear()
+                self._chunks.clear()
+                self._history = None
 
     async def read_page(self, after: StreamId) -> list[StreamEntry]:
-        """`Store.read_after`, with the reads of subscribers at the same position at the same time shared:
-        one that asks while an identical read is in flight waits for that one. Its answer is a contiguous
-        run after `after`, read after the subscription's resume point was validated, which is all catch-up
-        needs (a page that ends early only means one more read)."""
+        """The entries after `after`, a contiguous run of them, read after the subscription's resume point
+        was validated, which is all catch-up needs (a page that ends early only means one more read).
+
+        From the feed's history when it covers `after`, or can be read backwards until it does: then every
+        entry is read from Redis once, whatever the offsets of the resumers. Otherwise `Store.read_after`,
+        with the reads of subscribers at the same position at the same time shared: one that asks while an
+        identical read is in flight waits for that one."""
+        history = self._history
+        while history is not None and history.can_grow_back_to(after) and history is self._history:
+            await self._grow_history()
+        history = self._history
+        if history is not None and history.covers(after):
+            return history.chunk(after)
+        return await self._read_forwards(after)
+
+    def held_page(self, after: StreamId) -> list[StreamEntry]:
+        """The next page after `after` when the history holds it (nothing to wait for), else nothing."""
+        history = self._history
+        if history is not None and history.covers(after):
+            return history.chunk(after)
+        return []
+
+    async def _grow_history(self) -> None:
+        """Read the page before the history into it; one read at a time, shared by every waiting resumer.
+        A read that has finished is never waited for again (its done callbacks may not have run yet), so
+        every wait is for a read that moves the history back or marks it stuck."""
+        backfill = self._backfill
+        if backfill is None or backfill.done():
+            history = self._history
+            assert history is not None
+            backfill = self._backfill = asyncio.ensure_future(self._read_backwards(history))
+            backfill.add_done_callback(_retrieved)
+        await asyncio.shield(backfill)  # one reader's cancellation leaves the others' read alone
+
+    async def _read_backwards(self, history: History) -> None:
+        self.bus.metrics.pages.inc()
+        try:
+            run, predecessor = await self.bus.store.read_before(
+                self.session_id, history.after, self.bus.page_size
+            )
+        except BaseException:
+            history.stuck = True  # the next reader goes forwards, and meets the error itself
+            raise
+        history.prepend(run, predecessor)
+
+    async def _read_forwards(self, after: StreamId) -> list[StreamEntry]:
         key = (after, self.bus.page_size)
         pending = self._reads.get(key)
         if pending is None:
@@ -117,19 +172,24 @@ class SessionFeed:
         if not read.cancelled():
             read.exception()  # retrieved: every waiter may have been cancelled
 
-    def page_frames(self, entries: list[StreamEntry]) -> list[bytes]:
-        """`frames_for` a catch-up page, shared by subscribers catching up over the same range. A page is a
-        contiguous run of one stream incarnation, so its epoch, first and last id and length identify its
-        entries exactly."""
+    def page_batch(self, entries: list[StreamEntry]) -> FrameBatch:
+        """A catch-up page as a `FrameBatch`: its frames merged, and each transport's encoding of them made,
+        once for every subscriber catching up over the same range. A page is a contiguous run of one stream
+        incarnation, so its epoch, first and last id and length identify its entries exactly. The history's
+        shared answers (chunks and steps) are kept apart from other pages (a resumer's first, partial one is
+        its own, and a storm of them would push the shared ones out)."""
         if len(entries) < 2:
-            return frames_for(entries)
+            return FrameBatch(entries)
         key = (entries[0].epoch, entries[0].stream_id, entries[-1].stream_id, len(entries))
-        frames = self._pages.get(key)
-        if frames is None:
-            frames = self._pages[key] = frames_for(entries)
-            if len(self._pages) > _PAGES_KEPT:
-                del self._pages[next(iter(self._pages))]
-        return frames
+        batch = self._chunks.get(key) or self._pages.get(key)
+        if batch is None:
+            batch = FrameBatch(entries)
+            whole = self._history is not None and self._history.starts_step(entries[0].stream_id)
+            kept, limit = (self._chunks, _CHUNKS_KEPT) if whole else (self._pages, _PAGES_KEPT)
+            kept[key] = batch
+            if len(kept) > limit:
+                del kept[next(iter(kept))]
+        return batch
 
     async def snapshot_after(self, position: StreamId, reason: str) -> tuple[bytes, StreamId] | None:
         """A ``snapshot`` frame of every generation that changed after `position`, and the position it is
@@ -175,6 +235,7 @@ class SessionFeed:
 
     def _reset(self, epoch: bytes) -> None:
         log.warning("stream_reset", session_id=self.session_id)
+        self._forget_history()
         self._delivered = None
         self.cursor.reset(epoch)
         self._reset_subscribers("the session's stream was recreated; rebuild from a snapshot")
@@ -183,6 +244,7 @@ class SessionFeed:
         """We fell so far behind that the stream dropped entries we never delivered: nobody may resume from
         our position any more."""
         self._reset_subscribers("events were trimmed before they could be delivered; rebuild from a snapshot")
+        self._forget_history()
         self._delivered = None
         self.cursor.skip_to(position)
         self.ready.set()
@@ -233,9 +295,15 @@ class SessionFeed:
             if len(page) < self.bus.page_size:
                 return
 
+    def _forget_history(self) -> None:
+        """The stream's ids start over (or jump): keep no history of the old ones; catch-ups read pages."""
+        self._history = None
+
     def _fanout(self, entries: list[StreamEntry]) -> None:
         if not entries:
             return
+        if self._history is not None:
+            self._history.append(entries)
         before, self._delivered = self._delivered, entries[-1].stream_id
         if not self.subscribers:
             return
@@ -245,6 +313,12 @@ class SessionFeed:
             sent += subscriber.on_live_batch(batch, before)
         self.frames_sent += sent
         self.bus.metrics.fanned_out(batch, sent)
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    """Mark a shared read's error as retrieved: every waiter may have been cancelled."""
+    if not future.cancelled():
+        future.exception()
 
 
 class LiveBus:

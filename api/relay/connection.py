@@ -24,7 +24,7 @@ from websockets.protocol import State
 from api.live.frames import FrameBatch, close_reason, control_frame
 from api.live.subscriber import SLOW_CONSUMER_CLOSE_CODE, SinkClosed, Subscriber
 from api.relay.messages import ClientMessage, Invalid, Refresh, Subscribe, Unsubscribe, parse_message
-from api.relay.wire import FRAGMENT_BYTES, fragments, write_batch
+from api.relay.wire import FRAGMENT_BYTES, fragments, send_wire, websocket_wire, write_batch
 from tokenfan.contract.errors import InvalidRequest, InvalidSessionId, TokenfanError, Unauthorized
 from tokenfan.contract.ids import is_session_id
 from tokenfan.contract.offsets import parse_offset
@@ -55,6 +55,41 @@ class WebSocketSink:
             await self.connection.send(frame)
         except ConnectionClosed:
             raise SinkClosed from None
+
+    async def send_batches(self, batches: list[FrameBatch]) -> None:
+        """Catch-up pages in as few writes as fit under a quarter of the connection's buffer limit each (the
+        pages of a storm of resumers: a few writes each, not one per frame); a page too large for that goes
+        frame by frame."""
+        limit = self.connection.max_buffer_bytes // 4
+        group: list[FrameBatch] = []
+        size = 0
+        for batch in batches:
+            wire = batch.encoded(websocket_wire)
+            if group and size + len(wire) > limit:
+                await self._write(group)
+                group, size = [], 0
+            if len(wire) > limit:
+                await self._send_frames(batch.frames)
+            else:
+                group.append(batch)
+                size += len(wire)
+        if group:
+            await self._write(group)
+
+    async def _write(self, batches: list[FrameBatch]) -> None:
+        websocket = self.connection.websocket
+        try:
+            sent = await send_wire(websocket, [batch.encoded(websocket_wire) for batch in batches])
+        except OSError:  # the connection was lost while we waited for it to drain
+            raise SinkClosed from None
+        if not sent:
+            await self._send_frames([frame for batch in batches for frame in batch.frames])
+        elif websocket.state is not State.OPEN:
+            raise SinkClosed
+
+    async def _send_frames(self, frames: list[bytes]) -> None:
+        for frame in frames:
+            await self.send(frame)
 
     def buffered(self) -> int:
         return self.connection.buffered()

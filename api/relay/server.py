@@ -133,6 +133,9 @@ class Relay:
                 await connection.on_message(message)
 
 
+#: Connections the kernel holds for the relay to accept (a storm of reconnects arrives at once).
+LISTEN_BACKLOG = 4096
+
 #: An anonymous multi-session connection must subscribe (with tokens) within this time.
 ANONYMOUS_IDLE_SECONDS = 10.0
 
@@ -270,6 +273,10 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
             origins=None if settings.insecure_dev_mode else [None, *(Origin(o) for o in settings.origins)],
             # Per-message deflate would compress every frame once per subscriber: fan-out pays for it.
             compression=None,
+            # When a relay restarts, all its subscribers reconnect at once: with asyncio's default accept
+            # queue (100) the kernel drops the SYNs past it, and each of those clients waits a second or
+            # three for its retransmission. The kernel caps this at net.core.somaxconn.
+            backlog=LISTEN_BACKLOG,
         ) as server:
             url = bound_url(next(iter(server.sockets)), "ws")
             log.info("relay_listening", url=url)

@@ -10,7 +10,7 @@ from websockets.protocol import State
 
 from api.live.frames import FrameBatch
 
-__all__ = ["FRAGMENT_BYTES", "fragments", "websocket_wire", "write_batch"]
+__all__ = ["FRAGMENT_BYTES", "fragments", "send_wire", "websocket_wire", "write_batch"]
 
 #: Frames larger than this are sent as fragments of this size.
 FRAGMENT_BYTES = 16_384
@@ -30,14 +30,7 @@ def write_batch(websocket: ServerConnection, batch: FrameBatch) -> None:
     where the library's own path could behave otherwise (a fragmented send in progress, an extension,
     pending protocol output), goes through `broadcast`.
     """
-    protocol = websocket.protocol
-    if (
-        protocol.state is State.OPEN
-        and websocket.send_in_progress is None
-        and not protocol.writes
-        and not protocol.extensions
-        and not protocol.expect_continuation_frame
-    ):
+    if _writable(websocket):
         try:
             websocket.transport.write(batch.encoded(websocket_wire))
         except Exception as exc:  # as broadcast: one failed write must not stop the others
@@ -45,6 +38,30 @@ def write_batch(websocket: ServerConnection, batch: FrameBatch) -> None:
     else:
         for frame in batch.frames:
             broadcast([websocket], frame, text=True)
+
+
+def _writable(websocket: ServerConnection) -> bool:
+    """Whether bytes written straight to the transport are what websockets itself would write now."""
+    protocol = websocket.protocol
+    return (
+        protocol.state is State.OPEN
+        and websocket.send_in_progress is None
+        and not protocol.writes
+        and not protocol.extensions
+        and not protocol.expect_continuation_frame
+    )
+
+
+async def send_wire(websocket: ServerConnection, wires: list[bytes]) -> bool:
+    """Write encoded frames (`FrameBatch.encoded`, made once for every connection catching up over the same
+    pages) in one transport write, then wait while the socket is above its high-water mark, as
+    `websocket.send` does after each frame. Returns False, having sent nothing, when the connection is not
+    simply open: send frame by frame then."""
+    if not _writable(websocket):
+        return False
+    websocket.transport.writelines(wires)
+    await websocket.drain()
+    return True
 
 
 async def fragments(frame: bytes, size: int) -> AsyncIterator[bytes]:

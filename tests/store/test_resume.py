@@ -157,3 +157,22 @@ async def test_tail(redis: Redis, session_id: str) -> None:
     assert await store.tail(quiet) == (accepted.epoch.encode(), StreamId.ZERO)  # accepted, nothing written
     epoch, ids = await write_texts(store, session_id, "xy")
     assert await store.tail(session_id) == (epoch.encode(), ids[-1])
+
+
+async def test_read_before_reads_backwards_and_names_the_predecessor(redis: Redis, session_id: str) -> None:
+    """A run read backwards follows on from the predecessor it names, as a page read forwards does from its
+    start: the relay's catch-up history grows backwards this way, each entry read once."""
+    store = make_store(redis)
+    _, ids = await write_texts(store, session_id, "abcdefghij")
+    entries, predecessor = await store.read_before(session_id, ids[8], 3)
+    assert [entry.stream_id for entry in entries] == ids[6:9]
+    assert predecessor == ids[5]
+    assert await store.read_after(session_id, predecessor, 3) == entries
+    entries, predecessor = await store.read_before(session_id, ids[1], 5)
+    assert [entry.stream_id for entry in entries] == ids[:2]
+    assert predecessor == StreamId.ZERO  # the first entry: nothing before it
+    await redis.xtrim(SessionKeys(session_id).events, maxlen=3, approximate=False)
+    entries, predecessor = await store.read_before(session_id, ids[8], 5)
+    assert [entry.stream_id for entry in entries] == ids[7:9]
+    assert predecessor == ids[6]  # trimmed, but named: the history cannot claim anything before it
+    assert await store.read_before(session_id, ids[5], 5) == ([], None)

@@ -71,6 +71,20 @@ class Resume(StoreCore):
             raise OffsetGone("events after this position are no longer retained; rebuild from a snapshot")
         return [_entry(entry_id, pairs(fields)) for entry_id, fields in reply[1]]
 
+    @storage_call
+    async def read_before(
+        self, session_id: str, through: StreamId, count: int
+    ) -> tuple[list[StreamEntry], StreamId | None]:
+        """Up to `count` entries with ids at or below `through`, oldest first, and the predecessor of the
+        oldest (None when nothing was read): the stream holds every entry after that predecessor up to
+        `through`, so a run read backwards this way follows on from it exactly, as `read_after`'s pages do."""
+        pending = self.redis.xrevrange(SessionKeys(session_id).events, str(through), "-", count)
+        reply = await cast(Awaitable[list[tuple[bytes, dict[bytes, bytes]]]], pending)
+        if not reply:
+            return [], None
+        entries = [_entry(entry_id, fields) for entry_id, fields in reversed(reply)]
+        return entries, StreamId.parse(reply[-1][1][b"p"])
+
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
     return StreamEntry(StreamId.parse(entry_id), fields[b"e"], fields[b"d"])

@@ -91,3 +91,76 @@ async def test_catch_up_merges_a_backlog_only_when_allowed_then_goes_live(bus: L
         assert sink.frames[-1]["seq"] == 6
     finally:
         await subscriber.stop()
+
+
+class GatedSink(RecordingSink):
+    """Holds its first catch-up send until `release` is set, so subscribers overlap while catching up."""
+
+    def __init__(self, release: asyncio.Event) -> None:
+        super().__init__()
+        self.release = release
+        self.waiting = asyncio.Event()
+
+    async def send(self, frame: bytes) -> None:
+        self.waiting.set()
+        await self.release.wait()
+        await super().send(frame)
+
+
+async def test_resumers_at_different_offsets_read_each_entry_from_redis_once(redis: Redis) -> None:
+    """A storm of reconnects: resumers at many offsets catching up at once share the feed's history, so the
+    entries they need are read from Redis once (not once per resumer), and each still gets exactly what
+    follows its offset, then the live tail."""
+    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    bus = LiveBus(store, LiveTail(store.topology), page_size=4)
+    bus.start()
+    read: list[int] = []
+    read_after, read_before = store.read_after, store.read_before
+
+    async def counted_after(session_id: str, after: StreamId, count: int) -> Any:
+        page = await read_after(session_id, after, count)
+        read.append(len(page))
+        return page
+
+    async def counted_before(session_id: str, through: StreamId, count: int) -> Any:
+        run, predecessor = await read_before(session_id, through, count)
+        read.append(len(run))
+        return run, predecessor
+
+    store.read_after, store.read_before = counted_after, counted_before  # type: ignore[method-assign,assignment]
+    session_id, generation_id = new_session_id(), new_generation_id()
+    await store.accept(session_id, generation_id, request={"model": "m", "messages": []}, model="m")
+    attempt = (await store.start(session_id, generation_id)).attempt
+    await write_deltas(store, session_id, generation_id, attempt, range(1, 41))
+    ids = [StreamId.parse(entry_id) for entry_id, _ in await redis.xrange(f"tf:{{{session_id}}}:events")]
+    release = asyncio.Event()
+    starts = [30, 3, 17, 29, 10, 0]  # resume after the start-th entry (0: from the beginning)
+    sinks = [GatedSink(release) for _ in starts]
+    subscribers = [
+        Subscriber(bus, session_id, ids[start - 1] if start else StreamId.ZERO, sink,
+                   max_buffer_bytes=1 << 20, slow_policy="close", merge=False)
+        for start, sink in zip(starts, sinks, strict=True)
+    ]  # fmt: skip
+    try:
+        for subscriber in subscribers:
+            subscriber.start()
+        async with asyncio.timeout(10):
+            for sink in sinks:
+                await sink.waiting.wait()
+            release.set()
+            for subscriber in subscribers:
+                await subscriber.caught_up.wait()
+        assert sum(read) <= 40 + 4  # each entry once (the last read may reach past the first entry)
+        for start, sink in zip(starts, sinks, strict=True):
+            assert [frame["seq"] for frame in sink.frames] == list(range(start + 1, 41))
+        await write_deltas(store, session_id, generation_id, attempt, range(41, 42))
+        async with asyncio.timeout(10):
+            for sink in sinks:
+                while sink.frames[-1]["seq"] != 41:
+                    sink.arrived.clear()
+                    await sink.arrived.wait()
+    finally:
+        for subscriber in subscribers:
+            await subscriber.stop()
+        await bus.close()
+        await store.topology.close()
