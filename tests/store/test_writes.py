@@ -410,6 +410,43 @@ async def test_lease_renewals_on_one_redis_ask_no_script_exists(redis: Redis, se
     assert after["evalsha"] - before["evalsha"] == 4  # two refused for want of the script, then run
 
 
+async def test_a_write_on_one_redis_loads_a_script_it_no_longer_holds(redis: Redis, session_id: str) -> None:
+    """The flush's call goes out packed, past redis-py's script layer: NOSCRIPT is answered by loading it."""
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    await redis.script_flush()
+    before = await command_calls(redis)
+    (result,) = await store.write(
+        [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "ab"))]
+    )
+    assert (result.outcome, result.last_seq) == (WriteOutcome.OK, 2)
+    assert (await command_calls(redis))["evalsha"] - before.get("evalsha", 0) == 2  # refused, then run
+    assert await stream_texts(redis, session_id) == ["a", "b"]
+
+
+async def test_a_write_whose_connection_was_dropped_goes_out_on_a_new_one(
+    redis: Redis, session_id: str
+) -> None:
+    """The packed call's own retry: a pooled connection the server closed (a restart, an idle timeout) costs
+    the flush nothing but a reconnect."""
+    own_client = Redis(**redis.connection_pool.connection_kwargs)
+    try:
+        store = make_store(own_client)
+        generation_id, attempt = await running(store, session_id)
+        await store.write(
+            [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "a"))]
+        )
+        await redis.execute_command(
+            "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
+        )  # the store's, not ours
+        more = deltas(session_id, generation_id, "bc", first_seq=2)
+        (result,) = await store.write([WriteItem(session_id, generation_id, attempt, more)])
+        assert (result.outcome, result.last_seq) == (WriteOutcome.OK, 3)
+        assert await stream_texts(redis, session_id) == ["a", "b", "c"]
+    finally:
+        await own_client.aclose()
+
+
 async def test_each_append_is_published_with_its_predecessor(redis: Redis, session_id: str) -> None:
     store = make_store(redis)
     generation_id, attempt = await running(store, session_id)
