@@ -91,7 +91,7 @@ def flush_costs(generations: int, passes: int) -> dict[str, float]:
     """CPU-µs per generation per flush, by step, with one token per generation."""
     writer = StreamWriter(store=None)  # type: ignore[arg-type]
     streams = [writer.open(f"bench-{n}", f"gen_{n:026d}", 1, 5) for n in range(generations)]
-    row = [b"ok", b"abcd1234", b"1796404719348-0", b"12", b"", b"", b"running"]
+    row = b"abcd1234 1796404719348-0 12"  # write.lua's reply for a generation written and still running
     totals = {"take and encode": 0.0, "lay out and pack": 0.0, "results": 0.0}
     rounds = 200
     best: dict[str, float] = {}

@@ -29,6 +29,7 @@ from tokenfan.contract.keys import GenerationField, SessionKeys
 from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store import EventWrite, Finish, StartOutcome, WriteItem, WriteOutcome, slot_of
 from tokenfan.store.tail import LiveTail, Published
+from tokenfan.store.writes import _write_result
 
 
 async def test_write_appends_events_text_and_offsets(redis: Redis, session_id: str) -> None:
@@ -490,3 +491,10 @@ class Heard:
     def on_published(self, entries: list[Published]) -> None:
         self.entries += entries
         self.more.set()
+
+
+def test_the_common_reply_reads_back_as_its_full_form() -> None:
+    """write.lua answers a generation written and still running with one string: the same result."""
+    full = [b"ok", b"abcd1234", b"1796404719348-0", b"12", b"", b"", b"running"]
+    assert _write_result(b"abcd1234 1796404719348-0 12") == _write_result(full)
+    assert _write_result("abcd1234 0-0 0") == _write_result(["ok", "abcd1234", "0-0", 0, "", "", "running"])

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_epoch
 from tokenfan.store.batch import ScriptCall, run_calls
 from tokenfan.store.boundary import storage_call
@@ -67,8 +68,15 @@ _OUTCOMES: dict[bytes | str, WriteOutcome] = {
 }
 
 
-def _write_result(row: list[Any]) -> WriteResult:
-    """One item's reply. Per generation per flush, so kept lean: the offset is parsed only when asked for."""
+_OK, _RUNNING = WriteOutcome.OK, GenerationStatus.RUNNING.value
+
+
+def _write_result(row: list[Any] | bytes | str) -> WriteResult:
+    """One item's reply. Per generation per flush, so kept lean: the offset is parsed only when asked for,
+    and the common reply (written, still running, nothing asked) is one string (see write.lua)."""
+    if type(row) is not list:
+        epoch, last, seq = (row.decode() if type(row) is bytes else str(row)).split(" ")
+        return WriteResult(_OK, int(seq), epoch, last, "", None, _RUNNING)
     code, epoch, last, last_seq, cancel, head, status = [
         part.decode() if type(part) is bytes else str(part) for part in row
     ]
