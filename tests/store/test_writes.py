@@ -437,9 +437,7 @@ async def test_a_write_whose_connection_was_dropped_goes_out_on_a_new_one(
         await store.write(
             [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "a"))]
         )
-        await redis.execute_command(
-            "CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"
-        )  # the store's, not ours
+        await redis.client_kill_filter(_type="normal", skipme=True)  # the store's connection, not ours
         more = deltas(session_id, generation_id, "bc", first_seq=2)
         (result,) = await store.write([WriteItem(session_id, generation_id, attempt, more)])
         assert (result.outcome, result.last_seq) == (WriteOutcome.OK, 3)
