@@ -10,8 +10,8 @@ No sockets and no Redis: the very code of the hot paths, with `time.process_time
   metrics port off and on;
 * **the flush, per generation**: for ``--generations`` streams holding one token each (a model's pace at a
   short flush window), what the writer does per item: take and encode its events (`StreamWriter._collect`),
-  lay out the script's arguments, pack the call (hiredis, as the store's connections do), and read back and
-  apply each item's result;
+  lay out and pack the script call as the bytes sent (`write_layout.packed_write`), and read back and apply
+  each item's result;
 * **a token's metrics**: `TokenPace.tick` alone.
 
 These are the numbers to compare between two versions of the worker on the same machine: unlike the system
@@ -36,7 +36,7 @@ from typing import Any
 
 from bench.harness import save
 from tokenfan.runtime.metrics import Metrics
-from tokenfan.store.write_layout import WriteCall, write_arguments
+from tokenfan.store.write_layout import WriteCall, packed_write
 from tokenfan.store.writes import _write_result
 from worker.generate import _Received
 from worker.metrics import WorkerMetrics
@@ -89,13 +89,10 @@ def read_cost(tokens: int, passes: int, metrics: bool) -> float:
 
 def flush_costs(generations: int, passes: int) -> dict[str, float]:
     """CPU-µs per generation per flush, by step, with one token per generation."""
-    import hiredis
-
-    pack: Callable[[tuple[Any, ...]], bytes] = hiredis.pack_command  # what the store's connections pack with
     writer = StreamWriter(store=None)  # type: ignore[arg-type]
     streams = [writer.open(f"bench-{n}", f"gen_{n:026d}", 1, 5) for n in range(generations)]
-    row = [b"ok", b"abcd1234", b"1796404719348-0", b"12", b"", b"", b"running"]
-    totals = {"take and encode": 0.0, "lay out": 0.0, "pack": 0.0, "results": 0.0}
+    row = b"abcd1234 1796404719348-0 12"  # write.lua's reply for a generation written and still running
+    totals = {"take and encode": 0.0, "lay out and pack": 0.0, "results": 0.0}
     rounds = 200
     best: dict[str, float] = {}
     for _ in range(passes):
@@ -106,18 +103,12 @@ def flush_costs(generations: int, passes: int) -> dict[str, float]:
             started = time.process_time()
             batch = writer._collect()
             laid = time.process_time()
-            keys, args = write_arguments(
-                [item for _, item in batch], WriteCall(1, 1000, 60, "ep", len(batch))
-            )
-            packed = time.process_time()
-            pack(("EVALSHA", "0" * 40, len(keys), *keys, *args))
+            packed_write("0" * 40, [item for _, item in batch], WriteCall(1, 1000, 60, "ep", len(batch)))
             read = time.process_time()
             for (stream, item), result in zip(batch, [_write_result(row) for _ in batch], strict=True):
                 stream._apply(item, result)
             done = time.process_time()
-            for step, seconds in zip(
-                totals, (laid - started, packed - laid, read - packed, done - read), strict=True
-            ):
+            for step, seconds in zip(totals, (laid - started, read - laid, done - read), strict=True):
                 totals[step] += seconds
             for stream in streams:
                 stream.text_parts.clear()

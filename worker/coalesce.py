@@ -44,11 +44,23 @@ class Coalescer:
         self.pending_bytes += 64
 
     def add_content(self, text: str) -> None:
-        if text:
-            # A token is nearly always ASCII, whose length is its UTF-8 size: no encoding to count it.
-            delta = self._open_delta(len(text) if text.isascii() else len(text.encode()))
-            delta.fields["content"] = delta.fields.get("content", "") + text
-            delta.text += text
+        """Once per token: `_open_delta` inlined, and a new delta built whole (at a model's pace a flush
+        takes every token away, so nearly every token opens one)."""
+        if not text:
+            return
+        # A token is nearly always ASCII, whose length is its UTF-8 size: no encoding to count it.
+        size = len(text) if text.isascii() else len(text.encode())
+        self.pending_bytes += size
+        events = self._events
+        if events and self.merge:
+            last = events[-1]
+            if last.type is EventType.DELTA and last.size + size <= self.max_event_bytes:
+                last.size += size
+                fields = last.fields
+                fields["content"] = fields.get("content", "") + text
+                last.text += text
+                return
+        events.append(PendingEvent(EventType.DELTA, {"content": text}, text, "", size))
 
     def add_reasoning(self, text: str) -> None:
         if text:

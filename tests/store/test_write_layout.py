@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from redis.asyncio.connection import Connection
+
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.keys import SessionKeys
 from tokenfan.store.scripts import SOURCES
@@ -19,6 +21,7 @@ from tokenfan.store.write_layout import (
     WriteItem,
     item_keys,
     lua_prelude,
+    packed_write,
     write_arguments,
 )
 
@@ -80,3 +83,22 @@ def test_item_keys_are_the_sessions_and_the_generations_names() -> None:
         names.generation_reasoning("g"),
     )
     assert item_keys("s", "g") is keys  # built once per generation, not once per flush
+
+
+def test_the_packed_call_is_what_a_client_packs_from_the_arguments() -> None:
+    """The flush sends `packed_write`'s bytes as they are: they must be the very command redis-py packs
+    (its pure-Python packer, the reference) from the keys and arguments, non-ASCII text and a finish included."""
+    finish = Finish(GenerationStatus.COMPLETED, "stop", {"total_tokens": 3})
+    items = [
+        WriteItem(
+            "s1", "g1", 2, [EventWrite(5, '{"c":"héllo ✓"}', "héllo ✓"), EventWrite(6, "b6", "", "r", 1)]
+        ),
+        WriteItem("sé", "g2", 1, [], finish, tool_calls='[{"index":0}]'),
+        WriteItem("s1", "g3", 1, [EventWrite(1, "b1")]),
+    ]
+    call = WriteCall(now_ms=1_700_000_000_000, maxlen=1000, ttl=60, epoch_candidate="e", item_count=3)
+    keys, args = write_arguments(items, call)
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    expected = b"".join(Connection().pack_command("EVALSHA", sha, len(keys), *keys, *args))
+    assert packed_write(sha, items, call) == expected
+    assert packed_write(sha, items, call) == expected  # the keys from the cache, the second time

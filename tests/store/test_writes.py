@@ -29,6 +29,7 @@ from tokenfan.contract.keys import GenerationField, SessionKeys
 from tokenfan.contract.offsets import Offset, StreamId
 from tokenfan.store import EventWrite, Finish, StartOutcome, WriteItem, WriteOutcome, slot_of
 from tokenfan.store.tail import LiveTail, Published
+from tokenfan.store.writes import _write_result
 
 
 async def test_write_appends_events_text_and_offsets(redis: Redis, session_id: str) -> None:
@@ -410,6 +411,41 @@ async def test_lease_renewals_on_one_redis_ask_no_script_exists(redis: Redis, se
     assert after["evalsha"] - before["evalsha"] == 4  # two refused for want of the script, then run
 
 
+async def test_a_write_on_one_redis_loads_a_script_it_no_longer_holds(redis: Redis, session_id: str) -> None:
+    """The flush's call goes out packed, past redis-py's script layer: NOSCRIPT is answered by loading it."""
+    store = make_store(redis)
+    generation_id, attempt = await running(store, session_id)
+    await redis.script_flush()
+    before = await command_calls(redis)
+    (result,) = await store.write(
+        [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "ab"))]
+    )
+    assert (result.outcome, result.last_seq) == (WriteOutcome.OK, 2)
+    assert (await command_calls(redis))["evalsha"] - before.get("evalsha", 0) == 2  # refused, then run
+    assert await stream_texts(redis, session_id) == ["a", "b"]
+
+
+async def test_a_write_whose_connection_was_dropped_goes_out_on_a_new_one(
+    redis: Redis, session_id: str
+) -> None:
+    """The packed call's own retry: a pooled connection the server closed (a restart, an idle timeout) costs
+    the flush nothing but a reconnect."""
+    own_client = Redis(**redis.connection_pool.connection_kwargs)
+    try:
+        store = make_store(own_client)
+        generation_id, attempt = await running(store, session_id)
+        await store.write(
+            [WriteItem(session_id, generation_id, attempt, deltas(session_id, generation_id, "a"))]
+        )
+        await redis.client_kill_filter(_type="normal", skipme=True)  # the store's connection, not ours
+        more = deltas(session_id, generation_id, "bc", first_seq=2)
+        (result,) = await store.write([WriteItem(session_id, generation_id, attempt, more)])
+        assert (result.outcome, result.last_seq) == (WriteOutcome.OK, 3)
+        assert await stream_texts(redis, session_id) == ["a", "b", "c"]
+    finally:
+        await own_client.aclose()
+
+
 async def test_each_append_is_published_with_its_predecessor(redis: Redis, session_id: str) -> None:
     store = make_store(redis)
     generation_id, attempt = await running(store, session_id)
@@ -453,3 +489,10 @@ class Heard:
     def on_published(self, entries: list[Published]) -> None:
         self.entries += entries
         self.more.set()
+
+
+def test_the_common_reply_reads_back_as_its_full_form() -> None:
+    """write.lua answers a generation written and still running with one string: the same result."""
+    full = [b"ok", b"abcd1234", b"1796404719348-0", b"12", b"", b"", b"running"]
+    assert _write_result(b"abcd1234 1796404719348-0 12") == _write_result(full)
+    assert _write_result("abcd1234 0-0 0") == _write_result(["ok", "abcd1234", "0-0", 0, "", "", "running"])

@@ -15,13 +15,14 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
+from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_epoch
 from tokenfan.store.batch import ScriptCall, run_calls
 from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, now_ms
 from tokenfan.store.records import WriteOutcome, WriteResult
 from tokenfan.store.slots import slot_of
-from tokenfan.store.write_layout import WriteCall, WriteItem, write_arguments
+from tokenfan.store.write_layout import ItemKeys, WriteCall, WriteItem, item_keys, packed_write
 
 __all__ = ["Writes"]
 
@@ -38,25 +39,26 @@ class Writes(StoreCore):
         now, epoch = now_ms(), new_epoch()
         if not self.topology.is_cluster:
             # One Redis: one script call carries every generation, whatever its slot.
-            keys, args = write_arguments(items, self._call(now, epoch, len(items)))
-            return [_write_result(row) for row in await self.scripts.write(keys=keys, args=args)]
+            (reply,) = await run_calls(self.topology, [self._packed(items, now, epoch)])
+            return [_write_result(row) for row in reply]
         # A cluster: one call per slot (a script's keys must share one), pipelined per node.
         by_slot: dict[int, list[int]] = defaultdict(list)
         for index, item in enumerate(items):
             by_slot[slot_of(item.session_id)].append(index)
         groups = list(by_slot.values())
-        calls: list[ScriptCall] = []
-        for group in groups:
-            keys, args = write_arguments([items[i] for i in group], self._call(now, epoch, len(group)))
-            calls.append((self.scripts.write, keys, args))
+        calls = [self._packed([items[i] for i in group], now, epoch) for group in groups]
         results: list[WriteResult | None] = [None] * len(items)
         for group, reply in zip(groups, await run_calls(self.topology, calls), strict=True):
             for index, row in zip(group, reply, strict=True):
                 results[index] = _write_result(row)
         return [result for result in results if result is not None]
 
-    def _call(self, now: int, epoch: str, item_count: int) -> WriteCall:
-        return WriteCall(now, self.stream_max_length, self.session_ttl_seconds, epoch, item_count)
+    def _packed(self, items: Sequence[WriteItem], now: int, epoch: str) -> ScriptCall:
+        """One script call carrying `items` (one slot's, on a cluster), packed: routed by its first key."""
+        call = WriteCall(now, self.stream_max_length, self.session_ttl_seconds, epoch, len(items))
+        first: ItemKeys = item_keys(items[0].session_id, items[0].generation_id)
+        script = self.scripts.write
+        return script, [first.events], packed_write(script.sha, items, call)
 
 
 #: write.lua's codes as they come back: a dict look-up per item rather than an enum call.
@@ -66,8 +68,15 @@ _OUTCOMES: dict[bytes | str, WriteOutcome] = {
 }
 
 
-def _write_result(row: list[Any]) -> WriteResult:
-    """One item's reply. Per generation per flush, so kept lean: the offset is parsed only when asked for."""
+_OK, _RUNNING = WriteOutcome.OK, GenerationStatus.RUNNING.value
+
+
+def _write_result(row: list[Any] | bytes | str) -> WriteResult:
+    """One item's reply. Per generation per flush, so kept lean: the offset is parsed only when asked for,
+    and the common reply (written, still running, nothing asked) is one string (see write.lua)."""
+    if type(row) is not list:
+        epoch, last, seq = (row.decode() if type(row) is bytes else str(row)).split(" ")
+        return WriteResult(_OK, int(seq), epoch, last, "", None, _RUNNING)
     code, epoch, last, last_seq, cancel, head, status = [
         part.decode() if type(part) is bytes else str(part) for part in row
     ]
