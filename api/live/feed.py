@@ -81,7 +81,6 @@ class SessionFeed:
         self._chunks: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # the history's
         self._history: History | None = None  # while any subscriber catches up
         self._backfill: asyncio.Future[None] | None = None  # the history's read backwards in flight
-        self._wanted: StreamId | None = None  # the oldest position it reads back to (while in flight)
 
     @property
     def position(self) -> StreamId:
@@ -121,7 +120,7 @@ class SessionFeed:
         identical read is in flight waits for that one."""
         history = self._history
         while history is not None and history.can_grow_back_to(after) and history is self._history:
-            await self._grow_history(after)
+            await self._grow_history()
         history = self._history
         if history is not None and history.covers(after):
             return history.chunk(after)
@@ -134,14 +133,10 @@ class SessionFeed:
             return history.chunk(after)
         return []
 
-    async def _grow_history(self, after: StreamId) -> None:
-        """Read backwards until the history covers `after` and whatever older position the resumers waiting
-        meanwhile ask for; one read at a time, shared by every waiting resumer, which waits once for all of
-        its pages (not once per page: in a storm, 100 resumers woken after each of ten pages cost more than
-        the pages). A read that has finished is never waited for again (its done callbacks may not have
-        run yet), so every wait is for a read that moves the history back or marks it stuck."""
-        if self._wanted is None or after < self._wanted:
-            self._wanted = after
+    async def _grow_history(self) -> None:
+        """Read the page before the history into it; one read at a time, shared by every waiting resumer.
+        A read that has finished is never waited for again (its done callbacks may not have run yet), so
+        every wait is for a read that moves the history back or marks it stuck."""
         backfill = self._backfill
         if backfill is None or backfill.done():
             history = self._history
@@ -151,23 +146,15 @@ class SessionFeed:
         await asyncio.shield(backfill)  # one reader's cancellation leaves the others' read alone
 
     async def _read_backwards(self, history: History) -> None:
+        self.bus.metrics.pages.inc()
         try:
-            while (
-                history is self._history
-                and self._wanted is not None
-                and history.can_grow_back_to(self._wanted)
-            ):
-                self.bus.metrics.pages.inc()
-                try:
-                    run, predecessor = await self.bus.store.read_before(
-                        self.session_id, history.after, self.bus.page_size
-                    )
-                except BaseException:
-                    history.stuck = True  # the next reader goes forwards, and meets the error itself
-                    raise
-                history.prepend(run, predecessor)
-        finally:
-            self._wanted = None  # no await since the last check: nobody asked for more meanwhile
+            run, predecessor = await self.bus.store.read_before(
+                self.session_id, history.after, self.bus.page_size
+            )
+        except BaseException:
+            history.stuck = True  # the next reader goes forwards, and meets the error itself
+            raise
+        history.prepend(run, predecessor)
 
     async def _read_forwards(self, after: StreamId) -> list[StreamEntry]:
         key = (after, self.bus.page_size)
