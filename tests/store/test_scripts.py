@@ -122,6 +122,7 @@ async def _every_script(store: Store) -> None:
     await store.snapshot(session_id, since=written.last_offset.stream_id)
     await store.check_resume(session_id, Offset(written.last_offset.epoch, written.last_offset.stream_id))
     await store.read_after(session_id, written.last_offset.stream_id, 10)
+    await store.read_before(session_id, written.last_offset.stream_id, 10)
     await store.rate_limit(new_session_id(), 60)
     elsewhere = new_generation_id()
     await store.accept(other, elsewhere, request=REQUEST, model="m")

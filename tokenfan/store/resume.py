@@ -78,13 +78,26 @@ class Resume(StoreCore):
         """Up to `count` entries with ids at or below `through`, oldest first, and the predecessor of the
         oldest (None when nothing was read): the stream holds every entry after that predecessor up to
         `through`, so a run read backwards this way follows on from it exactly, as `read_after`'s pages do."""
-        pending = self.redis.xrevrange(SessionKeys(session_id).events, str(through), "-", count)
-        reply = await cast(Awaitable[list[tuple[bytes, dict[bytes, bytes]]]], pending)
+        reply = await self.scripts.read_back(
+            keys=[SessionKeys(session_id).events], args=[str(through), count]
+        )
         if not reply:
             return [], None
-        entries = [_entry(entry_id, fields) for entry_id, fields in reversed(reply)]
-        return entries, StreamId.parse(reply[-1][1][b"p"])
+        return _flat_entries(reply), _id(reply[1])
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
     return StreamEntry(StreamId.parse(entry_id), fields[b"e"], fields[b"d"])
+
+
+def _flat_entries(flat: list[bytes]) -> list[StreamEntry]:
+    """The entries of a ``read_back`` reply (id, predecessor, epoch, body, four values each)."""
+    return [StreamEntry(_id(flat[i]), flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4)]
+
+
+def _id(raw: bytes) -> StreamId:
+    """An entry id as Redis wrote it: two decimal numbers joined by a dash, already checked by Redis, so
+    none of `StreamId.parse`'s checks of what a client sent (its regular expression was most of the time
+    spent turning a page into entries)."""
+    ms, _, seq = raw.partition(b"-")
+    return StreamId(int(ms), int(seq))

@@ -52,6 +52,7 @@ SOURCES: dict[str, str] = {
     "position": _COMMON + _read("position"),
     "rate": _read("rate"),
     "read": _read("read"),
+    "read_back": _read("read_back"),
     "replay": _COMMON + _read("replay"),
     "snapshot": _COMMON + _read("snapshot"),
     "start": _read("start"),
@@ -76,6 +77,7 @@ class Scripts:
         "position",
         "rate",
         "read",
+        "read_back",
         "replay",
         "snapshot",
         "start",
@@ -95,6 +97,7 @@ class Scripts:
         self.position = AsyncScript(redis, SOURCES["position"])  # type: ignore[arg-type]
         self.rate = AsyncScript(redis, SOURCES["rate"])  # type: ignore[arg-type]
         self.read = AsyncScript(redis, SOURCES["read"])  # type: ignore[arg-type]
+        self.read_back = AsyncScript(redis, SOURCES["read_back"])  # type: ignore[arg-type]
         self.replay = AsyncScript(redis, SOURCES["replay"])  # type: ignore[arg-type]
         self.snapshot = AsyncScript(redis, SOURCES["snapshot"])  # type: ignore[arg-type]
         self.start = AsyncScript(redis, SOURCES["start"])  # type: ignore[arg-type]
