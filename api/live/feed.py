@@ -169,8 +169,7 @@ class SessionFeed:
     def _read_done(self, key: tuple[StreamId, int], read: asyncio.Future[list[StreamEntry]]) -> None:
         if self._reads.get(key) is read:
             del self._reads[key]
-        if not read.cancelled():
-            read.exception()  # retrieved: every waiter may have been cancelled
+        _retrieved(read)
 
     def page_batch(self, entries: list[StreamEntry]) -> FrameBatch:
         """A catch-up page as a `FrameBatch`: its frames merged, and each transport's encoding of them made,
@@ -315,7 +314,7 @@ class SessionFeed:
         self.bus.metrics.fanned_out(batch, sent)
 
 
-def _retrieved(future: asyncio.Future[None]) -> None:
+def _retrieved(future: asyncio.Future[Any]) -> None:
     """Mark a shared read's error as retrieved: every waiter may have been cancelled."""
     if not future.cancelled():
         future.exception()
