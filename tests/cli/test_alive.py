@@ -6,10 +6,11 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 from tests.support.stack import RunningStack
+from tests.support.waiting import wait_until
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 
 
@@ -23,11 +24,8 @@ def probe(path: Path, within: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-def until(condition: object, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "the probe never answered as expected"
-        time.sleep(0.1)
+def until(condition: Callable[[], bool]) -> None:
+    wait_until(condition, "the probe never answered as expected", timeout=20, interval=0.1)
 
 
 def test_the_probe_is_fresh_while_the_worker_runs_and_fails_once_it_is_frozen(

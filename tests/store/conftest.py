@@ -3,7 +3,6 @@ job queue, which no process of the test stack polls."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
@@ -12,6 +11,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from tests.store.helpers import MADE
+from tests.support.waiting import wait_until
 from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
 from tokenfan.store.connection import cluster_client as cluster_client_for
 
@@ -34,10 +34,11 @@ def cluster_server() -> Iterator[EmbeddedRedis]:
     with EmbeddedRedis(extra_args=("--cluster-enabled", "yes", "--cluster-port", bus_port)) as server:
         with sync_redis.Redis.from_url(server.url) as client:
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
-            deadline = time.monotonic() + 10
-            while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
-                assert time.monotonic() < deadline, "the node never took its slots"
-                time.sleep(0.01)
+            wait_until(
+                lambda: b"cluster_state:ok" in client.execute_command("CLUSTER", "INFO"),
+                "the node never took its slots",
+                interval=0.01,
+            )
         yield server
 
 

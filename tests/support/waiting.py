@@ -4,19 +4,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
 
 async def wait_for_condition(
-    check: Callable[[], Awaitable[bool]], *, timeout: float = 10.0, interval: float = 0.02
+    check: Callable[[], Awaitable[bool]],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    message: str | None = None,
 ) -> None:
-    """Poll `check` until it holds; a timeout is a test failure. The interval only paces the polling."""
-    async with asyncio.timeout(timeout):
-        while True:
-            if await check():
-                return
-            await asyncio.sleep(interval)
+    """Poll `check` until it holds; a timeout is a test failure (saying `message`, when given). The interval
+    only paces the polling: for a state nothing announces (an API's status, a key in Redis)."""
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                if await check():
+                    return
+                await asyncio.sleep(interval)
+    except TimeoutError:
+        if message is None:
+            raise
+        raise AssertionError(message) from None
+
+
+def wait_until(
+    check: Callable[[], bool], message: str, *, timeout: float = 10.0, interval: float = 0.02
+) -> None:
+    """`wait_for_condition` for code without an event loop (fixtures, a process probed from outside)."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, message
+        time.sleep(interval)
 
 
 class Closable(Protocol):

@@ -360,11 +360,12 @@ async def test_a_job_that_runs_before_its_generation_is_accepted_waits_for_it(
     body = user_message("slow acceptance")
     generation_id = new_generation_id()
     await enqueue_generation(queue, session_id, generation_id)
+
     # Wait until the worker has run the job and found nothing to do: arq recorded a first try.
-    deadline = asyncio.get_running_loop().time() + 10
-    while not await redis.exists(f"arq:retry:{generation_id}"):
-        assert asyncio.get_running_loop().time() < deadline, "the worker never ran the early job"
-        await asyncio.sleep(0.01)
+    async def tried() -> bool:
+        return bool(await redis.exists(f"arq:retry:{generation_id}"))
+
+    await wait_for_condition(tried, interval=0.01, message="the worker never ran the early job")
     await store.accept(session_id, generation_id, request=body, model=body["model"])
     await watcher.receive_until(finished(generation_id))
     assert watcher.transcript().generations[generation_id].text == expected_text(body)

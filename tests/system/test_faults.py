@@ -22,6 +22,7 @@ from redis.asyncio import Redis
 from tests.support.delivery import assert_exact_delivery
 from tests.support.requests import accept, expected_text, new_session_id, user_message
 from tests.support.stack import RunningStack
+from tests.support.waiting import wait_for_condition
 from tests.support.watchers import Watcher, finished
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.cli.processes import ChildProcess
@@ -294,6 +295,12 @@ async def test_hooks_add_custom_events_in_order(faults: RunningStack, fapi: http
     await watcher.close()
 
 
+async def status_is(api: httpx.AsyncClient, generation_id: str, status: str) -> bool:
+    """Polled every 200 ms: a cancellation for want of watchers takes seconds by design, and nothing a
+    test may watch announces it (a watcher would be one)."""
+    return bool((await api.get(f"/v1/generations/{generation_id}")).json()["status"] == status)
+
+
 async def test_a_generation_nobody_watches_is_cancelled_when_it_asked_to_be(
     faults: RunningStack, fapi: httpx.AsyncClient
 ) -> None:
@@ -303,10 +310,12 @@ async def test_a_generation_nobody_watches_is_cancelled_when_it_asked_to_be(
     generation_id = await accept(fapi, session_id, body)
     await deltas_of(watcher, generation_id, 2)
     await watcher.close()  # the only subscriber walks away
-    deadline = asyncio.get_running_loop().time() + 20
-    while (await fapi.get(f"/v1/generations/{generation_id}")).json()["status"] != "cancelled":
-        assert asyncio.get_running_loop().time() < deadline, "never cancelled"
-        await asyncio.sleep(0.2)  # polling the API for a state change that takes seconds by design
+    await wait_for_condition(
+        lambda: status_is(fapi, generation_id, "cancelled"),
+        timeout=20,
+        interval=0.2,
+        message="never cancelled",
+    )
     late = await Watcher(faults.relay_url, session_id).connect()
     await late.receive_until(finished(generation_id))
     assert late.frames[-1]["reason"] == "unwatched"
@@ -332,10 +341,12 @@ async def test_an_openai_client_that_leaves_leaves_its_generation_to_the_unwatch
             break
     await stream.close()
     await sdk.close()
-    deadline = asyncio.get_running_loop().time() + 20
-    while (await fapi.get(f"/v1/generations/{generation_id}")).json()["status"] != "cancelled":
-        assert asyncio.get_running_loop().time() < deadline, "never cancelled"
-        await asyncio.sleep(0.2)  # polling the API for a state change that takes seconds by design
+    await wait_for_condition(
+        lambda: status_is(fapi, generation_id, "cancelled"),
+        timeout=20,
+        interval=0.2,
+        message="never cancelled",
+    )
     late = await Watcher(faults.relay_url, raw.headers["x-tokenfan-session"]).connect()
     await late.receive_until(finished(generation_id))
     assert late.frames[-1]["reason"] == "unwatched"

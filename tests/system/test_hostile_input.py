@@ -45,7 +45,7 @@ from api.http.app import create_app
 from tests.support.delivery import assert_exact_delivery, transcript_of
 from tests.support.requests import accept, bearer, expected_text, new_session_id, user_message
 from tests.support.stack import RunningStack, relay_process, rss_kib, start_frontends
-from tests.support.waiting import Closer, wait_for_condition
+from tests.support.waiting import Closer, wait_for_condition, wait_until
 from tests.support.watchers import CredentialMultiWatcher, Watcher, finished, http_url, stream_url
 from tokenfan.contract.errors import Unauthorized
 from tokenfan.runtime.auth import (
@@ -92,10 +92,11 @@ def history(hostile: RunningStack) -> str:
         response = client.post(f"/v1/sessions/{session_id}/generations", json=user_message("history"))
         assert response.status_code == 202, response.text
         generation = f"/v1/generations/{response.json()['generation_id']}"
-        deadline = time.monotonic() + 20
-        while client.get(generation).json()["status"] != "completed":
-            assert time.monotonic() < deadline, "the history generation did not complete"
-            time.sleep(0.02)
+        wait_until(
+            lambda: client.get(generation).json()["status"] == "completed",
+            "the history generation did not complete",
+            timeout=20,
+        )
     return session_id
 
 
