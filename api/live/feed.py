@@ -15,6 +15,7 @@ lingers for ``linger_seconds`` (a reconnecting client usually comes straight bac
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 from collections.abc import Coroutine, Iterator
@@ -49,6 +50,9 @@ _PAGES_KEPT = 16
 HISTORY_ENTRIES = 16_384
 #: ``TOKENFAN_CATCHUP_HISTORY_BUDGET``'s default: seven full histories of benchmark-sized deltas.
 HISTORY_BUDGET = 33_554_432
+#: Reads in flight from before its position a resumer waits for, one after another, before reading for itself
+#: (each that ends before its position was someone else's page; a bound keeps a resumer from waiting on many).
+_JOINS = 8
 #: Frames of the history's shared answers kept (every step of a full history, and a few more).
 _CHUNKS_KEPT = HISTORY_ENTRIES // STEP + 8
 
@@ -162,6 +166,19 @@ class SessionFeed:
         history.prepend(run, predecessor)
 
     async def _read_forwards(self, after: StreamId) -> list[StreamEntry]:
+        """A page after `after`, read from Redis. A read in flight from `after` or from before it is waited
+        for rather than repeated: when its page reaches past `after`, what follows `after` in it is exactly
+        what a read from `after` would return (a page is every entry after its start, up to its last). A storm
+        of resumers at many offsets beyond the history thus reads each page once for all the resumers it
+        covers, not once per resumer, and they go on together from its end (the same read, shared)."""
+        for _ in range(_JOINS):
+            joined = self._read_in_flight_before(after)
+            if joined is None:
+                break
+            with contextlib.suppress(Exception):  # its failure is its reader's; ours comes from our own read
+                page = await asyncio.shield(joined)
+                if page and page[-1].stream_id > after:
+                    return page[bisect.bisect_right(page, after, key=_stream_id) :]
         key = (after, self.bus.page_size)
         pending = self._reads.get(key)
         if pending is None:
@@ -170,6 +187,14 @@ class SessionFeed:
             self._reads[key] = pending
             pending.add_done_callback(functools.partial(self._read_done, key))
         return await asyncio.shield(pending)  # one reader's cancellation leaves the others' read alone
+
+    def _read_in_flight_before(self, after: StreamId) -> asyncio.Future[list[StreamEntry]] | None:
+        """The read in flight from the latest position at or before `after`, if any."""
+        best: tuple[StreamId, asyncio.Future[list[StreamEntry]]] | None = None
+        for (start, size), pending in self._reads.items():
+            if size == self.bus.page_size and start <= after and (best is None or start > best[0]):
+                best = start, pending
+        return best[1] if best is not None else None
 
     def _read_done(self, key: tuple[StreamId, int], read: asyncio.Future[list[StreamEntry]]) -> None:
         if self._reads.get(key) is read:
@@ -324,6 +349,10 @@ class SessionFeed:
             sent += subscriber.on_live_batch(batch, before)
         self.frames_sent += sent
         self.bus.metrics.fanned_out(batch, sent)
+
+
+def _stream_id(entry: StreamEntry) -> StreamId:
+    return entry.stream_id
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
