@@ -157,3 +157,31 @@ async def test_many_sessions_resuming_at_once_get_exactly_their_streams_within_t
             await session.stop()
         await bus.close()
         await store.topology.close()
+
+
+async def test_resumers_the_history_cannot_serve_share_the_pages_read_from_before_their_offsets(
+    redis: Redis,
+) -> None:
+    """With no room in the budget at all, every resumer reads pages from Redis; one already being read from
+    before a resumer's offset serves it too (what follows its offset in that page), so seven resumers at
+    seven offsets read fewer than seven pages, and each still gets exactly its stream."""
+    store = Store(redis, session_ttl_seconds=3600, stream_max_length=1000)
+    session = Session(store)
+    await session.write(range(1, ENTRIES + 1))
+    bus = LiveBus(store, LiveTail(store.topology), page_size=64, history_budget=1)
+    bus.start()
+    forwards = count_forward_reads(store)
+    release = asyncio.Event()
+    try:
+        async with asyncio.timeout(20):
+            await session.resume(bus, redis, release, merge=True)
+            await asyncio.gather(*(sink.waiting.wait() for _, sink, _ in session.resumers))
+            release.set()
+            await asyncio.gather(*(subscriber.caught_up.wait() for *_, subscriber in session.resumers))
+        session.assert_exact(ENTRIES)
+        assert 0 < len(forwards) < len(STARTS)
+        assert bus.history_budget.peak == 0
+    finally:
+        await session.stop()
+        await bus.close()
+        await store.topology.close()
