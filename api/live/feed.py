@@ -45,7 +45,7 @@ log = structlog.get_logger("tokenfan.live.feed")
 #: 100 KB with the default page size).
 _PAGES_KEPT = 16
 #: At most this many entries in a feed's catch-up history (`api.live.history`), about 4 MB of deltas; a
-#: resumer further behind reads its own pages until it reaches the history. What all of a process's
+#: resumer further behind reads pages (`_read_forwards`) until it reaches the history. What all of a process's
 #: histories hold together is bounded besides (`HistoryBudget`, ``TOKENFAN_CATCHUP_HISTORY_BUDGET``).
 HISTORY_ENTRIES = 16_384
 #: ``TOKENFAN_CATCHUP_HISTORY_BUDGET``'s default: seven full histories of benchmark-sized deltas.
