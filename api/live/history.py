@@ -15,10 +15,10 @@ Every history of a process draws on one `HistoryBudget` (``TOKENFAN_CATCHUP_HIST
 bytes), so a storm of reconnects to many sessions holds at most that much, however many sessions resume at
 once. A history grows backwards only into what the budget has left, and stops growing backwards (`stuck`)
 once it runs out; following the feed forwards, it makes room by dropping its own oldest entries, down to
-none (it then covers only the feed's position). A resumer it does not cover reads pages of its own
-(`SessionFeed.read_page`: one in flight per resumer) until it reaches the history or the feed, so what the
-budget refuses costs Redis reads, never an entry or a resumer's progress. Dropping a history (`release`)
-returns what it held.
+none (it then covers only the feed's position). A resumer it does not cover reads pages from Redis
+(`SessionFeed.read_page`, shared among resumers at nearby offsets) until it reaches the history or the feed,
+so what the budget refuses costs reads, never an entry or a resumer's progress. Dropping a history
+(`release`) returns what it held.
 
 Its answers are cut at fixed places (`CHUNK` entries apart, counted from where the history began, and
 `STEP` apart inside a chunk for a resumer that starts in its middle), so the frames of each answer are merged
