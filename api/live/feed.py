@@ -15,6 +15,7 @@ lingers for ``linger_seconds`` (a reconnecting client usually comes straight bac
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import functools
 from collections.abc import Coroutine, Iterator
@@ -24,7 +25,7 @@ import structlog
 
 from api.live.cursor import FeedCursor, Verdict
 from api.live.frames import FrameBatch, snapshot_frame
-from api.live.history import STEP, History
+from api.live.history import STEP, History, HistoryBudget
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
@@ -44,8 +45,14 @@ log = structlog.get_logger("tokenfan.live.feed")
 #: 100 KB with the default page size).
 _PAGES_KEPT = 16
 #: At most this many entries in a feed's catch-up history (`api.live.history`), about 4 MB of deltas; a
-#: resumer further behind reads its own pages until it reaches the history.
+#: resumer further behind reads pages (`_read_forwards`) until it reaches the history. What all of a process's
+#: histories hold together is bounded besides (`HistoryBudget`, ``TOKENFAN_CATCHUP_HISTORY_BUDGET``).
 HISTORY_ENTRIES = 16_384
+#: ``TOKENFAN_CATCHUP_HISTORY_BUDGET``'s default: seven full histories of benchmark-sized deltas.
+HISTORY_BUDGET = 33_554_432
+#: Reads in flight from before its position a resumer waits for, one after another, before reading for itself
+#: (each that ends before its position was someone else's page; a bound keeps a resumer from waiting on many).
+_JOINS = 8
 #: Frames of the history's shared answers kept (every step of a full history, and a few more).
 _CHUNKS_KEPT = HISTORY_ENTRIES // STEP + 8
 
@@ -99,7 +106,9 @@ class SessionFeed:
     def catching_up(self) -> Iterator[None]:
         """Held while a subscriber reads pages: the frames of shared pages are kept until nobody does."""
         if not self._catching_up:
-            self._history = History(self.cursor.position, self.cursor.epoch, HISTORY_ENTRIES)
+            self._history = History(
+                self.cursor.position, self.cursor.epoch, HISTORY_ENTRIES, budget=self.bus.history_budget
+            )
         self._catching_up += 1
         try:
             yield
@@ -108,7 +117,7 @@ class SessionFeed:
             if not self._catching_up:
                 self._pages.clear()
                 self._chunks.clear()
-                self._history = None
+                self._forget_history()
 
     async def read_page(self, after: StreamId) -> list[StreamEntry]:
         """The entries after `after`, a contiguous run of them, read after the subscription's resume point
@@ -157,6 +166,19 @@ class SessionFeed:
         history.prepend(run, predecessor)
 
     async def _read_forwards(self, after: StreamId) -> list[StreamEntry]:
+        """A page after `after`, read from Redis. A read in flight from `after` or from before it is waited
+        for rather than repeated: when its page reaches past `after`, what follows `after` in it is exactly
+        what a read from `after` would return (a page is every entry after its start, up to its last). A storm
+        of resumers at many offsets beyond the history thus reads each page once for all the resumers it
+        covers, not once per resumer, and they go on together from its end (the same read, shared)."""
+        for _ in range(_JOINS):
+            joined = self._read_in_flight_before(after)
+            if joined is None:
+                break
+            with contextlib.suppress(Exception):  # its failure is its reader's; ours comes from our own read
+                page = await asyncio.shield(joined)
+                if page and page[-1].stream_id > after:
+                    return page[bisect.bisect_right(page, after, key=_stream_id) :]
         key = (after, self.bus.page_size)
         pending = self._reads.get(key)
         if pending is None:
@@ -165,6 +187,14 @@ class SessionFeed:
             self._reads[key] = pending
             pending.add_done_callback(functools.partial(self._read_done, key))
         return await asyncio.shield(pending)  # one reader's cancellation leaves the others' read alone
+
+    def _read_in_flight_before(self, after: StreamId) -> asyncio.Future[list[StreamEntry]] | None:
+        """The read in flight from the latest position at or before `after`, if any."""
+        best: tuple[StreamId, asyncio.Future[list[StreamEntry]]] | None = None
+        for (start, size), pending in self._reads.items():
+            if size == self.bus.page_size and start <= after and (best is None or start > best[0]):
+                best = start, pending
+        return best[1] if best is not None else None
 
     def _read_done(self, key: tuple[StreamId, int], read: asyncio.Future[list[StreamEntry]]) -> None:
         if self._reads.get(key) is read:
@@ -295,14 +325,21 @@ class SessionFeed:
                 return
 
     def _forget_history(self) -> None:
-        """The stream's ids start over (or jump): keep no history of the old ones; catch-ups read pages."""
-        self._history = None
+        """Nobody catches up any more, or the stream's ids start over (or jump): keep no history of the old
+        ones (catch-ups read pages), and give back to the budget what it held."""
+        history, self._history = self._history, None
+        if history is not None:
+            history.release()
 
     def _fanout(self, entries: list[StreamEntry]) -> None:
         if not entries:
             return
-        if self._history is not None:
-            self._history.append(entries)
+        history = self._history
+        if history is not None:
+            after = history.after
+            history.append(entries)
+            if history.after is not after:  # its oldest entries went: so do the frames made of them
+                self._chunks = {key: batch for key, batch in self._chunks.items() if key[1] > history.after}
         before, self._delivered = self._delivered, entries[-1].stream_id
         if not self.subscribers:
             return
@@ -312,6 +349,10 @@ class SessionFeed:
             sent += subscriber.on_live_batch(batch, before)
         self.frames_sent += sent
         self.bus.metrics.fanned_out(batch, sent)
+
+
+def _stream_id(entry: StreamEntry) -> StreamId:
+    return entry.stream_id
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -332,9 +373,12 @@ class LiveBus:
         linger_seconds: float = 5.0,
         presence_interval: float | None = None,
         metrics: LiveMetrics | None = None,
+        history_budget: int = HISTORY_BUDGET,
     ) -> None:
         self.store = store
         self.metrics = metrics or LiveMetrics(Metrics("live", enabled=False))
+        #: What every feed's catch-up history may hold together (approximate bytes).
+        self.history_budget = HistoryBudget(history_budget)
         self.tail = tail
         self.page_size = page_size
         self.linger_seconds = linger_seconds
@@ -342,6 +386,7 @@ class LiveBus:
         self.feeds: dict[str, SessionFeed] = {}
         self.tasks: set[asyncio.Task[None]] = set()
         self.metrics.feeds.set_function(lambda: len(self.feeds))  # len(): atomic for the scrape's thread
+        self.metrics.history_bytes.set_function(lambda: self.history_budget.held)
 
     @classmethod
     def from_settings(cls, store: Store, settings: Settings, metrics: Metrics | None = None) -> LiveBus:
@@ -354,6 +399,7 @@ class LiveBus:
             linger_seconds=settings.feed_linger_seconds,
             presence_interval=settings.presence_interval_seconds,
             metrics=LiveMetrics(metrics) if metrics is not None else None,
+            history_budget=settings.catchup_history_budget,
         )
 
     def start(self) -> None:

@@ -45,6 +45,11 @@ class LiveMetrics:
         self.feeds = metrics.gauge(
             "tokenfan_live_feeds", "Sessions this process reads now (one shared reader each)."
         )
+        self.history_bytes = metrics.gauge(
+            "tokenfan_live_catchup_history_bytes",
+            "What the catch-up histories of this process's feeds hold now, in approximate bytes (bounded by "
+            "TOKENFAN_CATCHUP_HISTORY_BUDGET).",
+        )
         self.pages = metrics.counter(
             "tokenfan_live_catchup_pages_total",
             "Pages of a session's stream read from Redis for subscribers catching up (one read serves every "

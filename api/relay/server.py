@@ -24,6 +24,7 @@ from websockets.asyncio.server import ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
+from websockets.protocol import State
 from websockets.typing import Origin
 
 from api.live.feed import LiveBus
@@ -242,6 +243,33 @@ def _process_request(relay: Relay) -> object:
     return process_request
 
 
+def _tracked(connections: set[ServerConnection]) -> type[ServerConnection]:
+    """A `ServerConnection` that is in `connections` from its TCP accept to its loss, upgraded or not
+    (websockets' server lists only the upgraded ones)."""
+
+    class Tracked(ServerConnection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            connections.add(self)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            connections.discard(self)
+            super().connection_lost(exc)
+
+    return Tracked
+
+
+def _drop_unupgraded(connections: set[ServerConnection]) -> None:
+    """On stop, end at once the connections that never became WebSockets. The server's close waits for
+    every connection's handler, and one of these would hold it for up to 10 s (websockets' timeouts): a
+    client that connected and sent nothing yet, or an HTTP client (a probe) keeping its connection open
+    after its answer, which the server waits for it to close. WebSocket subscribers are left to the server's
+    own close (1001, going away), which they answer."""
+    for connection in list(connections):
+        if connection.protocol.state is State.CONNECTING:
+            connection.transport.abort()
+
+
 async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str | None = None) -> None:
     """Serve the relay until SIGINT/SIGTERM; port 0 picks a free port; its metrics on `host` when
     ``TOKENFAN_METRICS_PORT`` says. Raises SettingsError when security is not configured (docs/SECURITY.md)."""
@@ -259,6 +287,7 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
     ready = metrics.expose(host, settings.metrics_port)
     stop = asyncio.Event()
     install_stop_signals(stop.set)
+    connections: set[ServerConnection] = set()
     try:
         async with serve(
             relay.handle,
@@ -277,11 +306,14 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
             # queue (100) the kernel drops the SYNs past it, and each of those clients waits a second or
             # three for its retransmission. The kernel caps this at net.core.somaxconn.
             backlog=LISTEN_BACKLOG,
+            create_connection=_tracked(connections),
         ) as server:
             url = bound_url(next(iter(server.sockets)), "ws")
             log.info("relay_listening", url=url)
             write_ready_file(ready_file, url, role="relay", **ready)
             await stop.wait()
+            server.server.close()  # accept no more (the server's own close does it again, harmlessly)
+            _drop_unupgraded(connections)
     finally:
         metrics.close()
         await bus.close()

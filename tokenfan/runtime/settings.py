@@ -336,6 +336,15 @@ class Settings:
         "Entries read per XRANGE while a subscriber catches up.",
         default=512,
     )
+    catchup_history_budget: int = _env(
+        "TOKENFAN_CATCHUP_HISTORY_BUDGET",
+        "Approximate bytes that the catch-up histories of all sessions may hold together, per relay or API "
+        "process. While subscribers of a session catch up, the process keeps that session's recent entries "
+        "in memory once for all of them, up to 16,384 entries per session. Past this budget, subscribers "
+        "read pages from Redis instead (shared where their offsets are close): more Redis reads and relay "
+        "CPU, never a lost or repeated event.",
+        default=33_554_432,
+    )
 
     @property
     def queue_url(self) -> str:
@@ -374,6 +383,7 @@ class Settings:
             "max_messages",
             "max_metadata_bytes",
             "relay_catchup_page_size",
+            "catchup_history_budget",
             "relay_max_buffer_bytes",
             "relay_max_subscriptions",
             "sse_keepalive_seconds",
