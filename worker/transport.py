@@ -110,19 +110,15 @@ class ChunkedDecoder:
     """The chunked transfer coding (RFC 9112, section 7.1), fed bytes as they arrive: the payload each feed
     completes. `done` once the last chunk and its trailers are read; `extra`: how many bytes came after."""
 
-    __slots__ = ("_left", "_rest", "_state", "done", "extra")
+    __slots__ = ("_left", "_rest", "_state", "done", "extra", "idle")
 
     def __init__(self) -> None:
+        self.idle = True  # between two chunks, holding nothing: the next byte starts a chunk's size line
         self.done = False
         self.extra = 0
         self._state = _SIZE
         self._left = 0
         self._rest = b""
-
-    @property
-    def idle(self) -> bool:
-        """Between two chunks, holding nothing: the next byte starts a chunk's size line."""
-        return self._state == _SIZE and not self._rest and not self.done
 
     def feed(self, data: bytes) -> list[bytes]:
         """Raises ValueError for bytes that are not the chunked coding."""
@@ -161,6 +157,7 @@ class ChunkedDecoder:
             self._line(line)
         if self.done:
             self.extra += end - at
+        self.idle = self._state == _SIZE and not self._rest and not self.done
         return pieces
 
     def _line(self, line: bytes) -> None:
