@@ -16,7 +16,9 @@ object, ``is_mapping`` and ``process_data`` per chunk, four nested async generat
 everything else the worker does per token (bench/worker.py, docs/BENCHMARKS.md). `SSEDecoder` applies the same
 rules (CR, LF and CRLF line ends, comments, multi-line data, an event ends at a blank line, ``[DONE]`` ends
 the stream, a chunk carrying ``error`` raises ``openai.APIError``) to the raw bytes of the response openai
-returned, and transport errors are classified as openai classifies them (timeout, then connection).
+returned, and transport errors are classified as openai classifies them (timeout, then connection). The
+common piece (one whole event holding one chunk) is read in one pass (`_Reading.feed`), its JSON scanned
+past the members every chunk of the stream repeats (`_envelope`); the general path reads everything else.
 
 Why updates are handed to a callback (`Taker`) rather than yielded: the client runs on the worker's own
 transport (`worker.transport`), which delivers each piece of a body inside the connection's callback, so a
