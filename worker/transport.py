@@ -133,6 +133,7 @@ class ChunkedDecoder:
         return self._feed(data)
 
     def _feed(self, data: bytes) -> list[bytes]:
+        self.idle = False  # until this read is decoded (and for good if it is not the chunked coding)
         if self._rest:
             data, self._rest = self._rest + data, b""
         pieces: list[bytes] = []
