@@ -5,9 +5,10 @@
 No sockets and no Redis: the very code of the hot paths, with `time.process_time`, fastest of ``--passes``:
 
 * **the read, per token**: one HTTP chunk of a realistic ``chat.completion.chunk`` (its text a bench
-  timestamp, as `bench.fast_upstream` sends) through the transport's chunked decoder, the SSE decoder, JSON,
-  the chunk reader and into a generation's stream (`GenerationStream.add_content`: its coalescer), with the
-  metrics port off and on;
+  timestamp, as `bench.fast_upstream` sends) handed to the connection's callback as one socket read
+  (`_Connection.data_received`), through the transport's chunked decoding, the SSE decoding, JSON, the chunk
+  reader and into a generation's stream (`GenerationStream.add_content`: its coalescer), with the metrics
+  port off and on, and with two chunks in each read (a worker running behind);
 * **the flush, per generation**: for ``--generations`` streams holding one token each (a model's pace at a
   short flush window), what the writer does per item: take and encode its events (`StreamWriter._collect`),
   lay out and pack the script call as the bytes sent (`write_layout.packed_write`), and read back and apply
@@ -41,7 +42,7 @@ from tokenfan.store.writes import _write_result
 from worker.generate import _Received
 from worker.metrics import WorkerMetrics
 from worker.stream_writer import StreamWriter
-from worker.transport import ChunkedDecoder
+from worker.transport import _CHUNKED, Body, _Connection
 from worker.upstream import _reading
 
 ENVELOPE = (
@@ -65,26 +66,34 @@ def fastest(passes: int, run: Callable[[], float]) -> float:
     return min(run() for _ in range(passes))
 
 
-def read_cost(tokens: int, passes: int, metrics: bool) -> float:
-    """CPU-µs per token of the read, from the HTTP chunk to the generation's coalescer."""
+def read_cost(tokens: int, passes: int, metrics: bool, per_read: int = 1) -> float:
+    """CPU-µs per token of the read, from the connection's callback (`per_read` chunks in each read) to the
+    generation's coalescer."""
     writer = StreamWriter(store=None, metrics=WorkerMetrics(Metrics("worker", enabled=metrics)))  # type: ignore[arg-type]
     stream = writer.open("bench-session", "gen_01BENCH0000000000000000000", 1, 0)
-    feed = _reading(_Received(stream), None)
+    loop = asyncio.new_event_loop()
+    connection = _Connection(None, ("http", "upstream", 80), loop)  # type: ignore[arg-type]
+    body = Body(connection, _CHUNKED, 0, 600.0)
+    connection.body = body
+    body.deliver(_reading(_Received(stream), None))
     chunks = http_chunks(1000)
+    reads = [b"".join(chunks[n : n + per_read]) for n in range(0, 1000, per_read)]
+    received = connection.data_received
 
     def run() -> float:
-        decoder = ChunkedDecoder()
         started = time.process_time()
-        for n in range(tokens):
-            for piece in decoder.feed(chunks[n % 1000]):
-                feed(piece)
-            if n % 500 == 0:  # what a flush takes away, so that nothing grows across passes
+        for n in range(tokens // per_read):
+            received(reads[n % len(reads)])
+            if n % 250 == 0:  # what a flush takes away, so that nothing grows across passes
                 stream.text_parts.clear()
                 stream.coalescer.drain()
                 writer._dirty.clear()
         return time.process_time() - started
 
-    return fastest(passes, run) / tokens * 1e6
+    try:
+        return fastest(passes, run) / tokens * 1e6
+    finally:
+        loop.close()
 
 
 def flush_costs(generations: int, passes: int) -> dict[str, float]:
@@ -143,6 +152,9 @@ async def main() -> None:
         "command": " ".join(["./dev bench worker_costs", *sys.argv[1:]]),
         "read_cpu_us_per_token": round(read_cost(args.tokens, args.passes, metrics=False), 2),
         "read_cpu_us_per_token_metrics_on": round(read_cost(args.tokens, args.passes, metrics=True), 2),
+        "read_cpu_us_per_token_two_per_read": round(
+            read_cost(args.tokens, args.passes, False, per_read=2), 2
+        ),
         "flush_cpu_us_per_generation": flush_costs(args.generations, args.passes),
         "token_pace_tick_us": round(tick_cost(args.passes), 3),
     }

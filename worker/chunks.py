@@ -225,23 +225,25 @@ class ChunkReader:
         """The text of a chunk that carries content and nothing else, once this stream's text is known to be
         incremental: nearly every chunk, read here without building updates ('' for no text). None for any
         other chunk, which `updates` reads; both give the same text for a chunk they both read."""
-        if type(chunk) is not dict or not self._content.incremental:
+        if type(chunk) is not dict or type(chunk.get("usage")) is dict:
             return None
-        choices = chunk.get("choices")
-        if type(choices) is not list or len(choices) != 1 or type(chunk.get("usage")) is dict:
+        return self.choices_content(chunk.get("choices"))
+
+    def choices_content(self, choices: object) -> str | None:
+        """`content` of a chunk whose members other than ``choices`` are known to carry nothing (no usage)."""
+        if type(choices) is not list or len(choices) != 1 or not self._content.incremental:
             return None
         choice = choices[0]
         if type(choice) is not dict or choice.get("finish_reason") or choice.get("index", 0) != 0:
             return None
         delta = choice.get("delta")
-        if (
-            type(delta) is not dict
-            or delta.get("reasoning_content")
-            or delta.get("reasoning")
-            or delta.get("tool_calls") is not None
-        ):
+        if type(delta) is not dict:
             return None
         content = delta.get("content")
+        if (content is None or len(delta) != 1) and (  # else its one member is the content
+            delta.get("reasoning_content") or delta.get("reasoning") or delta.get("tool_calls") is not None
+        ):
+            return None
         return content if type(content) is str else ""
 
     def flush(self) -> list[Update]:

@@ -311,15 +311,13 @@ class _Received:
     """Takes the updates of one upstream stream as they arrive (in the transport's callback, per chunk):
     pieces go to the generation's stream, the finish reason and usage are kept for its end."""
 
-    __slots__ = ("finish_reason", "stream", "usage")
+    __slots__ = ("finish_reason", "stream", "text", "usage")
 
     def __init__(self, stream: GenerationStream) -> None:
         self.stream = stream
+        self.text = stream.add_content  # once per token: no call of ours in between
         self.finish_reason: str | None = None
         self.usage: dict[str, Any] | None = None
-
-    def text(self, text: str) -> None:
-        self.stream.add_content(text)
 
     def updates(self, updates: list[Update]) -> None:
         stream = self.stream

@@ -105,13 +105,23 @@ class GenerationStream:
         self.writer.wake(self)
 
     def add_content(self, text: str) -> None:
+        """Once per token, in the connection's callback: `StreamWriter.wake` inlined for the common case."""
         if self._error is not None or self.fenced:
             self._check()
         self.pieces += 1
-        self.pace.tick()
+        if self.pace is not NO_PACE:
+            self.pace.tick()
         self.text_parts.append(text)
-        self.coalescer.add_content(text)
-        self.writer.wake(self)
+        coalescer = self.coalescer
+        coalescer.add_content(text)
+        writer = self.writer
+        if writer.merge and coalescer.pending_bytes < writer.max_pending_bytes:
+            writer._dirty[self] = None
+            if not writer._woken:  # once per flush, not once per token
+                writer._woken = True
+                writer._wake.set()
+        else:
+            writer.wake(self)
 
     def add_reasoning(self, text: str) -> None:
         self._check()

@@ -110,9 +110,10 @@ class ChunkedDecoder:
     """The chunked transfer coding (RFC 9112, section 7.1), fed bytes as they arrive: the payload each feed
     completes. `done` once the last chunk and its trailers are read; `extra`: how many bytes came after."""
 
-    __slots__ = ("_left", "_rest", "_state", "done", "extra")
+    __slots__ = ("_left", "_rest", "_state", "done", "extra", "idle")
 
     def __init__(self) -> None:
+        self.idle = True  # between two chunks, holding nothing: the next byte starts a chunk's size line
         self.done = False
         self.extra = 0
         self._state = _SIZE
@@ -132,6 +133,7 @@ class ChunkedDecoder:
         return self._feed(data)
 
     def _feed(self, data: bytes) -> list[bytes]:
+        self.idle = False  # until this read is decoded (and for good if it is not the chunked coding)
         if self._rest:
             data, self._rest = self._rest + data, b""
         pieces: list[bytes] = []
@@ -156,6 +158,7 @@ class ChunkedDecoder:
             self._line(line)
         if self.done:
             self.extra += end - at
+        self.idle = self._state == _SIZE and not self._rest and not self.done
         return pieces
 
     def _line(self, line: bytes) -> None:
@@ -201,13 +204,18 @@ class Body(httpx2.AsyncByteStream):
     def feed(self, data: bytes) -> None:
         """Bytes from the connection (in its callback)."""
         self._last = self._loop.time()
-        if self._chunked is not None:
+        chunked = self._chunked
+        if chunked is not None:
+            if chunked.idle and self._sink is not None and not self._stopped:
+                data = self._deliver_whole(data)
+                if not data:
+                    return
             try:
-                pieces = self._chunked.feed(data)
+                pieces = chunked.feed(data)
             except ValueError as exc:
                 self._fail(httpx2.RemoteProtocolError(str(exc)), abort=True)
                 return
-            ended, extra = self._chunked.done, self._chunked.extra
+            ended, extra = chunked.done, chunked.extra
         elif self._framing == _LENGTH:
             pieces = [data[: self._left] if len(data) > self._left else data]
             extra = max(0, len(data) - self._left)
@@ -219,6 +227,32 @@ class Body(httpx2.AsyncByteStream):
             self._take(pieces)
         if ended and self._error is None:
             self.end(reusable=not extra)
+
+    def _deliver_whole(self, data: bytes) -> bytes:
+        """The common read at a model's pace, one or more whole chunks: each handed to the sink as it is cut,
+        with no list in between. Returns what is left for the decoder (b"" for nothing): the last chunk, an
+        incomplete or extended one, or what follows once the sink has what it wanted."""
+        sink = self._sink
+        assert sink is not None
+        at, end, match = 0, len(data), _SIZE_LINE.match
+        while (found := match(data, at)) is not None:
+            start = found.end()
+            stop = start + int(found.group(1), 16)
+            if stop == start or stop + 2 > end or not data.startswith(b"\r\n", stop):
+                break
+            at = stop + 2
+            try:
+                stopped = sink(data[start:stop])
+            except Exception as exc:  # the sink's own failure: it ends the response, and reaches the reader
+                self._sink_failed(exc)
+                return b""
+            if stopped:
+                self._stopped = True
+                self._resolve()
+                break
+            if at == end:
+                return b""
+        return data[at:] if at else data
 
     def lost(self, exc: BaseException | None) -> None:
         """The connection closed before the body ended: its end, when the body runs until then."""

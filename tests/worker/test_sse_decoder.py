@@ -7,13 +7,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai._streaming import SSEDecoder as OpenAIDecoder
 
-from worker.upstream import SSEDecoder, loads
+from worker.chunks import ChunkReader, Update
+from worker.upstream import SSEDecoder, _event_updates, _reading, loads
 
 
 def decode(*chunks: bytes) -> list[bytes]:
@@ -270,3 +272,131 @@ def outcome(parse: Callable[[], object]) -> tuple[str, object]:
 @given(st.one_of(encoded_values, st.text(st.characters(codec="utf-8"), max_size=20)))
 def test_loads_agrees_with_json_loads(text: str) -> None:
     assert outcome(lambda: loads(text.encode())) == outcome(lambda: json.loads(text))
+
+
+# --- the one-pass read of a chunk's event, against the general path
+
+ENVELOPES: list[dict[str, object]] = [
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "m"},
+    {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000001, "model": "m"},
+    {"id": 'a"choices":[1]', "model": "m"},  # the key's text inside a string
+    {"id": "x", "nested": {"choices": 1}},  # and in a nested object
+    {"choices": [], "id": "x"},  # a choices member before the last one
+    {"created": 12345678901234567890123, "usage": None},
+    {"id": "x", "usage": {"prompt_tokens": 1}},
+    {"id": "x", "error": None},
+    {"id": "x", "error": {"message": "boom"}},
+    {},
+]
+TAILS = [
+    {},
+    {"usage": None},
+    {"usage": None, "obfuscation": "k9"},
+    {"usage": {"total_tokens": 3}},
+    {"choices": []},
+    {"error": {"message": "late"}},
+    {"error": None},
+]
+DELTAS = st.one_of(
+    st.builds(lambda text: {"content": text}, st.text(max_size=6)),
+    st.sampled_from(
+        [
+            {"content": None},
+            {"role": "assistant", "content": ""},
+            {"reasoning_content": "r"},
+            {"content": "a", "reasoning": "b"},
+            {"tool_calls": []},
+            {},
+            {"content": 5},
+        ]
+    ),
+)
+
+
+def often(common: object, *others: object) -> st.SearchStrategy[Any]:
+    """`common` three times in four, else one of `others`."""
+    return st.one_of(st.just(common), st.just(common), st.just(common), st.sampled_from(others))
+
+
+@st.composite
+def chunk_lines(draw: st.DrawFn, envelope: dict[str, object]) -> bytes:
+    """One piece as a read at a model's pace may carry it: a chunk's event, or a near miss of one."""
+    choice: dict[str, object] = {"index": draw(often(0, 1)), "delta": draw(DELTAS)}
+    choice["finish_reason"] = draw(often(None, "stop"))
+    members = {**draw(often(envelope, *ENVELOPES)), "choices": [choice], **draw(st.sampled_from(TAILS))}
+    separators = draw(often((",", ":"), (", ", ": "), (",", ":\n")))
+    text = json.dumps(members, separators=separators, ensure_ascii=draw(st.booleans()))
+    text = draw(
+        often(text, text[:-1], text + " ", text.replace("}]", "}],}", 1), text.replace("}]", "}] }", 1))
+    )
+    text = draw(often(text, text.replace('"r"', '"\\ud83c"'), text.replace('"a"', '"\\udf89"')))
+    line: str = draw(often("data: ", "data:", "data:  ", ": c\ndata: ")) + text
+    end: str = draw(often("\n\n", "\r\n\r\n", "\n", "\r\n\n"))
+    return (line + end).encode()
+
+
+streams_of_chunks = st.sampled_from(ENVELOPES).flatmap(
+    lambda envelope: st.lists(chunk_lines(envelope), max_size=8)
+)
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.seen: list[object] = []
+
+    def text(self, text: str) -> None:
+        self.seen.append(("text", text))
+
+    def updates(self, updates: list[Update]) -> None:
+        self.seen.append(("updates", updates))
+
+
+def general_reading(pieces: list[bytes]) -> list[object]:
+    """What the general path makes of the pieces: every event decoded, parsed by `loads` and read by
+    `_event_updates` (the one-pass read's specification)."""
+    decoder, reader, seen = SSEDecoder(), ChunkReader(), Recorder()
+    try:
+        for piece in pieces:
+            for event in decoder.feed(piece):
+                added, done = _event_updates(event, reader, None)
+                if isinstance(added, str):
+                    if added:
+                        seen.text(added)
+                elif added:
+                    seen.updates(added)
+                if done:
+                    return [*seen.seen, "done"]
+    except Exception as error:
+        return [*seen.seen, ("raised", type(error).__name__, str(error))]
+    return seen.seen
+
+
+def one_pass_reading(pieces: list[bytes]) -> list[object]:
+    seen = Recorder()
+    feed = _reading(seen, None)
+    try:
+        for piece in pieces:
+            if feed(piece):
+                return [*seen.seen, "done"]
+    except Exception as error:
+        return [*seen.seen, ("raised", type(error).__name__, str(error))]
+    return seen.seen
+
+
+@settings(max_examples=500, deadline=None)
+@given(streams_of_chunks, st.integers(0, 3))
+def test_the_one_pass_read_of_each_event_gives_what_the_general_path_gives(
+    pieces: list[bytes], settled: int
+) -> None:
+    """Whatever the chunk and its line: the same text, updates and errors, in the same order, whether the
+    stream's envelope was learned, changed or never could be (`worker.upstream._envelope`)."""
+    common = b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"%d"}}]}\n\n'
+    start = [common % n for n in range(settled)]  # the content channel settled (or not) beforehand
+    assert one_pass_reading(start + pieces) == general_reading(start + pieces)
+
+
+def test_a_key_ending_in_choices_is_not_taken_for_the_choices() -> None:
+    settled = [b'data: {"id":"x","choices":[{"index":0,"delta":{"content":"%d"}}]}\n\n' % n for n in range(2)]
+    impostor = b'data: {"a\\"choices":[{"index":0,"delta":{"content":"no"}}]}\n\n'
+    pieces = [*settled, impostor, impostor, *settled]
+    assert one_pass_reading(pieces) == general_reading(pieces)

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from tokenfan.contract.events import FailureType
 from tokenfan.runtime.settings import Settings
 from worker.chunks import ContentPiece, FinishPiece, ReasoningPiece, ToolCallPiece, Update, UsagePiece
-from worker.transport import BODY, Body, ChunkedDecoder, StreamingTransport, parse_head
+from worker.transport import _CHUNKED, BODY, Body, ChunkedDecoder, StreamingTransport, _Connection, parse_head
 from worker.upstream import Upstream, UpstreamFailure
 
 REQUEST = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
@@ -650,6 +650,53 @@ def test_the_chunked_coding_cut_anywhere_gives_its_payload_as_h11_reads_it(
     assert decoder.done
     assert decoder.extra == 0
     assert got == payload == h11_payload(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n" + wire)
+
+
+class FakePool:
+    """Where a connection goes back once its body ended."""
+
+    def __init__(self) -> None:
+        self.open: set[object] = set()
+        self.kept: list[object] = []
+
+    def put(self, connection: object) -> None:
+        self.kept.append(connection)
+
+
+@settings(max_examples=300, deadline=None)
+@given(chunked_bodies(), st.lists(st.integers(0, 10_000), max_size=10), st.integers(0, 8))
+def test_a_delivered_body_cut_anywhere_reaches_its_sink_whole_and_in_order(
+    body: tuple[bytes, bytes], cuts: list[int], stop_after: int
+) -> None:
+    """Reads of whole chunks go to the sink as they are cut (`Body._deliver_whole`), anything else through the
+    decoder: the same payload either way, nothing after the piece the sink stopped at, and the connection kept
+    once the body ended."""
+    wire, payload = body
+    points = sorted(cut % (len(wire) + 1) for cut in cuts)
+    loop = asyncio.new_event_loop()
+    try:
+        pool = FakePool()
+        connection = _Connection(pool, ("http", "upstream", 80), loop)  # type: ignore[arg-type]
+        connection.body = delivering = Body(connection, _CHUNKED, 0, None)
+        delivered: list[bytes] = []
+
+        def sink(piece: bytes) -> bool:
+            delivered.append(piece)
+            return len(delivered) == stop_after
+
+        done = delivering.deliver(sink)
+        for a, b in zip([0, *points], [*points, len(wire)], strict=True):
+            connection.data_received(wire[a:b])
+        assert done.done()
+        assert done.exception() is None
+        assert pool.kept == [connection]
+        got = b"".join(delivered)
+        if stop_after and len(delivered) == stop_after:  # the sink had what it wanted: nothing after
+            assert payload.startswith(got)
+        else:
+            assert got == payload
+    finally:
+        loop.close()
 
 
 def h11_payload(response: bytes) -> bytes:
