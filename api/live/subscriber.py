@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Coroutine
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, cast, runtime_checkable
 
 import structlog
 
@@ -274,8 +274,8 @@ class Subscriber:
         feed, core = self.feed, self.core
         assert feed is not None
         takes_entries, takes_batches = _sink_kinds(self.sink)
-        entry_sink = self.sink if takes_entries else None
-        batch_sink = self.sink if self.merge and takes_batches else None
+        entry_sink = cast(EntrySink, self.sink) if takes_entries else None
+        batch_sink = cast(BatchSink, self.sink) if self.merge and takes_batches else None
         with feed.catching_up():
             while not core.can_go_live(feed.position):
                 if core.state is not State.CATCHING_UP:
