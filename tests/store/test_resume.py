@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -167,7 +168,13 @@ async def test_read_before_reads_backwards_and_names_the_predecessor(redis: Redi
     entries, predecessor = await store.read_before(session_id, ids[8], 3)
     assert [entry.stream_id for entry in entries] == ids[6:9]
     assert predecessor == ids[5]
-    assert await store.read_after(session_id, predecessor, 3) == entries
+    forwards = await store.read_after(session_id, predecessor, 3)
+    assert forwards == entries
+    # Built without their dataclasses' __init__: still hashed and frozen as those built with it are.
+    assert [hash(entry) for entry in entries] == [hash(entry) for entry in forwards]
+    assert [hash(entry.stream_id) for entry in entries] == [hash(stream_id) for stream_id in ids[6:9]]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entries[0].stream_id.ms = 0  # type: ignore[misc]
     entries, predecessor = await store.read_before(session_id, ids[1], 5)
     assert [entry.stream_id for entry in entries] == ids[:2]
     assert predecessor == StreamId.ZERO  # the first entry: nothing before it

@@ -104,7 +104,14 @@ def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
 
 def _flat_entries(flat: list[bytes]) -> list[StreamEntry]:
     """The entries of a ``read_back`` reply (id, predecessor, epoch, body, four values each)."""
-    return [StreamEntry(_id(flat[i]), flat[i + 2], flat[i + 3]) for i in range(0, len(flat), 4)]
+    entries = []
+    for i in range(0, len(flat), 4):
+        entry = _new(StreamEntry)
+        _set_stream_id(entry, _id(flat[i]))
+        _set_epoch(entry, flat[i + 2])
+        _set_body(entry, flat[i + 3])
+        entries.append(entry)
+    return entries
 
 
 def _id(raw: bytes) -> StreamId:
@@ -112,4 +119,18 @@ def _id(raw: bytes) -> StreamId:
     none of `StreamId.parse`'s checks of what a client sent (its regular expression was most of the time
     spent turning a page into entries)."""
     ms, _, seq = raw.partition(b"-")
-    return StreamId(int(ms), int(seq))
+    stream_id = _new(StreamId)
+    _set_ms(stream_id, int(ms))
+    _set_seq(stream_id, int(seq))
+    return stream_id
+
+
+# A page read back builds an entry and an id per entry. Through their frozen dataclasses' __init__ (an
+# object.__setattr__ per field, looked up each time) that was 40% of turning a reply into entries; here
+# their slots are set as that __init__ sets them, minus the lookups. Equal, hashed and frozen as ever
+# (tests/store/test_resume.py compares them with entries built the ordinary way).
+_new = object.__new__
+_set_ms, _set_seq = (vars(StreamId)[name].__set__ for name in ("ms", "seq"))
+_set_stream_id, _set_epoch, _set_body = (
+    vars(StreamEntry)[name].__set__ for name in ("stream_id", "epoch", "body")
+)
