@@ -10,6 +10,7 @@ growing. An entry that arrives alone is sent alone and at once, so the live edge
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,19 +32,28 @@ MAX_MERGED_BYTES = 65_536
 _DELTA_PREFIX = b'{"type":"delta",'
 
 
-def frames_for(entries: Sequence[StreamEntry]) -> list[bytes]:
-    """The frames for a contiguous run of entries, with runs of deltas of one generation merged."""
+def frames_for(entries: Sequence[StreamEntry], *, splice: bool = True) -> list[bytes]:
+    """The frames for a contiguous run of entries, with runs of deltas of one generation merged.
+
+    With `splice` (always, but in the test that holds the two side by side), a run of deltas written as the
+    worker writes a content-only delta is merged by joining their bodies' bytes (`_splice`), else by
+    parsing and re-encoding them; the two frames parse to the same value."""
     if len(entries) == 1:  # the live edge: nothing to merge, nothing to parse
         return [entries[0].frame()]
     frames: list[bytes] = []
     run: list[StreamEntry] = []
-    bodies: list[dict[str, Any]] = []  # run's bodies, parsed once
+    bodies: list[_Delta] = []  # the run's bodies: matched as the common layout, or parsed, once each
     run_generation: object = None
     run_bytes = 0
     for entry in entries:
         if entry.body.startswith(_DELTA_PREFIX):
-            body = _parse(entry.body)
-            generation = body.get("generation_id")
+            match = _common_layout(entry.body) if splice else None
+            body: _Delta
+            if match is not None:
+                body, generation = match, match[1]
+            else:
+                body = _parse(entry.body)
+                generation = _generation_key(body.get("generation_id"))
             if run and generation == run_generation and run_bytes + len(entry.body) <= MAX_MERGED_BYTES:
                 run.append(entry)
                 bodies.append(body)
@@ -91,6 +101,20 @@ class FrameBatch:
 
 _DECODER = json.JSONDecoder()
 
+#: A content-only delta exactly as the worker writes it (`worker.stream_writer`, `encode_body`): ids without
+#: escapes or non-ASCII bytes, a seq as JSON writes an int, and content whose only escapes are the two-
+#: character ones. Group 1 is the generation id, 2 the seq, 3 the content as escaped JSON text. Such
+#: contents join as text: no escape spans two of them, and none can pair with another into one character
+#: (a ``\u`` escape could: an escaped lone surrogate next to its other half), so the joined text decodes
+#: to the contents joined, as the parsed merge makes them.
+_DELTA_BODY = re.compile(
+    rb'\{"type":"delta","session_id":"[^"\\\x00-\x1f\x80-\xff]*",'
+    rb'"generation_id":"([^"\\\x00-\x1f\x80-\xff]*)","seq":(0|[1-9][0-9]*),'
+    rb'"content":"([^"\\\x00-\x1f]*(?:\\["\\/bfnrt][^"\\\x00-\x1f]*)*)"\}'
+)
+#: A delta's body in a run: its match as the common layout, or parsed.
+_Delta = re.Match[bytes] | dict[str, Any]
+
 
 def _parse(body: bytes) -> dict[str, Any]:
     # What json.loads(body) does for a body (UTF-8, starting with '{'), minus its encoding detection.
@@ -98,14 +122,61 @@ def _parse(body: bytes) -> dict[str, Any]:
     return value
 
 
-def _flush(run: list[StreamEntry], bodies: list[dict[str, Any]], frames: list[bytes]) -> None:
+def _generation_key(generation: object) -> object:
+    """A parsed body's generation id as a matched body's would be (its UTF-8 bytes), so that a run may mix
+    the two: ids are equal exactly when their keys are."""
+    return generation.encode("utf-8", "surrogatepass") if isinstance(generation, str) else generation
+
+
+def _flush(run: list[StreamEntry], bodies: list[_Delta], frames: list[bytes]) -> None:
     if len(run) == 1:
         frames.append(run[0].frame())
     elif run:
-        frames.append(_merge(run, bodies))
+        frames.append(_splice(run, bodies) or _merge(run, bodies))
 
 
-def _merge(run: list[StreamEntry], bodies: list[dict[str, Any]]) -> bytes:
+def _common_layout(body: bytes) -> re.Match[bytes] | None:
+    """The body matched as the common layout, if it is that and valid UTF-8 (what `_parse` refuses, or
+    takes only as a lone surrogate, which no frame can carry, is left to it)."""
+    match = _DELTA_BODY.fullmatch(body)
+    if match is None or body.isascii():
+        return match
+    try:
+        body.decode()
+    except UnicodeDecodeError:
+        return None
+    return match
+
+
+def _splice(run: list[StreamEntry], bodies: list[_Delta]) -> bytes | None:
+    """The run's frame made from its bodies' bytes, when every body has the common layout (else None:
+    `_merge` parses them).
+
+    The merged body is the last body up to its seq, its seq, the contents joined, then ``seq_start``: the
+    members `_merge` gives, in its order (the last body's, then ``seq_start``)."""
+    matches = [body for body in bodies if not isinstance(body, dict)]
+    if len(matches) < len(bodies):
+        return None
+    last, last_match = run[-1], matches[-1]
+    return b"".join(
+        (
+            b'{"offset":"',
+            last.epoch,
+            b":",
+            str(last.stream_id).encode(),
+            b'",',
+            last.body[1 : last_match.end(2)],
+            b',"content":"',
+            b"".join([match[3] for match in matches]),
+            b'","seq_start":',
+            matches[0][2],
+            b"}",
+        )
+    )
+
+
+def _merge(run: list[StreamEntry], parsed: list[_Delta]) -> bytes:
+    bodies = [body if isinstance(body, dict) else _parse(body.string) for body in parsed]
     merged: dict[str, Any] = dict(bodies[-1])
     for channel in ("content", "reasoning"):
         pieces = [body[channel] for body in bodies if channel in body]

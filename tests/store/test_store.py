@@ -20,6 +20,7 @@ PUBLIC = {
     "Finish",
     "GenerationRecord",
     "LeaseReply",
+    "PositionReply",
     "SessionSnapshot",
     "StartOutcome",
     "StartResult",
@@ -28,6 +29,7 @@ PUBLIC = {
     "WriteOutcome",
     "WriteResult",
     "redis_client",
+    "resume_point",
     "slot_of",
     "verify_storage",
 }

@@ -18,6 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from api.live.frames import (
+    _DELTA_BODY,
     MAX_MERGED_BYTES,
     close_reason,
     control_frame,
@@ -518,3 +519,85 @@ def test_a_reason_is_the_longest_prefix_that_fits_in_123_bytes(text: str) -> Non
     assert len(reason.encode()) <= 123
     if reason != text:
         assert len((reason + text[len(reason)]).encode()) > 123
+
+
+# --- merging by joining bytes against parsing and re-encoding
+
+#: Any character, lone surrogates included (what a body may hold after JSON escapes or bytes from outside).
+any_char = st.characters(blacklist_categories=())
+delta_text = st.one_of(
+    st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8),
+    st.text(st.characters(blacklist_categories=("Cs", "Cc")), max_size=8),
+    st.text(any_char, max_size=8),
+    st.text(st.sampled_from('ab "\\/\n\t\x01é世🎉\ud800\udc00'), max_size=8),
+)
+
+
+@st.composite
+def delta_bodies(draw: st.DrawFn, seq: int, *, worker: bool) -> bytes:
+    """A delta's body as the worker writes it, or in one of the ways another writer (or a stream from
+    outside) may lay it out: JSON escapes, spaces, other members, raw surrogates, or a cut character."""
+    generation = draw(st.sampled_from([GEN_A] * 6 + [GEN_B, "gen\u00e9", "gen\\u0041"]))
+    content = draw(delta_text)
+    styles = ["worker"] if worker else ["worker"] * 12 + ["ascii", "spaced", "reasoning", "calls", "cut"]
+    style = draw(st.sampled_from(styles))
+    body = event_body(EventType.DELTA, session_id=SESSION, generation_id=generation, seq=seq, content=content)
+    if style == "reasoning":
+        body["reasoning"] = draw(delta_text)
+    elif style == "calls":
+        body["tool_calls"] = [{"index": 0, "arguments": content}]
+    if style == "ascii":
+        return json.dumps(body, separators=(",", ":")).encode()
+    if style == "spaced":
+        return json.dumps(body, ensure_ascii=False).encode("utf-8", "surrogatepass")
+    encoded = encode_body(body).encode("utf-8", "surrogatepass")
+    if style == "cut":  # a multi-byte character whose bytes are split between two bodies
+        return encoded[: -len('"}')] + "é".encode()[:1] + b'"}'
+    if style == "worker" and draw(st.integers(0, 9)) == 0:  # the rest of a character cut in the body before
+        return encoded.replace(b'"content":"', b'"content":"' + "é".encode()[1:], 1)
+    return encoded
+
+
+@st.composite
+def runs(draw: st.DrawFn, *, worker: bool = False) -> list[StreamEntry]:
+    """Entries of deltas (and a restart now and then); with `worker`, every delta's body is laid out as the
+    worker lays it out."""
+    stream = Stream()
+    entries: list[StreamEntry] = []
+    for seq in range(1, draw(st.integers(1, 12)) + 1):
+        if draw(st.integers(0, 19)) == 0:
+            entries.append(stream.append(EventType.GENERATION_RESTARTED, attempt=2))
+            continue
+        body = draw(delta_bodies(seq, worker=worker))
+        entries.append(StreamEntry(StreamId(stream.ms, seq), EPOCH.encode(), body))
+    return entries
+
+
+def outcome(entries: list[StreamEntry], *, splice: bool) -> list[object] | type[Exception]:
+    """Each frame's members in order, values parsed (a frame that is not valid JSON as its bytes: an entry
+    sent alone goes out as stored); or the kind of error that stopped the merge."""
+    try:
+        frames = frames_for(entries, splice=splice)
+    except (ValueError, UnicodeError) as exc:
+        return type(exc)
+    return [_members(frame) for frame in frames]
+
+
+def _members(frame: bytes) -> object:
+    try:
+        return list(json.loads(frame).items())
+    except ValueError:
+        return frame
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(runs(), runs(worker=True)))
+def test_joining_bytes_gives_the_frames_parsing_gives(entries: list[StreamEntry]) -> None:
+    assert outcome(entries, splice=True) == outcome(entries, splice=False)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(st.characters(blacklist_categories=("Cs", "Cc")) | st.sampled_from('\n\t"\\/'), max_size=20))
+def test_deltas_as_the_worker_writes_them_are_joined_not_parsed(content: str) -> None:
+    body = event_body(EventType.DELTA, session_id=SESSION, generation_id=GEN_A, seq=12, content=content)
+    assert _DELTA_BODY.fullmatch(encode_body(body).encode()) is not None

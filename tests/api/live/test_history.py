@@ -34,10 +34,21 @@ def read_before(
     return held, stream[index - 1].stream_id if index else StreamId.ZERO
 
 
+def cut_at(history: History, position: StreamId) -> list[StreamEntry]:
+    """`History.chunk` as its docstring states it, by a linear scan: the answers it remembers (where each
+    one ended) must not change what it answers."""
+    held = history.entries
+    start = next((i for i, e in enumerate(held) if e.stream_id > position), len(held))
+    number = history.base + start
+    size = history.chunk_size if number % history.chunk_size == 0 else history.step
+    return held[start : min(len(held), start + size - number % size)]
+
+
 def drain(history: History, position: StreamId) -> list[StreamEntry]:
     """What a resumer at `position` reads, chunk after chunk, until it reaches the newest entry."""
     received: list[StreamEntry] = []
     while chunk := history.chunk(position):
+        assert chunk == cut_at(history, position)
         assert len(chunk) <= history.chunk_size
         received += chunk
         position = chunk[-1].stream_id
