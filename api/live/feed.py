@@ -28,7 +28,6 @@ from api.live.frames import FrameBatch, snapshot_frame
 from api.live.history import STEP, History, HistoryBudget
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
-from api.live.resume_checks import ResumeChecks
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.ids import is_session_id
@@ -386,8 +385,6 @@ class LiveBus:
         self.presence_interval = presence_interval
         self.feeds: dict[str, SessionFeed] = {}
         self.tasks: set[asyncio.Task[None]] = set()
-        #: Subscribers' resume checks, those of one session that arrive together made in one call.
-        self.resume_checks = ResumeChecks(store, self.spawn)
         self.metrics.feeds.set_function(lambda: len(self.feeds))  # len(): atomic for the scrape's thread
         self.metrics.history_bytes.set_function(lambda: self.history_budget.held)
 

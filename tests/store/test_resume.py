@@ -15,7 +15,7 @@ from tokenfan.contract.errors import OffsetGone, UnknownOffset
 from tokenfan.contract.ids import new_generation_id
 from tokenfan.contract.keys import SessionKeys
 from tokenfan.contract.offsets import Offset, StreamId
-from tokenfan.store import WriteItem, WriteOutcome, resume_point
+from tokenfan.store import WriteItem, WriteOutcome
 
 
 async def after_millisecond(redis: Redis, ms: int) -> None:
@@ -183,33 +183,3 @@ async def test_read_before_reads_backwards_and_names_the_predecessor(redis: Redi
     assert [entry.stream_id for entry in entries] == ids[7:9]
     assert predecessor == ids[6]  # trimmed, but named: the history cannot claim anything before it
     assert await store.read_before(session_id, ids[5], 5) == ([], None)
-
-
-async def test_many_offsets_in_one_call_get_each_its_own_verdict(redis: Redis, session_id: str) -> None:
-    """`resume_verdicts` answers every offset of one call as `check_resume` answers it alone: retained,
-    trimmed, the newest trimmed, another epoch, unknown, and the same offset twice."""
-    store = make_store(redis)
-    epoch, ids = await write_texts(store, session_id, "abcdefghij")
-    await redis.xtrim(SessionKeys(session_id).events, maxlen=3, approximate=False)
-    offsets = [
-        Offset(epoch, ids[8]),
-        Offset(epoch, ids[2]),  # trimmed
-        Offset(epoch, ids[6]),  # the newest trimmed: everything after it is retained
-        Offset("other1", ids[8]),
-        Offset(epoch, StreamId(ids[-1].ms + 10_000, 0)),  # never an entry
-        Offset(epoch, ids[9]),
-        Offset(epoch, ids[8]),
-    ]
-    one_by_one: list[StreamId | type[Exception]] = []
-    for offset in offsets:
-        try:
-            one_by_one.append(await store.check_resume(session_id, offset))
-        except (OffsetGone, UnknownOffset) as exc:
-            one_by_one.append(type(exc))
-    together: list[StreamId | type[Exception]] = []
-    for offset, verdict in zip(offsets, await store.resume_verdicts(session_id, offsets), strict=True):
-        try:
-            together.append(resume_point(offset, verdict))
-        except (OffsetGone, UnknownOffset) as exc:
-            together.append(type(exc))
-    assert together == one_by_one == [ids[8], OffsetGone, ids[6], OffsetGone, UnknownOffset, ids[9], ids[8]]

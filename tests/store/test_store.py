@@ -20,7 +20,6 @@ PUBLIC = {
     "Finish",
     "GenerationRecord",
     "LeaseReply",
-    "PositionReply",
     "SessionSnapshot",
     "StartOutcome",
     "StartResult",
@@ -29,7 +28,6 @@ PUBLIC = {
     "WriteOutcome",
     "WriteResult",
     "redis_client",
-    "resume_point",
     "slot_of",
     "verify_storage",
 }

@@ -33,14 +33,12 @@ from tokenfan.store.records import (
     AcceptResult,
     GenerationRecord,
     LeaseReply,
-    PositionReply,
     SessionSnapshot,
     StartOutcome,
     StartResult,
     WriteOutcome,
     WriteResult,
 )
-from tokenfan.store.resume import resume_point
 from tokenfan.store.slots import slot_of
 from tokenfan.store.store import Store, verify_storage
 from tokenfan.store.write_layout import EventWrite, Finish, WriteItem
@@ -52,7 +50,6 @@ __all__ = [
     "Finish",
     "GenerationRecord",
     "LeaseReply",
-    "PositionReply",
     "SessionSnapshot",
     "StartOutcome",
     "StartResult",
@@ -61,7 +58,6 @@ __all__ = [
     "WriteOutcome",
     "WriteResult",
     "redis_client",
-    "resume_point",
     "slot_of",
     "verify_storage",
 ]

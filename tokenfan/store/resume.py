@@ -7,7 +7,7 @@ trimmed in between.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable
 from typing import cast
 
 from tokenfan.contract.errors import OffsetGone, UnknownOffset
@@ -18,7 +18,7 @@ from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, pairs
 from tokenfan.store.records import PositionReply, ReadReply
 
-__all__ = ["Resume", "resume_point"]
+__all__ = ["Resume"]
 
 
 class Resume(StoreCore):
@@ -31,21 +31,21 @@ class Resume(StoreCore):
         Without an offset it still asks the session's node, so a subscriber learns at once (1013, 503) that
         storage is unreachable instead of waiting for it.
         """
-        if offset is None:
-            await self.redis.exists(SessionKeys(session_id).meta)
-            return StreamId.ZERO
-        (verdict,) = await self.resume_verdicts(session_id, [offset])
-        return resume_point(offset, verdict)
-
-    @storage_call
-    async def resume_verdicts(self, session_id: str, offsets: Sequence[Offset]) -> list[PositionReply]:
-        """`check_resume`'s verdict on each of `offsets` (at least one), all in one script call: what each
-        one's own check would have answered at that moment. `resume_point` turns a verdict into where to
-        read after, or the error."""
         keys = SessionKeys(session_id)
-        args = [value for offset in offsets for value in (offset.epoch, str(offset.stream_id))]
-        reply = await self.scripts.position(keys=[keys.meta, keys.events], args=args)
-        return [PositionReply(verdict.decode()) for verdict in reply]
+        if offset is None:
+            await self.redis.exists(keys.meta)
+            return StreamId.ZERO
+        reply = await self.scripts.position(
+            keys=[keys.meta, keys.events], args=[offset.epoch, str(offset.stream_id)]
+        )
+        verdict = PositionReply(reply.decode())
+        if verdict is PositionReply.RETAINED:
+            return offset.stream_id
+        if verdict is PositionReply.OTHER_EPOCH:
+            raise OffsetGone("this offset belongs to an earlier incarnation of the session's stream; rebuild")
+        if verdict is PositionReply.TRIMMED:
+            raise OffsetGone("events after this offset are no longer retained; rebuild from a snapshot")
+        raise UnknownOffset("no event of this session has this offset")
 
     @storage_call
     async def tail(self, session_id: str) -> tuple[bytes | None, StreamId]:
@@ -84,18 +84,6 @@ class Resume(StoreCore):
         if not reply:
             return [], None
         return _flat_entries(reply), _id(reply[1])
-
-
-def resume_point(offset: Offset, verdict: PositionReply) -> StreamId:
-    """Where a subscriber resuming after `offset` reads after, given the stream's verdict on it; raises
-    `OffsetGone` or `UnknownOffset` as `Resume.check_resume` documents."""
-    if verdict is PositionReply.RETAINED:
-        return offset.stream_id
-    if verdict is PositionReply.OTHER_EPOCH:
-        raise OffsetGone("this offset belongs to an earlier incarnation of the session's stream; rebuild")
-    if verdict is PositionReply.TRIMMED:
-        raise OffsetGone("events after this offset are no longer retained; rebuild from a snapshot")
-    raise UnknownOffset("no event of this session has this offset")
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:

@@ -28,7 +28,7 @@ class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume, Streams):
 
     API side: `accept`, `request_cancel`, `snapshot`, `generation`, `rate_limit`, presence claims.
     Worker side: `start`, `renew_leases`, `release_lease`, `write`.
-    Relay side: `check_resume` (and `resume_verdicts`, many at once), `tail`, `read_after`.
+    Relay side: `check_resume`, `tail`, `read_after`.
     Durable Streams (``/ds/``): `stream_meta`, `create_stream`, `append_stream`, `delete_stream`,
     `inherited`, `append_app_events`.
     Every call raises `StorageUnavailable` when Redis fails under it.
