@@ -12,7 +12,7 @@ import asyncio
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
-from typing import Any, cast
+from typing import Any
 
 import httpx
 import pytest
@@ -26,7 +26,6 @@ from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
 from tokenfan.client import SessionStream, Transcript
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.keys import SessionKeys
-from tokenfan.store.connection import cluster_client
 from tokenfan.store.slots import slot_of
 
 pytestmark = pytest.mark.fault
@@ -55,13 +54,6 @@ def cstack(cluster: EmbeddedCluster, queue: EmbeddedRedis) -> Iterator[RunningSt
         yield stack.start(workers=2, relays=2)
     finally:
         stack.stop()
-
-
-@pytest.fixture
-async def redis(cluster: EmbeddedCluster) -> AsyncIterator[Redis]:
-    client = cast(Redis, cluster_client(cluster.url))
-    yield client
-    await client.aclose()
 
 
 @pytest.fixture
@@ -155,7 +147,7 @@ class Follower:
 
 
 async def test_writes_lost_in_a_failover_are_written_again_and_subscribers_rebuild(
-    cstack: RunningStack, capi: httpx.AsyncClient, redis: Redis
+    cluster: EmbeddedCluster, cstack: RunningStack, capi: httpx.AsyncClient
 ) -> None:
     """What a failover to a replica that had not received the last writes leaves: the session's state as
     of an earlier instant. Here the very state of that instant is put back (DUMP, then RESTORE) while the
@@ -169,11 +161,21 @@ async def test_writes_lost_in_a_failover_are_written_again_and_subscribers_rebui
     await followers[0].frames(10)
     keys = SessionKeys(session_id)
     names = [keys.events, keys.meta, keys.generation(generation_id), keys.generation_text(generation_id)]
-    earlier = [await redis.dump(name) for name in names]
-    await followers[0].frames(len(followers[0].kinds) + 15)  # seen by subscribers, then lost
-    for name, value in zip(names, earlier, strict=True):
-        assert value is not None
-        await redis.restore(name, 0, value, replace=True)
+    # A replica holds a prefix of its primary's writes, each script's whole or not at all: one instant of
+    # all the session's keys. Dumped or restored one key at a time while the worker writes, they would mix
+    # instants (a text holding a delta its stream and seq do not) that no failover can leave. So both go
+    # in one MULTI/EXEC on the node holding the session's slot (its keys share a hash tag).
+    async with Redis.from_url(cluster.primary_of_slot(slot_of(session_id)).url) as node:
+        async with node.pipeline(transaction=True) as dumping:
+            for name in names:
+                dumping.dump(name)
+            earlier: list[bytes | None] = await dumping.execute()
+        await followers[0].frames(len(followers[0].kinds) + 15)  # seen by subscribers, then lost
+        async with node.pipeline(transaction=True) as restoring:
+            for name, value in zip(names, earlier, strict=True):
+                assert value is not None
+                restoring.restore(name, 0, value, replace=True)
+            await restoring.execute()
     async with asyncio.timeout(60):
         await asyncio.gather(*(follower.task for follower in followers))
     final: dict[str, Any] = (await capi.get(f"/v1/generations/{generation_id}")).json()
