@@ -6,7 +6,9 @@ saw, so it has almost nothing to catch up), stops reading its socket at once, an
 the generation is over. Its socket has a 4 KB receive buffer and a small MSS, so TCP back-pressure reaches
 the server's write buffer after a little loopback buffering; joining late and quiet keeps that buffering
 small (a connection that has carried a fast transfer gets kernel send buffers of megabytes, which would
-absorb the flood). What the server holds for it therefore does not depend on how much the kernel absorbed.
+absorb the flood). What the server holds for it therefore depends little on how much the kernel absorbed,
+but not never: the kernel may take a burst mid-flood, the server then sees the subscriber drained, and one
+that goes live again and falls behind again may earn a second snapshot (a correct one).
 """
 
 from __future__ import annotations
