@@ -158,14 +158,9 @@ def _splice(run: list[StreamEntry], bodies: list[_Delta]) -> bytes | None:
     if len(matches) < len(bodies):
         return None
     last, last_match = run[-1], matches[-1]
-    return b"".join(
+    body = b"".join(
         (
-            b'{"offset":"',
-            last.epoch,
-            b":",
-            str(last.stream_id).encode(),
-            b'",',
-            last.body[1 : last_match.end(2)],
+            last.body[: last_match.end(2)],
             b',"content":"',
             b"".join([match[3] for match in matches]),
             b'","seq_start":',
@@ -173,6 +168,7 @@ def _splice(run: list[StreamEntry], bodies: list[_Delta]) -> bytes | None:
             b"}",
         )
     )
+    return last.frame_with_body(body)
 
 
 def _merge(run: list[StreamEntry], parsed: list[_Delta]) -> bytes:

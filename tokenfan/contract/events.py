@@ -94,7 +94,12 @@ class StreamEntry:
 
     def frame(self) -> bytes:
         """The frame for subscribers, as UTF-8 bytes (sent as a text frame without decoding)."""
-        return b'{"offset":"' + self.epoch + b":" + str(self.stream_id).encode() + b'",' + self.body[1:]
+        return self.frame_with_body(self.body)
+
+    def frame_with_body(self, body: bytes) -> bytes:
+        """The frame of `body` (an event body, UTF-8 JSON) at this entry's offset: a merged run of deltas
+        leaves at the offset of its last."""
+        return b'{"offset":"' + self.epoch + b":" + str(self.stream_id).encode() + b'",' + body[1:]
 
     def offset(self) -> Offset:
         return Offset(self.epoch.decode(), self.stream_id)
