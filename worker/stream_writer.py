@@ -36,6 +36,7 @@ from tokenfan.runtime.metrics import Metrics
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
 from worker.coalesce import Coalescer, PendingEvent
 from worker.metrics import NO_PACE, TokenPace, WorkerMetrics
+from worker.retained import SentEvents, TextParts
 from worker.traces import AttemptTrace
 
 __all__ = ["Fenced", "GenerationStream", "StreamWriter", "WriteRefused"]
@@ -77,8 +78,8 @@ class GenerationStream:
         self.cancel_requested = ""
         self.fenced = False
         self._last: WriteResult | None = None  # the last write's result that named an entry
-        self.text_parts: list[str] = []
-        self.reasoning_parts: list[str] = []
+        self.text_parts = TextParts()
+        self.reasoning_parts = TextParts()
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self._tool_calls_changed = False
         self.pieces = 0
@@ -87,7 +88,7 @@ class GenerationStream:
         self.unwatched_since: float | None = None
         self._finish: Finish | None = None
         self._finish_sent = False
-        self._sent: list[EventWrite] = []  # this attempt's events as written: resent if Redis lost them
+        self._sent = SentEvents()  # this attempt's events as written: resent if Redis lost them
         self._resend: list[EventWrite] = []
         self._done: asyncio.Future[WriteResult] | None = None
         self._error: BaseException | None = None
@@ -173,10 +174,10 @@ class GenerationStream:
             cancel()
 
     def text(self) -> str:
-        return "".join(self.text_parts)
+        return self.text_parts.text()
 
     def reasoning(self) -> str:
-        return "".join(self.reasoning_parts)
+        return self.reasoning_parts.text()
 
     def _check(self) -> None:
         if self._error is not None:
@@ -203,7 +204,7 @@ class GenerationStream:
         if not pending and not events and finish is None:
             return None
         fresh = self._encode(pending)
-        self._sent += fresh
+        self._sent.extend([(e.seq, e.body, e.text, e.reasoning, e.restarts) for e in fresh])
         if finish is not None:
             self._finish_sent = True
         return self._item(events + fresh, finish)
@@ -264,7 +265,7 @@ class GenerationStream:
         that had not received the last writes (replication is asynchronous). Write them again, with the
         generation's tool calls and, if it was on its way, the finish. Subscribers that saw the lost
         entries learn of it from the broken predecessor chain (4410) and rebuild from a snapshot."""
-        lost = [event for event in self._sent if event.seq > stored_seq]
+        lost = [EventWrite._make(event) for event in self._sent.after(stored_seq)]
         if not lost or lost[0].seq != stored_seq + 1:
             self._fail(RuntimeError(f"seq gap writing {self.generation_id}: events before this attempt lost"))
             return
