@@ -41,6 +41,7 @@ from tokenfan.store.write_layout import WriteCall, packed_write
 from tokenfan.store.writes import _write_result
 from worker.generate import _Received
 from worker.metrics import WorkerMetrics
+from worker.retained import SentEvents, TextParts
 from worker.stream_writer import StreamWriter
 from worker.transport import _CHUNKED, Body, _Connection
 from worker.upstream import _reading
@@ -85,7 +86,7 @@ def read_cost(tokens: int, passes: int, metrics: bool, per_read: int = 1) -> flo
         for n in range(tokens // per_read):
             received(reads[n % len(reads)])
             if n % 250 == 0:  # what a flush takes away, so that nothing grows across passes
-                stream.text_parts.clear()
+                stream.text_parts = TextParts()
                 stream.coalescer.drain()
                 writer._dirty.clear()
         return time.process_time() - started
@@ -120,8 +121,8 @@ def flush_costs(generations: int, passes: int) -> dict[str, float]:
             for step, seconds in zip(totals, (laid - started, read - laid, done - read), strict=True):
                 totals[step] += seconds
             for stream in streams:
-                stream.text_parts.clear()
-                stream._sent.clear()
+                stream.text_parts = TextParts()
+                stream._sent = SentEvents(stream.next_seq, stream._sent.plain_delta)
         for step, seconds in totals.items():
             best[step] = min(best.get(step, float("inf")), seconds / (rounds * generations) * 1e6)
     best["all"] = sum(best.values())

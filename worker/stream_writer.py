@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -36,6 +37,7 @@ from tokenfan.runtime.metrics import Metrics
 from tokenfan.store import EventWrite, Finish, Store, WriteItem, WriteOutcome, WriteResult
 from worker.coalesce import Coalescer, PendingEvent
 from worker.metrics import NO_PACE, TokenPace, WorkerMetrics
+from worker.retained import SentEvent, SentEvents, TextParts
 from worker.traces import AttemptTrace
 
 __all__ = ["Fenced", "GenerationStream", "StreamWriter", "WriteRefused"]
@@ -77,8 +79,8 @@ class GenerationStream:
         self.cancel_requested = ""
         self.fenced = False
         self._last: WriteResult | None = None  # the last write's result that named an entry
-        self.text_parts: list[str] = []
-        self.reasoning_parts: list[str] = []
+        self.text_parts = TextParts()
+        self.reasoning_parts = TextParts()
         self.tool_calls: dict[int, dict[str, Any]] = {}
         self._tool_calls_changed = False
         self.pieces = 0
@@ -87,12 +89,13 @@ class GenerationStream:
         self.unwatched_since: float | None = None
         self._finish: Finish | None = None
         self._finish_sent = False
-        self._sent: list[EventWrite] = []  # this attempt's events as written: resent if Redis lost them
         self._resend: list[EventWrite] = []
         self._done: asyncio.Future[WriteResult] | None = None
         self._error: BaseException | None = None
         self._writing: asyncio.Task[None] | None = None  # merge=False: this generation's own writer
         self._delta_prefix = _delta_prefix(session_id, generation_id)
+        # This attempt's events as written: resent if Redis lost them.
+        self._sent = SentEvents(self.next_seq, functools.partial(_plain_delta_body, self._delta_prefix))
 
     @property
     def has_output(self) -> bool:
@@ -173,10 +176,10 @@ class GenerationStream:
             cancel()
 
     def text(self) -> str:
-        return "".join(self.text_parts)
+        return self.text_parts.text()
 
     def reasoning(self) -> str:
-        return "".join(self.reasoning_parts)
+        return self.reasoning_parts.text()
 
     def _check(self) -> None:
         if self._error is not None:
@@ -203,22 +206,27 @@ class GenerationStream:
         if not pending and not events and finish is None:
             return None
         fresh = self._encode(pending)
-        self._sent += fresh
         if finish is not None:
             self._finish_sent = True
         return self._item(events + fresh, finish)
 
     def _encode(self, pending: list[PendingEvent]) -> list[EventWrite]:
-        """Pending events as written: each with the next seq, its body encoded once."""
+        """Pending events as written: each with the next seq, its body encoded once. They are kept for a
+        resend too (`_sent`), a plain delta as its text alone."""
         events = []
+        kept: list[SentEvent | str] = []
         prefix = self._delta_prefix
         for event in pending:
             fields = event.fields
             content = fields.get("content")
             if prefix and event.type is EventType.DELTA and len(fields) == 1 and type(content) is str:
-                # The common case, encoded without building the body dict: byte for byte what
-                # encode_body(event_body(...)) gives (checked once per generation by `_delta_prefix`).
-                body = f'{prefix}{self.next_seq},"content":{encode_basestring(content)}}}'
+                # The common case, encoded without building the body dict.
+                body = _plain_delta_body(prefix, self.next_seq, content)
+                if event.text == content and not event.reasoning:
+                    kept.append(content)
+                    events.append(EventWrite(self.next_seq, body, content))
+                    self.next_seq += 1
+                    continue
             else:
                 body = encode_body(
                     event_body(
@@ -231,7 +239,9 @@ class GenerationStream:
                 )
             restarts = 1 if event.type is EventType.GENERATION_RESTARTED else 0
             events.append(EventWrite(self.next_seq, body, event.text, event.reasoning, restarts))
+            kept.append((self.next_seq, body, event.text, event.reasoning, restarts))
             self.next_seq += 1
+        self._sent.extend(kept)
         return events
 
     def _item(self, events: list[EventWrite], finish: Finish | None) -> WriteItem:
@@ -264,7 +274,7 @@ class GenerationStream:
         that had not received the last writes (replication is asynchronous). Write them again, with the
         generation's tool calls and, if it was on its way, the finish. Subscribers that saw the lost
         entries learn of it from the broken predecessor chain (4410) and rebuild from a snapshot."""
-        lost = [event for event in self._sent if event.seq > stored_seq]
+        lost = [EventWrite._make(event) for event in self._sent.after(stored_seq)]
         if not lost or lost[0].seq != stored_seq + 1:
             self._fail(RuntimeError(f"seq gap writing {self.generation_id}: events before this attempt lost"))
             return
@@ -288,6 +298,12 @@ class GenerationStream:
             self._done.set_exception(error)
         if self.on_cancel is not None:
             self.on_cancel()
+
+
+def _plain_delta_body(prefix: str, seq: int, content: str) -> str:
+    """The body of a content-only delta: byte for byte what ``encode_body(event_body(...))`` gives, for a
+    ``prefix`` from `_delta_prefix` (which checks that once per generation)."""
+    return f'{prefix}{seq},"content":{encode_basestring(content)}}}'
 
 
 def _delta_prefix(session_id: str, generation_id: str) -> str:

@@ -74,3 +74,59 @@ async def test_an_item_that_cannot_be_written_fails_its_generation_and_no_other(
 
     await wait_for_condition(still_written)
     assert await stored_text(redis, bad) is None  # none of its events reached Redis
+
+
+async def test_events_redis_lost_are_written_again_exactly_as_first_written(
+    writer: StreamWriter, redis: Redis
+) -> None:
+    """A failover can promote a replica that missed the last writes. The attempt's next write finds the
+    gap and writes what was lost again: each event's body byte for byte as first written (plain deltas are
+    kept as their text alone and rebuilt), and the text and reasoning with them."""
+    stream = await opened(writer, writer.store)
+    keys = SessionKeys(stream.session_id)
+    names = [
+        keys.events,
+        keys.meta,
+        keys.generation(stream.generation_id),
+        keys.generation_text(stream.generation_id),
+        keys.generation_reasoning(stream.generation_id),
+    ]
+
+    async def bodies() -> list[bytes]:
+        return [fields[b"d"] for _, fields in await redis.xrange(keys.events)]
+
+    async def text_is(expected: str) -> None:
+        async def written() -> bool:
+            return await stored_text(redis, stream) == expected.encode()
+
+        await wait_for_condition(written)
+
+    stream.add_content("kept ")
+    await text_is("kept ")
+    async with redis.pipeline(transaction=True) as dumping:  # one instant of the session, as a replica holds
+        for name in names:
+            dumping.dump(name)
+        earlier: list[bytes | None] = await dumping.execute()
+    pieces = ["lost ", 'and "found" ', "é\n", "\U0001f600 ", "over "]
+    for piece in pieces:
+        stream.add_content(piece)
+        await text_is("kept " + "".join(pieces[: pieces.index(piece) + 1]))  # an event each
+    stream.add_event("x.note", note="between")
+    stream.add_reasoning("thinking")
+    stream.add_content("after")
+    text = "kept " + "".join(pieces) + "after"
+    await text_is(text)
+    written = await bodies()
+    async with redis.pipeline(transaction=True) as restoring:  # the failover: back to that instant
+        for name, value in zip(names, earlier, strict=True):
+            if value is None:
+                restoring.delete(name)
+            else:
+                restoring.restore(name, 0, value, replace=True)
+        await restoring.execute()
+    stream.add_content(" again")  # the next write finds the gap
+    await text_is(text + " again")
+    rewritten = await bodies()
+    assert rewritten[: len(written)] == written
+    assert len(rewritten) == len(written) + 1
+    assert await redis.get(keys.generation_reasoning(stream.generation_id)) == b"thinking"
