@@ -19,7 +19,9 @@ highest sustained token deliveries/s of the relay and of the naive relay; catch-
 one resume and 100 at the same instant, each subscriber timed from its own connection attempt); a storm of
 1,000 reconnects to a freshly started relay during a live generation (part ``reconnect``); and the
 1,000-subscriber tail (part ``tail``). With ``--baseline-code DIR`` those three parts run a relay from DIR
-too ("before"), in the same run. Every process
+too ("before"), in the same run; in part ``tail`` each relay is fed by its own code's store, in a producer
+process of its own (`bench.fanout_producer`), so that code from before a change to the write script can be
+measured. Every process
 shares the machine's cores, so each figure comes with the CPU each process used.
 """
 
