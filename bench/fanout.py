@@ -19,7 +19,9 @@ highest sustained token deliveries/s of the relay and of the naive relay; catch-
 one resume and 100 at the same instant, each subscriber timed from its own connection attempt); a storm of
 1,000 reconnects to a freshly started relay during a live generation (part ``reconnect``); and the
 1,000-subscriber tail (part ``tail``). With ``--baseline-code DIR`` those three parts run a relay from DIR
-too ("before"), in the same run. Every process
+too ("before"), in the same run; in part ``tail`` each relay is fed by its own code's store, in a producer
+process of its own (`bench.fanout_producer`), so that code from before a change to the write script can be
+measured. Every process
 shares the machine's cores, so each figure comes with the CPU each process used.
 """
 
@@ -392,6 +394,83 @@ class Producer:
         await self.store.close()
 
 
+class CodeProducer:
+    """The producer's open and run in a process of its own (`bench.fanout_producer`), writing through the
+    store of another copy of the code: a relay hears only what its own code's write script publishes."""
+
+    def __init__(self, redis: Backend, code: Path) -> None:
+        self.redis = redis
+        self.code = code
+        self.process: asyncio.subprocess.Process | None = None
+        self.answers: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self.asked = 0
+        self.reading: asyncio.Task[None] | None = None
+
+    async def start(self) -> CodeProducer:
+        env = child_env(self.redis.env())
+        env["PYTHONPATH"] = str(self.code)
+        self.process = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "bench" / "fanout_producer.py"), "--code", str(self.code),
+            "--redis-url", self.redis.url, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=self.code,
+        )  # fmt: skip
+        ready: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.answers[0] = ready
+        self.reading = asyncio.create_task(self._read())
+        await asyncio.wait_for(ready, 30)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    async def _read(self) -> None:
+        assert self.process is not None
+        assert self.process.stdout is not None
+        while line := await self.process.stdout.readline():
+            answer = json.loads(line)
+            future = self.answers.pop(answer["id"], None)
+            if future is not None and not future.done():
+                future.set_result(answer)
+        for future in self.answers.values():
+            if not future.done():
+                future.set_exception(RuntimeError(f"the producer of {self.code} exited"))
+
+    async def _ask(self, **request: Any) -> dict[str, Any]:
+        assert self.process is not None
+        assert self.process.stdin is not None
+        self.asked += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self.answers[self.asked] = future
+        self.process.stdin.write((json.dumps({"id": self.asked, **request}) + "\n").encode())
+        await self.process.stdin.drain()
+        return await future
+
+    async def open(self, session_ids: list[str]) -> str:
+        await self._ask(op="open", sessions=session_ids)
+        return session_ids[0]
+
+    async def run(self, key: str, rate: float, start_ns: int, window: tuple[int, int]) -> int:
+        answer = await self._ask(op="run", key=key, rate=rate, start_ns=start_ns, window=list(window))
+        return int(answer["in_window"])
+
+    async def calls(self) -> int:
+        return int((await self._ask(op="calls"))["write_calls"])
+
+    async def close(self) -> None:
+        if self.process is None:
+            return
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            await asyncio.wait_for(self.process.wait(), 10)
+        except TimeoutError:
+            self.process.kill()
+            await self.process.wait()
+        if self.reading is not None:
+            await self.reading
+
+
 # --- measuring one run
 
 
@@ -432,6 +511,8 @@ class Bench:
     naive_target: Target | None = None
     tag: int = 0
     controls: list[Redis] = field(default_factory=list)
+    #: When set, `produce` writes through this producer (another copy of the code's store) instead.
+    feeder: CodeProducer | None = None
 
     def __post_init__(self) -> None:
         self.controls = [
@@ -473,7 +554,7 @@ class Bench:
         usage = {
             target.kind: cpu_times(target.server.pid),
             "redis": self.redis_cpu_times(),
-            "producer": cpu_times(os.getpid()),
+            "producer": cpu_times(self.feeder.pid if self.feeder is not None else os.getpid()),
         }
         for n, pid in enumerate(self.load.pids):
             usage[f"loadgen-{n}"] = cpu_times(pid)
@@ -489,7 +570,7 @@ class Bench:
             "at": time.time_ns(),
             "cpu": self.cpu(target),
             "machine": machine_busy_seconds(),
-            "write_calls": self.producer.write_calls,
+            "write_calls": await self.feeder.calls() if self.feeder else self.producer.write_calls,
         }
         sample["stats"] = await target.stats()
         sample["redis"] = await self.redis_counters()
@@ -551,6 +632,11 @@ class Bench:
 
         async def drive(session_ids: list[str], start_ns: int, window: tuple[int, int]) -> int:
             key = session_ids[0]
+            if self.feeder is not None:
+                if not start_ns:
+                    await self.feeder.open(session_ids)
+                    return 0
+                return await self.feeder.run(key, rate, start_ns, window)
             if not start_ns:
                 prepared[key] = await self.producer.open(session_ids)
                 return 0
@@ -1083,12 +1169,15 @@ async def reconnect(bench: Bench, storm: Storm, baseline: Path | None) -> dict[s
 
 
 async def tail(bench: Bench, baseline: Path | None, rate: float) -> dict[str, Any]:
-    """Part 'tail': 1,000 subscribers of one session at `rate` tok/s, per relay version, alternating."""
+    """Part 'tail': 1,000 subscribers of one session at `rate` tok/s, per relay version, alternating; each
+    version's deltas are written by that version's store, in a producer process of its own."""
     labels = versions(baseline)
     runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in labels}
     log(f"tail: one session x 1000, {rate:g} tok/s")
     for n in range(bench.runs):
         for label, code in in_turn(labels, n):
+            # Each relay is fed by its own code's writes (how the write script publishes has changed).
+            bench.feeder = await CodeProducer(bench.redis, code).start()
             server = relay_server(bench.redis, code=code).start()
             try:
                 target = Target("relay", server)
@@ -1096,6 +1185,8 @@ async def tail(bench: Bench, baseline: Path | None, rate: float) -> dict[str, An
                 await target.http.aclose()
             finally:
                 server.stop()
+                await bench.feeder.close()
+                bench.feeder = None
             runs[label].append(run)
             log(line(f"relay {label}", run))
     return {label: medians(rs) for label, rs in runs.items()} | {"runs": runs}

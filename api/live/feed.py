@@ -28,6 +28,7 @@ from api.live.frames import FrameBatch, snapshot_frame
 from api.live.history import STEP, History, HistoryBudget
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
+from api.live.subscription import State, Subscription
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.ids import is_session_id
@@ -57,8 +58,30 @@ _JOINS = 8
 _CHUNKS_KEPT = HISTORY_ENTRIES // STEP + 8
 
 
+class LiveSink(Protocol):
+    """What the feed calls on a subscriber's transport (`api.live.subscriber.Sink`) for a live batch."""
+
+    def deliver(self, batch: FrameBatch) -> None:
+        """Queue a live batch without waiting."""
+
+    def buffered(self) -> int:
+        """Bytes written and not yet taken by the client."""
+
+
 class LiveSubscriber(Protocol):
-    """What a feed needs from each of its live subscribers (`api.live.subscriber.Subscriber`)."""
+    """What a feed needs from each of its live subscribers (`api.live.subscriber.Subscriber`).
+
+    The feed delivers a batch itself to a subscriber in step with it that is not slow (`SessionFeed._fanout`),
+    through its `core` and `sink`; any other gets `on_live_batch`."""
+
+    @property
+    def core(self) -> Subscription: ...
+
+    @property
+    def sink(self) -> LiveSink: ...
+
+    @property
+    def max_buffer_bytes(self) -> int: ...
 
     def on_live_batch(self, batch: FrameBatch, before: StreamId | None) -> int:
         """The feed delivers `batch`, which follows the entry `before`; returns the frames sent."""
@@ -344,9 +367,27 @@ class SessionFeed:
         if not self.subscribers:
             return
         batch = FrameBatch(entries)
-        sent = 0
+        last = entries[-1].stream_id
+        sent = whole = 0
+        live = State.LIVE
         for subscriber in list(self.subscribers):
-            sent += subscriber.on_live_batch(batch, before)
+            # The common case, thousands of times per batch, made here: a live subscription in step with the
+            # feed (its position is the very id object the previous batch ended with) takes all of the batch,
+            # as `Subscription.on_live` would say, unless it is slow. Going through `on_live_batch` for each
+            # (two more calls of ours per subscriber) cost a sixth of the relay's CPU per frame.
+            core, sink = subscriber.core, subscriber.sink
+            if (
+                core.position is before
+                and core.state is live
+                and sink.buffered() <= subscriber.max_buffer_bytes
+            ):
+                core.position = last
+                sink.deliver(batch)
+                whole += 1
+            else:  # slow, behind, ahead (it read past the feed while catching up), or not live
+                sent += subscriber.on_live_batch(batch, before)
+        if whole:
+            sent += whole * len(batch.frames)
         self.frames_sent += sent
         self.bus.metrics.fanned_out(batch, sent)
 

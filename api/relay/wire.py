@@ -29,8 +29,18 @@ def write_batch(websocket: ServerConnection, batch: FrameBatch) -> None:
     transport write (one system call, not one per frame). A connection that is not open, or in any state
     where the library's own path could behave otherwise (a fragmented send in progress, an extension,
     pending protocol output), goes through `broadcast`.
+
+    This runs for every subscriber of every live batch: `_writable`'s checks are made here inline, the
+    transport's ``write`` is the only call on the common path besides the batch's (cached) encoding.
     """
-    if _writable(websocket):
+    protocol = websocket.protocol
+    if (
+        protocol.state is State.OPEN
+        and websocket.send_in_progress is None
+        and not protocol.writes
+        and not protocol.extensions
+        and not protocol.expect_continuation_frame
+    ):
         try:
             websocket.transport.write(batch.encoded(websocket_wire))
         except Exception as exc:  # as broadcast: one failed write must not stop the others
@@ -41,7 +51,8 @@ def write_batch(websocket: ServerConnection, batch: FrameBatch) -> None:
 
 
 def _writable(websocket: ServerConnection) -> bool:
-    """Whether bytes written straight to the transport are what websockets itself would write now."""
+    """Whether bytes written straight to the transport are what websockets itself would write now (made
+    inline by `write_batch`: keep the two alike)."""
     protocol = websocket.protocol
     return (
         protocol.state is State.OPEN

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from api.live.feed import LiveBus
 from api.live.frames import FrameBatch
-from api.live.subscriber import Subscriber
+from api.live.subscriber import SLOW_CONSUMER_CLOSE_CODE, Subscriber
 from tests.support.requests import new_session_id
 from tokenfan.contract.events import EventType, encode_body, event_body
 from tokenfan.contract.ids import new_generation_id
@@ -164,3 +164,67 @@ async def test_resumers_at_different_offsets_read_each_entry_from_redis_once(red
             await subscriber.stop()
         await bus.close()
         await store.topology.close()
+
+
+class StallingSink(RecordingSink):
+    """A client that stops reading when told: its buffered bytes then stand past any limit. Records its end."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stalled = False
+        self.ended: tuple[int, str] | None = None
+
+    def buffered(self) -> int:
+        return 1 << 30 if self.stalled else 0
+
+    def end(self, code: int, reason: str) -> None:
+        self.ended = (code, reason)
+
+
+async def until_seq(sink: RecordingSink, seq: int) -> None:
+    while sink.frames[-1]["seq"] != seq:
+        sink.arrived.clear()
+        await sink.arrived.wait()
+
+
+async def test_a_live_subscriber_that_stops_reading_is_ended_while_the_others_get_every_entry(
+    bus: LiveBus,
+) -> None:
+    """Live subscribers of one session, all in step with its feed: the one whose client stops reading gets the
+    slow policy at the next batch (close: 4008) and nothing more, and the others go on getting every entry,
+    in order, once."""
+    store, session_id, generation_id = bus.store, new_session_id(), new_generation_id()
+    await store.accept(session_id, generation_id, request={"model": "m", "messages": []}, model="m")
+    attempt = (await store.start(session_id, generation_id)).attempt
+    await write_deltas(store, session_id, generation_id, attempt, range(1, 3))
+    sinks = [StallingSink() for _ in range(3)]
+    subscribers = [
+        Subscriber(
+            bus, session_id, StreamId.ZERO, sink, max_buffer_bytes=1 << 20, slow_policy="close", merge=False
+        )
+        for sink in sinks
+    ]
+    try:
+        for subscriber in subscribers:
+            subscriber.start()
+        async with asyncio.timeout(10):
+            for subscriber in subscribers:
+                await subscriber.caught_up.wait()
+        await write_deltas(store, session_id, generation_id, attempt, range(3, 5))  # live, every one in step
+        async with asyncio.timeout(10):
+            for sink in sinks:
+                await until_seq(sink, 4)
+        sinks[1].stalled = True
+        await write_deltas(store, session_id, generation_id, attempt, range(5, 8))
+        async with asyncio.timeout(10):
+            for sink in (sinks[0], sinks[2]):
+                await until_seq(sink, 7)
+        for sink in (sinks[0], sinks[2]):
+            assert [frame["seq"] for frame in sink.frames] == list(range(1, 8))
+            assert sink.ended is None
+        assert [frame["seq"] for frame in sinks[1].frames] == list(range(1, 5))
+        assert sinks[1].ended is not None
+        assert sinks[1].ended[0] == SLOW_CONSUMER_CLOSE_CODE
+    finally:
+        for subscriber in subscribers:
+            await subscriber.stop()
