@@ -28,6 +28,7 @@ from api.live.frames import FrameBatch, snapshot_frame
 from api.live.history import STEP, History, HistoryBudget
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
+from api.live.resume_checks import ResumeChecks
 from api.live.subscription import State, Subscription
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
@@ -417,6 +418,8 @@ class LiveBus:
         history_budget: int = HISTORY_BUDGET,
     ) -> None:
         self.store = store
+        #: Resume checks, shared by subscribers resuming from the same offset at the same time.
+        self.checks = ResumeChecks(store)
         self.metrics = metrics or LiveMetrics(Metrics("live", enabled=False))
         #: What every feed's catch-up history may hold together (approximate bytes).
         self.history_budget = HistoryBudget(history_budget)
