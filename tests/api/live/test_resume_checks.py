@@ -43,7 +43,7 @@ async def test_resumers_from_one_offset_share_its_check(redis: Redis) -> None:
     assert positions == [ids[2]] * 20
     assert calls == [at_c]  # one call for the twenty
     both = await asyncio.gather(checks.check(session_id, at_c), checks.check(session_id, at_e))
-    assert both == [ids[2], ids[4]]
+    assert list(both) == [ids[2], ids[4]]
     assert calls[1:] == [at_c, at_e]  # different offsets: a call each; a finished check is not reused
     assert await checks.check(session_id, None) == StreamId.ZERO
 
