@@ -183,21 +183,3 @@ async def test_read_before_reads_backwards_and_names_the_predecessor(redis: Redi
     assert [entry.stream_id for entry in entries] == ids[7:9]
     assert predecessor == ids[6]  # trimmed, but named: the history cannot claim anything before it
     assert await store.read_before(session_id, ids[5], 5) == ([], None)
-
-
-async def test_read_before_reads_ids_beyond_a_lua_numbers_exact_integers(
-    redis: Redis, session_id: str
-) -> None:
-    """The read script hands ids over as numbers, and ids whose parts have more digits than a Lua number
-    holds exactly (a stream id's parts go to 2^64 - 1) as their text: both read back as the ids written."""
-    key = SessionKeys(session_id).events
-    ids = ["999999999999999-999999999999999", "1000000000000000-0", "18446744073709551615-9007199254740993"]
-    predecessor = "5-1"
-    for entry_id in ids:
-        await redis.xadd(key, {"p": predecessor, "e": "E", "d": "{}"}, id=entry_id)
-        predecessor = entry_id
-    store = make_store(redis)
-    entries, before = await store.read_before(session_id, StreamId.parse(ids[-1]), 10)
-    assert [entry.stream_id for entry in entries] == [StreamId.parse(entry_id) for entry_id in ids]
-    assert before == StreamId(5, 1)
-    assert entries == await store.read_after(session_id, before, 10, strict=False)

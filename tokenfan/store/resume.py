@@ -8,7 +8,7 @@ trimmed in between.
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from typing import Any, cast
+from typing import cast
 
 from tokenfan.contract.errors import OffsetGone, UnknownOffset
 from tokenfan.contract.events import StreamEntry
@@ -83,27 +83,19 @@ class Resume(StoreCore):
         )
         if not reply:
             return [], None
-        return _flat_entries(reply), _id(reply[0])
+        return _flat_entries(reply), _id(reply[1])
 
 
 def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
     return StreamEntry(StreamId.parse(entry_id), fields[b"e"], fields[b"d"])
 
 
-def _flat_entries(flat: list[Any]) -> list[StreamEntry]:
-    """The entries of a ``read_back`` reply (after its predecessor: ms, seq, epoch, body, four values each;
-    an id too long for Lua's numbers comes as its text, then False)."""
+def _flat_entries(flat: list[bytes]) -> list[StreamEntry]:
+    """The entries of a ``read_back`` reply (id, predecessor, epoch, body, four values each)."""
     entries = []
-    for i in range(1, len(flat), 4):
-        ms = flat[i]
-        if type(ms) is int:
-            stream_id = _new(StreamId)
-            _set_ms(stream_id, ms)
-            _set_seq(stream_id, flat[i + 1])
-        else:
-            stream_id = _id(ms)
+    for i in range(0, len(flat), 4):
         entry = _new(StreamEntry)
-        _set_stream_id(entry, stream_id)
+        _set_stream_id(entry, _id(flat[i]))
         _set_epoch(entry, flat[i + 2])
         _set_body(entry, flat[i + 3])
         entries.append(entry)
