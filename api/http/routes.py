@@ -252,7 +252,7 @@ async def session_events(
     if services.sse_streams[address] >= services.settings.sse_max_streams_per_address:
         raise RateLimited("too many open event streams from your address; close one first", retry_after=5)
     held = last_event_id if last_event_id is not None else after  # the browser resends the original URL
-    position = await services.store.check_resume(session_id, parse_offset(held) if held is not None else None)
+    position = await services.bus.checks.check(session_id, parse_offset(held) if held is not None else None)
     settings = services.settings
     body = event_stream(
         services.bus,

@@ -28,6 +28,7 @@ from api.live.frames import FrameBatch, snapshot_frame
 from api.live.history import STEP, History, HistoryBudget
 from api.live.metrics import LiveMetrics
 from api.live.presence import publish_presence
+from api.live.resume_checks import ResumeChecks
 from api.live.subscription import State, Subscription
 from tokenfan.contract.errors import OffsetGone, StorageUnavailable
 from tokenfan.contract.events import StreamEntry
@@ -111,6 +112,7 @@ class SessionFeed:
         self._chunks: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # the history's
         self._history: History | None = None  # while any subscriber catches up
         self._backfill: asyncio.Future[None] | None = None  # the history's read backwards in flight
+        self._waiters: list[tuple[StreamId, asyncio.Future[None]]] = []  # resumers waiting for it
 
     @property
     def position(self) -> StreamId:
@@ -151,9 +153,9 @@ class SessionFeed:
         with the reads of subscribers at the same position at the same time shared: one that asks while an
         identical read is in flight waits for that one."""
         history = self._history
-        while history is not None and history.can_grow_back_to(after) and history is self._history:
-            await self._grow_history()
-        history = self._history
+        while history is not None and history.can_grow_back_to(after):
+            await self._grown_back(after, history)
+            history = self._history
         if history is not None and history.covers(after):
             return history.chunk(after)
         return await self._read_forwards(after)
@@ -165,28 +167,48 @@ class SessionFeed:
             return history.chunk(after)
         return []
 
-    async def _grow_history(self) -> None:
-        """Read the page before the history into it; one read at a time, shared by every waiting resumer.
-        A read that has finished is never waited for again (its done callbacks may not have run yet), so
-        every wait is for a read that moves the history back or marks it stuck."""
+    async def _grown_back(self, after: StreamId, history: History) -> None:
+        """Wait until the history covers `after`, or can grow back to it no further (or is dropped). One
+        read backwards at a time, page after page, shared by every waiting resumer, and each resumer woken
+        once, when it is covered, rather than once per page (a storm of a hundred resumers 5,000 events
+        behind was a thousand wake-ups)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((after, waiter))
         backfill = self._backfill
         if backfill is None or backfill.done():
-            history = self._history
-            assert history is not None
             backfill = self._backfill = asyncio.ensure_future(self._read_backwards(history))
             backfill.add_done_callback(_retrieved)
-        await asyncio.shield(backfill)  # one reader's cancellation leaves the others' read alone
+        await waiter  # a resumer that leaves cancels its own wait only: the read goes on for the others
 
     async def _read_backwards(self, history: History) -> None:
-        self.bus.metrics.pages.inc()
+        """Read pages backwards into `history` while a resumer waits for an entry it does not hold yet."""
         try:
-            run, predecessor = await self.bus.store.read_before(
-                self.session_id, history.after, self.bus.page_size
-            )
-        except BaseException:
-            history.stuck = True  # the next reader goes forwards, and meets the error itself
-            raise
-        history.prepend(run, predecessor)
+            while history is self._history and self._waiting_for(history):
+                self.bus.metrics.pages.inc()
+                try:
+                    run, predecessor = await self.bus.store.read_before(
+                        self.session_id, history.after, self.bus.page_size
+                    )
+                except BaseException:
+                    history.stuck = True  # the waiting readers go forwards, and meet the error themselves
+                    raise
+                history.prepend(run, predecessor)
+        finally:
+            self._waiting_for(None)
+
+    def _waiting_for(self, history: History | None) -> bool:
+        """Wake the waiting resumers that `history` covers or cannot grow back to (None: every one); whether
+        any is left waiting for it to grow."""
+        waiting = []
+        for position, waiter in self._waiters:
+            if waiter.done():
+                continue
+            if history is not None and history.can_grow_back_to(position):
+                waiting.append((position, waiter))
+            else:
+                waiter.set_result(None)
+        self._waiters = waiting
+        return bool(waiting)
 
     async def _read_forwards(self, after: StreamId) -> list[StreamEntry]:
         """A page after `after`, read from Redis. A read in flight from `after` or from before it is waited
@@ -417,6 +439,8 @@ class LiveBus:
         history_budget: int = HISTORY_BUDGET,
     ) -> None:
         self.store = store
+        #: Resume checks, shared by subscribers resuming from the same offset at the same time.
+        self.checks = ResumeChecks(store)
         self.metrics = metrics or LiveMetrics(Metrics("live", enabled=False))
         #: What every feed's catch-up history may hold together (approximate bytes).
         self.history_budget = HistoryBudget(history_budget)

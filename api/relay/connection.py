@@ -148,7 +148,7 @@ class Connection:
         if session_id in self.subscribers:
             raise InvalidRequest(f"already subscribed to {session_id}")
         offset = parse_offset(after) if after is not None else None
-        position = await self.relay.store.check_resume(session_id, offset)
+        position = await self.relay.bus.checks.check(session_id, offset)
         subscriber = Subscriber(
             self.relay.bus,
             session_id,
