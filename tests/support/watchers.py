@@ -189,10 +189,15 @@ class CredentialMultiWatcher(MultiWatcher):
 
 async def completed_session(relay_url: str, api: httpx.AsyncClient, session_id: str) -> list[dict[str, Any]]:
     """One completed generation in `session_id`, paced so that coalescing leaves many delta frames to resume
-    between; its frames as a live single-session watcher got them."""
+    between; its frames as a live single-session watcher got them.
+
+    The tokens come 8 ms apart, past the worker's 5 ms flush window, so each is usually a frame of its own. A
+    busy machine can stall the upstream for tens of milliseconds, after which it sends what it owes at once
+    (its schedule is absolute) and those tokens share a frame: at 400 tokens/s that left 3 deltas of 30 tokens
+    now and then; at this pace a stall must last most of the generation to leave fewer than 4."""
     watcher = await Watcher(relay_url, session_id).connect()
     try:
-        generation_id = await accept(api, session_id, user_message("resume me", {"tokens": 30, "rate": 400}))
+        generation_id = await accept(api, session_id, user_message("resume me", {"tokens": 16, "rate": 120}))
         await watcher.receive_until(finished(generation_id))
     finally:
         await watcher.close()
