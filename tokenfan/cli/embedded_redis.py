@@ -20,7 +20,16 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-__all__ = ["EmbeddedRedis", "free_port", "server_binary"]
+__all__ = ["EmbeddedRedis", "PortTaken", "free_port", "server_binary"]
+
+#: Starts tried on fresh ports when the one picked was taken before the server could bind it.
+_PORT_ATTEMPTS = 3
+#: What the server logs when its port is taken (``bind: Address already in use``).
+_ADDRESS_IN_USE = "Address already in use"
+
+
+class PortTaken(RuntimeError):
+    """The server exited at start: its port was taken."""
 
 
 def server_binary() -> Path:
@@ -41,15 +50,26 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def _ping(host: str, port: int, password: str | None) -> bool:
+def _answers(host: str, port: int, password: str | None, pid: int) -> bool:
+    """Whether the server process `pid` answers on the port (not another one that holds it: a server whose
+    port was taken answers nothing before it exits, but the one that took it does)."""
     try:
         with socket.create_connection((host, port), timeout=0.5) as sock:
             if password:
                 sock.sendall(f"AUTH {password}\r\n".encode())
                 if not sock.recv(64).startswith(b"+OK"):
                     return False
-            sock.sendall(b"PING\r\n")
-            return sock.recv(64).startswith(b"+PONG")
+            sock.sendall(b"INFO server\r\n")
+            reply = sock.recv(65536)
+            if not reply.startswith(b"$"):  # an error (still loading its data, say): not ready
+                return False
+            head, _, body = reply.partition(b"\r\n")
+            while len(body) < int(head[1:]):
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return False
+                body += chunk
+            return f"process_id:{pid}\r\n".encode() in body
     except OSError:
         return False
 
@@ -72,6 +92,10 @@ class EmbeddedRedis:
     ) -> None:
         self.host = host
         self.port = port or free_port(host)
+        #: A port we picked may be taken by someone else between `free_port` and the server's bind: the first
+        #: start then tries another. A port asked for, or one the server held before (a restart after `kill`
+        #: must come back where its clients look), is never changed.
+        self._may_move = port is None
         self.persistent = persistent
         self.password = password
         self.extra_args = extra_args
@@ -103,14 +127,27 @@ class EmbeddedRedis:
     def start(self, timeout: float = 15.0) -> EmbeddedRedis:
         if self.process is not None and self.process.poll() is None:
             return self
+        for _ in range(_PORT_ATTEMPTS - 1):
+            try:
+                return self._start(timeout)
+            except PortTaken:
+                if not self._may_move:
+                    raise
+                self.port = free_port(self.host)
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> EmbeddedRedis:
         self.process = subprocess.Popen(  # noqa: S603 - our own binary, our own arguments
             self.command(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"valkey-server exited with {self.process.returncode}: {self.log_tail()}")
-            if _ping(self.host, self.port, self.password):
+                log = self.log_tail()
+                error = PortTaken if _ADDRESS_IN_USE in log else RuntimeError
+                raise error(f"valkey-server exited with {self.process.returncode}: {log}")
+            if _answers(self.host, self.port, self.password, self.process.pid):
+                self._may_move = False
                 return self
             time.sleep(0.02)
         self.kill()
