@@ -52,6 +52,12 @@ _PAGES_KEPT = 16
 HISTORY_ENTRIES = 16_384
 #: ``TOKENFAN_CATCHUP_HISTORY_BUDGET``'s default: seven full histories of benchmark-sized deltas.
 HISTORY_BUDGET = 33_554_432
+#: How long a feed keeps its catch-up history after its last resumer caught up. The resumers of a storm arrive
+#: over tens of milliseconds (their handshakes queue up), so the first ones can catch up and go live before the
+#: last ones ask: without this, each of those read the whole backlog again into a new history (in a storm of 100
+#: resumes 5,000 behind, the backlog was read and merged twice). The history follows the feed meanwhile, within
+#: the budget like any other.
+HISTORY_LINGER_SECONDS = 2.0
 #: Reads in flight from before its position a resumer waits for, one after another, before reading for itself
 #: (each that ends before its position was someone else's page; a bound keeps a resumer from waiting on many).
 _JOINS = 8
@@ -110,7 +116,8 @@ class SessionFeed:
         self._pages: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # while any is
         self._reads: dict[tuple[StreamId, int], asyncio.Future[list[StreamEntry]]] = {}  # in flight
         self._chunks: dict[tuple[bytes, StreamId, StreamId, int], FrameBatch] = {}  # the history's
-        self._history: History | None = None  # while any subscriber catches up
+        self._history: History | None = None  # while any subscriber catches up, and a moment after
+        self._history_linger: asyncio.TimerHandle | None = None  # that moment's end
         self._backfill: asyncio.Future[None] | None = None  # the history's read backwards in flight
         self._waiters: list[tuple[StreamId, asyncio.Future[None]]] = []  # resumers waiting for it
 
@@ -129,8 +136,12 @@ class SessionFeed:
 
     @contextlib.contextmanager
     def catching_up(self) -> Iterator[None]:
-        """Held while a subscriber reads pages: the frames of shared pages are kept until nobody does."""
-        if not self._catching_up:
+        """Held while a subscriber reads pages: the history and the frames of shared pages are kept until
+        nobody does, and for `LiveBus.history_linger_seconds` more."""
+        if self._history_linger is not None:
+            self._history_linger.cancel()
+            self._history_linger = None
+        if not self._catching_up and self._history is None:
             self._history = History(
                 self.cursor.position, self.cursor.epoch, HISTORY_ENTRIES, budget=self.bus.history_budget
             )
@@ -140,9 +151,21 @@ class SessionFeed:
         finally:
             self._catching_up -= 1
             if not self._catching_up:
-                self._pages.clear()
-                self._chunks.clear()
-                self._forget_history()
+                linger = self.bus.history_linger_seconds
+                if linger > 0:
+                    self._history_linger = asyncio.get_running_loop().call_later(linger, self.drop_history)
+                else:
+                    self.drop_history()
+
+    def drop_history(self) -> None:
+        """Nobody has caught up for a while (or the feed stops): keep no history, and no frames of pages."""
+        if self._history_linger is not None:
+            self._history_linger.cancel()
+            self._history_linger = None
+        if not self._catching_up:
+            self._pages.clear()
+            self._chunks.clear()
+            self._forget_history()
 
     async def read_page(self, after: StreamId) -> list[StreamEntry]:
         """The entries after `after`, a contiguous run of them, read after the subscription's resume point
@@ -437,6 +460,7 @@ class LiveBus:
         presence_interval: float | None = None,
         metrics: LiveMetrics | None = None,
         history_budget: int = HISTORY_BUDGET,
+        history_linger_seconds: float = HISTORY_LINGER_SECONDS,
     ) -> None:
         self.store = store
         #: Resume checks, shared by subscribers resuming from the same offset at the same time.
@@ -444,6 +468,7 @@ class LiveBus:
         self.metrics = metrics or LiveMetrics(Metrics("live", enabled=False))
         #: What every feed's catch-up history may hold together (approximate bytes).
         self.history_budget = HistoryBudget(history_budget)
+        self.history_linger_seconds = history_linger_seconds
         self.tail = tail
         self.page_size = page_size
         self.linger_seconds = linger_seconds
@@ -517,6 +542,7 @@ class LiveBus:
         if feed.references > 0 or self.feeds.get(feed.session_id) is not feed:
             return
         del self.feeds[feed.session_id]
+        feed.drop_history()
         self.tail.unwatch(feed.session_id)
 
     def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
