@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from opentelemetry.trace import Tracer
 
 from tokenfan.contract.errors import StorageUnavailable
 from tokenfan.runtime.metrics import Metrics
-from tokenfan.runtime.serving import write_ready_file
+from tokenfan.runtime.serving import settle_collector, write_ready_file
 from tokenfan.runtime.settings import Settings
 from tokenfan.runtime.tracing import tracer_from_env
 from tokenfan.store import LeaseReply, Store
@@ -94,16 +93,6 @@ def _cancel_running(writer: StreamWriter) -> Callable[[str, str], None]:
             stream.request_cancel(reason)
 
     return cancel
-
-
-def _tune_gc() -> None:
-    """Once started: what is loaded so far lives as long as the process, so the cyclic collector stops
-    traversing it (``gc.freeze``), and it collects the young generation every 10,000 allocations instead of
-    every 700. Each token allocates a few dicts and lists that die young; with the default thresholds the
-    collector ran about 20 times a second at 7,500 tokens/s and took 7% of the worker's CPU, under 1% with
-    these (measured with bench/worker.py at 150 generations)."""
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
 
 
 def _generation_job(
@@ -196,7 +185,7 @@ async def run_worker(
         if background:  # arq's loop was re-entered after Redis came back: our tasks never stopped
             log.info("worker_resumed")
             return
-        _tune_gc()
+        settle_collector()
         background.extend(_background_tasks(store, queue, writer, settings.worker_alive_file))
         log.info("worker_ready", concurrency=concurrency or settings.worker_concurrency)
         write_ready_file(ready_file, "", role="worker", **ready)

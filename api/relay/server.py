@@ -42,7 +42,7 @@ from tokenfan.contract.errors import (
 from tokenfan.contract.ids import is_session_id
 from tokenfan.runtime.auth import Authenticator, Principal, bearer_token
 from tokenfan.runtime.metrics import Metrics
-from tokenfan.runtime.serving import bound_url, install_stop_signals, write_ready_file
+from tokenfan.runtime.serving import bound_url, install_stop_signals, settle_collector, write_ready_file
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store
 from tokenfan.store.boundary import expose_redis_errors
@@ -308,6 +308,7 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
             backlog=LISTEN_BACKLOG,
             create_connection=_tracked(connections),
         ) as server:
+            settle_collector()
             url = bound_url(next(iter(server.sockets)), "ws")
             log.info("relay_listening", url=url)
             write_ready_file(ready_file, url, role="relay", **ready)
