@@ -20,6 +20,7 @@ __all__ = [
     "MAX_MERGED_BYTES",
     "FrameBatch",
     "FrameEncoder",
+    "FrameRun",
     "close_reason",
     "control_frame",
     "frame_offset_and_type",
@@ -97,6 +98,24 @@ class FrameBatch:
             self._encoded = encoder(self.frames)
             self._encoder = encoder
         return self._encoded
+
+
+class FrameRun:
+    """Consecutive catch-up batches that leave together: what a feed's history holds right after one position,
+    up to a bound (`api.live.feed.SessionFeed.held_run`), made once for every resumer at that position. `first`
+    and `last` are the ids of its first and last entries; `frames` and `frame_bytes` count what one resumer is
+    sent."""
+
+    __slots__ = ("batches", "entries", "first", "frame_bytes", "frames", "last")
+
+    def __init__(self, batches: list[FrameBatch]) -> None:
+        self.batches = batches
+        self.first = batches[0].entries[0].stream_id
+        self.last = batches[-1].entries[-1].stream_id
+        self.entries = sum(len(batch.entries) for batch in batches)
+        frames = [frame for batch in batches for frame in batch.frames]
+        self.frames = len(frames)
+        self.frame_bytes = sum(map(len, frames))
 
 
 _DECODER = json.JSONDecoder()

@@ -97,6 +97,11 @@ class LiveMetrics:
         self.frames[phase] += 1
         self.bytes[phase] += len(frame)
 
+    def sent_many(self, phase: str, frames: int, frame_bytes: int) -> None:
+        """`frames` frames of `frame_bytes` bytes in all went to one subscriber."""
+        self.frames[phase] += frames
+        self.bytes[phase] += frame_bytes
+
     def fanned_out(self, batch: FrameBatch, frames_sent: int) -> None:
         """The feed delivered `batch`: its subscribers took `frames_sent` frames in all. A subscriber that
         took only part of it (it joined mid-batch) counts at the batch's mean frame size."""

@@ -44,9 +44,6 @@ SLOW_CONSUMER_REASON = "too slow: reconnect after your last offset"
 #: Why a subscription authorized by a session token ends when the token does (close code or error 4401).
 TOKEN_EXPIRED_REASON = "the token has expired: reconnect with a fresh one after your last offset"  # noqa: S105
 _INTERNAL_ERROR = (1011, "internal error")
-#: Catch-up entries a `BatchSink` is handed at once when the feed's history holds them: a few writes for a
-#: resumer thousands of events behind.
-ENTRIES_PER_SEND = 2048
 
 
 class SinkClosed(Exception):
@@ -280,13 +277,17 @@ class Subscriber:
             while not core.can_go_live(feed.position):
                 if core.state is not State.CATCHING_UP:
                     return  # ended while a page was on its way
+                if batch_sink is not None and await self._send_held_run(feed, batch_sink):
+                    continue
                 page = await feed.read_page(core.position)
+                if batch_sink is not None and feed.held_run(core.position) is not None:
+                    continue  # the history grew back to it while we waited: send its run
                 fresh = core.on_page(page)
                 if entry_sink is not None:
                     if fresh:
                         await entry_sink.send_entries(fresh)
                 elif batch_sink is not None:
-                    batches = self._more_pages(feed, [feed.page_batch(fresh)] if fresh else [])
+                    batches = [feed.page_batch(fresh)] if fresh else []
                     await batch_sink.send_batches(batches)
                     for frame in (frame for batch in batches for frame in batch.frames):
                         self.bus.metrics.sent(Phase.CATCHUP, frame)
@@ -297,17 +298,15 @@ class Subscriber:
                         self.bus.metrics.sent(Phase.CATCHUP, frame)
         self._execute(core.go_live(feed.position))
 
-    def _more_pages(self, feed: SessionFeed, batches: list[FrameBatch]) -> list[FrameBatch]:
-        """Add the pages the feed's history holds right after `batches`, up to `ENTRIES_PER_SEND` entries in
-        all, so that they leave together (no await: the position moves with what is taken)."""
-        taken = sum(len(batch.entries) for batch in batches)
-        while taken < ENTRIES_PER_SEND and not self.core.can_go_live(feed.position):
-            fresh = self.core.on_page(feed.held_page(self.core.position))
-            if not fresh:
-                break
-            batches.append(feed.page_batch(fresh))
-            taken += len(fresh)
-        return batches
+    async def _send_held_run(self, feed: SessionFeed, sink: BatchSink) -> bool:
+        """Send the run the feed's history holds right after the position, if it holds one (no await before
+        the position moves with what is taken)."""
+        run = feed.held_run(self.core.position)
+        if run is None or not self.core.on_run(run.first, run.last):
+            return False
+        await sink.send_batches(run.batches)
+        self.bus.metrics.sent_many(Phase.CATCHUP, run.frames, run.frame_bytes)
+        return True
 
     async def _recover(self) -> None:
         """Action.SEND_SNAPSHOT: let the client take what is already queued for it, then replace the rest of

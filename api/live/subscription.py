@@ -166,6 +166,14 @@ class Subscription:
             return []
         return self._after_position(entries)
 
+    def on_run(self, first: StreamId, last: StreamId) -> bool:
+        """A catch-up run of entries from `first` to `last` arrived, read right after the position (the feed
+        keeps runs by the position they follow): whether to send it. The position moves to `last`."""
+        if self.state is not State.CATCHING_UP or not self.position < first <= last:
+            return False
+        self.position = last
+        return True
+
     def can_go_live(self, feed_position: StreamId) -> bool:
         return self.state is State.CATCHING_UP and self.position >= feed_position
 

@@ -85,6 +85,18 @@ def test_pages_are_sent_only_while_catching_up(state: State) -> None:
 
 
 @pytest.mark.parametrize("state", list(State))
+def test_a_run_is_sent_only_while_catching_up_and_only_when_it_follows_the_position(state: State) -> None:
+    subscription = in_state(state)
+    assert not subscription.on_run(StreamId(9, 0), StreamId(12, 0))  # begins at or before the position
+    assert not subscription.on_run(StreamId(10, 0), StreamId(12, 0))
+    assert subscription.position == StreamId(10, 0)
+    taken = subscription.on_run(StreamId(11, 0), StreamId(12, 0))
+    assert taken is (state is State.CATCHING_UP)
+    assert subscription.position == (StreamId(12, 0) if taken else StreamId(10, 0))
+    assert not subscription.on_run(StreamId(11, 0), StreamId(12, 0))  # the same run again: already sent
+
+
+@pytest.mark.parametrize("state", list(State))
 def test_live_batches_are_sent_only_while_live(state: State) -> None:
     subscription = in_state(state)
     batch = [entry(11), entry(12)]
