@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import httpx
@@ -84,6 +84,14 @@ SUSTAINED_P99_MS = 1000.0
 
 
 _TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def run_time_ns(pid: int) -> int:
+    """The CPU time every thread of a process has used so far, in nanoseconds (the scheduler's own count:
+    `cpu_times` ticks at 10 ms, too coarse for one storm of a few tens of milliseconds)."""
+    return sum(
+        int((task / "schedstat").read_text().split()[0]) for task in Path(f"/proc/{pid}/task").iterdir()
+    )
 
 
 def cpu_times(pid: int) -> tuple[float, float]:
@@ -1034,41 +1042,61 @@ def versions(baseline: Path | None) -> list[tuple[str, Path]]:
     return [("before", baseline), ("after", RELAY_CODE)] if baseline is not None else [("this", RELAY_CODE)]
 
 
-def in_turn(labels: list[tuple[str, Path]], run: int) -> list[tuple[str, Path]]:
+T = TypeVar("T")
+
+
+def in_turn(labels: list[T], run: int) -> list[T]:
+    """`labels` in order on even runs, reversed on odd ones: which version goes first alternates."""
     return labels if run % 2 == 0 else labels[::-1]
 
 
-async def catch_up(bench: Bench, subscribers: int, behind: int, code: Path | None = None) -> dict[str, Any]:
+async def catch_up(
+    bench: Bench, subscribers: int, behind: int, codes: list[tuple[str, Path]]
+) -> dict[str, list[dict[str, Any]]]:
     """Subscribers resuming `behind` events back, all at the same instant, on a quiet session: each one's
-    time from its connection attempt until it has received all `behind` events."""
-    server = relay_server(bench.redis, code=code).start()
-    runs: list[dict[str, Any]] = []
+    time from its connection attempt until it has received all `behind` events. One relay per version in
+    `codes`, all running at once; each run storms every relay in turn (which goes first alternating from run
+    to run), so that a machine getting busier or quieter during the part weighs on every version alike."""
+    servers = [(label, relay_server(bench.redis, code=code).start()) for label, code in codes]
+    runs: dict[str, list[dict[str, Any]]] = {label: [] for label, _ in codes}
     try:
-        for _ in range(bench.runs):
-            (stream,) = await bench.producer.open(bench.session_ids(1))
-            offset = await bench.producer.backlog(stream, behind)
-            path = f"/v1/sessions/{stream.session_id}/stream?after={offset}"
-            await wait_until_quiet(10.0)
-            before = bench.cpu(Target("relay", server))
-            reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
-            used = cpu_used(before, bench.cpu(Target("relay", server)))
-            run = {
-                **storm_times(reports, subscribers),
-                "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
-                "relay_cpu_seconds": used["relay"],
-                "redis_cpu_seconds": used["redis"],
-                "loadgen_cpu_seconds": sum(v for k, v in used.items() if k.startswith("loadgen")),
-                "relay_cpu_us_per_event_delivered": used["relay"] / (subscribers * behind) * 1e6,
-            }
-            runs.append(run)
-            log(
-                f"  catch-up {subscribers} x {behind} behind: each p50 {run['each_ms_p50']} ms, "
-                f"p99 {run['each_ms_p99']} ms, all done {run['all_done_ms']} ms; relay CPU "
-                f"{run['relay_cpu_seconds']:.2f} s, Redis {run['redis_cpu_seconds']:.2f} s, load "
-                f"{run['loadgen_cpu_seconds']:.2f} s"
-            )
+        for number in range(bench.runs):
+            for label, server in in_turn(servers, number):
+                runs[label].append(await _storm_once(bench, server, subscribers, behind))
+                run = runs[label][-1]
+                log(
+                    f"  {label}: catch-up {subscribers} x {behind} behind: each p50 {run['each_ms_p50']} ms, "
+                    f"p99 {run['each_ms_p99']} ms, all done {run['all_done_ms']} ms; relay CPU "
+                    f"{run['relay_cpu_ms']:.1f} ms, Redis {run['redis_cpu_seconds']:.2f} s, load "
+                    f"{run['loadgen_cpu_seconds']:.2f} s"
+                )
     finally:
-        server.stop()
+        for _, server in servers:
+            server.stop()
+    return runs
+
+
+async def _storm_once(bench: Bench, server: BenchServer, subscribers: int, behind: int) -> dict[str, Any]:
+    (stream,) = await bench.producer.open(bench.session_ids(1))
+    offset = await bench.producer.backlog(stream, behind)
+    path = f"/v1/sessions/{stream.session_id}/stream?after={offset}"
+    await wait_until_quiet(10.0)
+    before, relay_ns = bench.cpu(Target("relay", server)), run_time_ns(server.pid)
+    reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
+    relay_ns = run_time_ns(server.pid) - relay_ns
+    used = cpu_used(before, bench.cpu(Target("relay", server)))
+    return {
+        **storm_times(reports, subscribers),
+        "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
+        "relay_cpu_seconds": used["relay"],
+        "relay_cpu_ms": round(relay_ns / 1e6, 2),
+        "redis_cpu_seconds": used["redis"],
+        "loadgen_cpu_seconds": sum(v for k, v in used.items() if k.startswith("loadgen")),
+        "relay_cpu_us_per_event_delivered": relay_ns / 1e3 / (subscribers * behind),
+    }
+
+
+def summarized(subscribers: int, behind: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
     summary = {key: median_or_none([run[key] for run in runs]) for key in runs[0]}
     return {"subscribers": subscribers, "events_behind": behind, **summary, "runs": runs}
 
@@ -1080,12 +1108,21 @@ def cpu_used(
 
 
 async def catch_up_versions(bench: Bench, baseline: Path | None) -> list[dict[str, Any]]:
-    """Part 'catchup': one resume and 100 at once, 5,000 events behind, per relay version."""
+    """Part 'catchup': one resume and 100 at once, 5,000 events behind, per relay version (every version's
+    relay running at once, taking turns storm by storm); the storm's p99 over one resume's, per version."""
+    codes = versions(baseline)
     results = []
-    for label, code in versions(baseline):
-        log(f"catch-up, relay {label} ({code})")
-        for subscribers in (1, 100):
-            results.append({"version": label, **await catch_up(bench, subscribers, 5000, code)})
+    for subscribers in (1, 100):
+        log(f"catch-up, {subscribers} at once, relays {', '.join(label for label, _ in codes)}")
+        runs = await catch_up(bench, subscribers, 5000, codes)
+        results += [{"version": label, **summarized(subscribers, 5000, runs[label])} for label, _ in codes]
+    for label, _ in codes:
+        one, storm = (r for r in results if r["version"] == label)
+        if one["each_ms_p99"] and storm["each_ms_p99"]:
+            storm["p99_over_one_resume"] = round(storm["each_ms_p99"] / one["each_ms_p99"], 2)
+            log(
+                f"  {label}: 100 at once, p99 {storm['each_ms_p99']} ms = {storm['p99_over_one_resume']}x one"
+            )
     return results
 
 
