@@ -339,8 +339,9 @@ class Settings:
     catchup_history_budget: int = _env(
         "TOKENFAN_CATCHUP_HISTORY_BUDGET",
         "Approximate bytes that the catch-up histories of all sessions may hold together, per relay or API "
-        "process. While subscribers of a session catch up, the process keeps that session's recent entries "
-        "in memory once for all of them, up to 16,384 entries per session. Past this budget, subscribers "
+        "process. While subscribers of a session catch up (and for 2 s after the last one did, for the "
+        "latecomers of a reconnect storm), the process keeps that session's recent entries in memory once "
+        "for all of them, up to 16,384 entries per session. Past this budget, subscribers "
         "read pages from Redis instead (shared where their offsets are close): more Redis reads and relay "
         "CPU, never a lost or repeated event.",
         default=33_554_432,
