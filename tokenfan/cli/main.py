@@ -163,7 +163,7 @@ def _verify_storage(settings: Settings) -> None:
 def _api(args: argparse.Namespace, settings: Settings) -> None:
     from api.http.app import create_app
     from tokenfan.runtime.metrics import Metrics
-    from tokenfan.runtime.serving import serve_asgi, settle_collector
+    from tokenfan.runtime.serving import serve_asgi
     from tokenfan.runtime.tracing import tracer_from_env
 
     metrics = Metrics("api", enabled=settings.metrics_port is not None)
@@ -177,7 +177,6 @@ def _api(args: argparse.Namespace, settings: Settings) -> None:
             port=args.port,
             ready_file=args.ready_file,
             ready_info=metrics.expose(args.host, settings.metrics_port),
-            on_ready=lambda _url: settle_collector(),
             timeout_graceful_shutdown=5,
             # The client is the TCP peer: per-address caps and the access log must not believe an
             # X-Forwarded-For header (uvicorn would, from loopback peers), which anyone can send.

@@ -61,7 +61,9 @@ def settle_collector() -> None:
     relay's connections, tasks and the entries a storm of resumers reads back). With the default thresholds
     the collector ran about 20 times a second at 7,500 tokens/s and took 7% of a worker's CPU, under 1% with
     these (bench/worker.py at 150 generations); in a relay serving a storm of 100 resumes it took about a
-    seventh of the CPU (docs/BENCHMARKS.md)."""
+    seventh of the CPU (docs/BENCHMARKS.md). `serve_asgi` settles every ASGI server of ours (the API, and the
+    simulator, whose full collections of up to 20 ms each paused the streams it paces in tests and
+    benchmarks)."""
     gc.freeze()
     gc.set_threshold(*SERVING_GC_THRESHOLDS)
 
@@ -83,7 +85,7 @@ async def serve_asgi(
     **uvicorn_options: Any,
 ) -> None:
     """Serve an ASGI app with uvicorn until SIGINT/SIGTERM; port 0 picks a free port. `ready_info` joins
-    the URL in the ready file."""
+    the URL in the ready file. Once it serves, the cyclic collector is settled (`settle_collector`)."""
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
@@ -98,6 +100,7 @@ async def serve_asgi(
             await task  # re-raise why start-up failed
             return
         await asyncio.sleep(0.01)
+    settle_collector()
     url = bound_url(sock, "http")
     if on_ready is not None:
         result = on_ready(url)
