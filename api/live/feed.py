@@ -181,13 +181,18 @@ class SessionFeed:
         entry is read from Redis once, whatever the offsets of the resumers. Otherwise `Store.read_after`,
         with the reads of subscribers at the same position at the same time shared: one that asks while an
         identical read is in flight waits for that one."""
+        await self.grow_back_to(after)
+        history = self._history
+        if history is not None and history.covers(after):
+            return history.chunk(after)
+        return await self._read_forwards(after)
+
+    async def grow_back_to(self, after: StreamId) -> None:
+        """Wait until the history covers `after`, or can grow back to it no further (or there is none)."""
         history = self._history
         while history is not None and history.can_grow_back_to(after):
             await self._grown_back(after, history)
             history = self._history
-        if history is not None and history.covers(after):
-            return history.chunk(after)
-        return await self._read_forwards(after)
 
     def held_run(self, after: StreamId) -> FrameRun | None:
         """What the history holds right after `after`, up to about `RUN_ENTRIES` entries, as the batches a

@@ -106,13 +106,12 @@ class FrameRun:
     and `last` are the ids of its first and last entries; `frames` and `frame_bytes` count what one resumer is
     sent."""
 
-    __slots__ = ("batches", "entries", "first", "frame_bytes", "frames", "last")
+    __slots__ = ("batches", "first", "frame_bytes", "frames", "last")
 
     def __init__(self, batches: list[FrameBatch]) -> None:
         self.batches = batches
         self.first = batches[0].entries[0].stream_id
         self.last = batches[-1].entries[-1].stream_id
-        self.entries = sum(len(batch.entries) for batch in batches)
         frames = [frame for batch in batches for frame in batch.frames]
         self.frames = len(frames)
         self.frame_bytes = sum(map(len, frames))

@@ -280,8 +280,6 @@ class Subscriber:
                 if batch_sink is not None and await self._send_held_run(feed, batch_sink):
                     continue
                 page = await feed.read_page(core.position)
-                if batch_sink is not None and feed.held_run(core.position) is not None:
-                    continue  # the history grew back to it while we waited: send its run
                 fresh = core.on_page(page)
                 if entry_sink is not None:
                     if fresh:
@@ -299,8 +297,10 @@ class Subscriber:
         self._execute(core.go_live(feed.position))
 
     async def _send_held_run(self, feed: SessionFeed, sink: BatchSink) -> bool:
-        """Send the run the feed's history holds right after the position, if it holds one (no await before
-        the position moves with what is taken)."""
+        """Once the feed's history has grown back to the position (if it can), send the run it holds right
+        after it; False when it holds none (the position is then read from Redis). No await between taking
+        the run and moving the position."""
+        await feed.grow_back_to(self.core.position)
         run = feed.held_run(self.core.position)
         if run is None or not self.core.on_run(run.first, run.last):
             return False
