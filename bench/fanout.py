@@ -1135,7 +1135,27 @@ async def catch_up_versions(bench: Bench, baseline: Path | None) -> list[dict[st
             log(
                 f"  {label}: 100 at once, p99 {storm['each_ms_p99']} ms = {storm['p99_over_one_resume']}x one"
             )
+    if baseline is not None:
+        for before, after in zip(results[::2], results[1::2], strict=True):
+            after["paired_over_before"] = paired = paired_ratios(before["runs"], after["runs"])
+            log(f"  {after['subscribers']} at once, after / before, run by run (median, quartiles): {paired}")
     return results
+
+
+def paired_ratios(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Each after-run over the before-run it took turns with: the median and quartiles of those ratios, for
+    the p99 and the relay's CPU. Storms next to each other met the same machine; runs minutes apart did not."""
+    paired = {}
+    for key in ("each_ms_p99", "relay_cpu_ms"):
+        ratios = sorted(a[key] / b[key] for a, b in zip(after, before, strict=True) if a[key] and b[key])
+        if ratios:
+            quartile = len(ratios) // 4
+            paired[key] = [
+                round(ratios[len(ratios) // 2], 3),
+                round(ratios[quartile], 3),
+                round(ratios[-1 - quartile], 3),
+            ]
+    return paired
 
 
 @dataclass
