@@ -1086,19 +1086,15 @@ async def _storm_once(bench: Bench, server: BenchServer, subscribers: int, behin
         "redis": list(bench.redis.node_pids().values()),
         "loadgen": bench.load.pids,
     }
-    before, started = bench.cpu(Target("relay", server)), _run_times(pids)
+    started = _run_times(pids)
     reports = await bench.load.catch_up(server.url, [path] * subscribers, behind, 120)
     spent = {role: (ns - started[role]) / 1e6 for role, ns in _run_times(pids).items()}
-    used = cpu_used(before, bench.cpu(Target("relay", server)))
     return {
         **storm_times(reports, subscribers),
         "incomplete": sum(r["incomplete"] + r["failed"] for r in reports),
-        "relay_cpu_seconds": used["relay"],
         "relay_cpu_ms": round(spent["relay"], 2),
         "redis_cpu_ms": round(spent["redis"], 2),
         "loadgen_cpu_ms": round(spent["loadgen"], 2),
-        "redis_cpu_seconds": used["redis"],
-        "loadgen_cpu_seconds": sum(v for k, v in used.items() if k.startswith("loadgen")),
         "relay_cpu_us_per_event_delivered": spent["relay"] * 1e3 / (subscribers * behind),
     }
 
