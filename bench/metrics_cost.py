@@ -61,7 +61,7 @@ def worker_tokens(enabled: bool, tokens: int) -> Callable[[], int]:
         for _ in range(tokens):
             add(" token")
         writer.close_stream(stream)
-        writer._dirty.clear()  # nothing flushes here: the writer's task does not run
+        stream.lane.dirty.clear()  # nothing flushes here: the writer's task does not run
         return tokens
 
     return run

@@ -10,7 +10,7 @@ No sockets and no Redis: the very code of the hot paths, with `time.process_time
   reader and into a generation's stream (`GenerationStream.add_content`: its coalescer), with the metrics
   port off and on, and with two chunks in each read (a worker running behind);
 * **the flush, per generation**: for ``--generations`` streams holding one token each (a model's pace at a
-  short flush window), what the writer does per item: take and encode its events (`StreamWriter._collect`),
+  short flush window), what the writer does per item: take and encode its events (`FlushLane.collect`),
   lay out and pack the script call as the bytes sent (`write_layout.packed_write`), and read back and apply
   each item's result;
 * **a token's metrics**: `TokenPace.tick` alone.
@@ -37,6 +37,7 @@ from typing import Any
 
 from bench.harness import save
 from tokenfan.runtime.metrics import Metrics
+from tokenfan.store import Store, redis_client
 from tokenfan.store.write_layout import WriteCall, packed_write
 from tokenfan.store.writes import _write_result
 from worker.generate import _Received
@@ -63,6 +64,11 @@ def http_chunks(count: int) -> list[bytes]:
     return chunks
 
 
+def unconnected_store() -> Store:
+    """A store for a writer that never flushes here (a single Redis that is never asked: one lane)."""
+    return Store(redis_client("redis://127.0.0.1:1/0"), session_ttl_seconds=60, stream_max_length=10)
+
+
 def fastest(passes: int, run: Callable[[], float]) -> float:
     return min(run() for _ in range(passes))
 
@@ -70,7 +76,7 @@ def fastest(passes: int, run: Callable[[], float]) -> float:
 def read_cost(tokens: int, passes: int, metrics: bool, per_read: int = 1) -> float:
     """CPU-µs per token of the read, from the connection's callback (`per_read` chunks in each read) to the
     generation's coalescer."""
-    writer = StreamWriter(store=None, metrics=WorkerMetrics(Metrics("worker", enabled=metrics)))  # type: ignore[arg-type]
+    writer = StreamWriter(unconnected_store(), metrics=WorkerMetrics(Metrics("worker", enabled=metrics)))
     stream = writer.open("bench-session", "gen_01BENCH0000000000000000000", 1, 0)
     loop = asyncio.new_event_loop()
     connection = _Connection(None, ("http", "upstream", 80), loop)  # type: ignore[arg-type]
@@ -88,7 +94,7 @@ def read_cost(tokens: int, passes: int, metrics: bool, per_read: int = 1) -> flo
             if n % 250 == 0:  # what a flush takes away, so that nothing grows across passes
                 stream.text_parts = TextParts()
                 stream.coalescer.drain()
-                writer._dirty.clear()
+                stream.lane.dirty.clear()
         return time.process_time() - started
 
     try:
@@ -99,7 +105,7 @@ def read_cost(tokens: int, passes: int, metrics: bool, per_read: int = 1) -> flo
 
 def flush_costs(generations: int, passes: int) -> dict[str, float]:
     """CPU-µs per generation per flush, by step, with one token per generation."""
-    writer = StreamWriter(store=None)  # type: ignore[arg-type]
+    writer = StreamWriter(unconnected_store())
     streams = [writer.open(f"bench-{n}", f"gen_{n:026d}", 1, 5) for n in range(generations)]
     row = b"abcd1234 1796404719348-0 12"  # write.lua's reply for a generation written and still running
     totals = {"take and encode": 0.0, "lay out and pack": 0.0, "results": 0.0}
@@ -111,7 +117,7 @@ def flush_costs(generations: int, passes: int) -> dict[str, float]:
             for stream in streams:
                 stream.add_content(" 1712345678901234567")
             started = time.process_time()
-            batch = writer._collect()
+            batch = streams[0].lane.collect()
             laid = time.process_time()
             packed_write("0" * 40, [item for _, item in batch], WriteCall(1, 1000, 60, "ep", len(batch)))
             read = time.process_time()

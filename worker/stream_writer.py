@@ -1,10 +1,16 @@
 """The stream writer: one per worker process, batching the appends of every running generation.
 
-Each running attempt holds a `GenerationStream` and adds pieces to it without waiting. One flusher task
-takes whatever is pending in all of them and writes it in one script call per Redis slot (`Store.write`):
-under light load every piece is written at once (leading edge, no added latency); under heavy load pieces
-pile up while a flush is in flight, so the next flush carries more and Redis commands per token fall.
+Each running attempt holds a `GenerationStream` and adds pieces to it without waiting. A flusher task takes
+whatever is pending in all of them and writes it in one script call per Redis slot (`Store.write`): under
+light load every piece is written at once (leading edge, no added latency); under heavy load pieces pile up
+while a flush is in flight, so the next flush carries more and Redis commands per token fall.
 ``flush_window`` optionally spaces flushes out further; ``max_pending_bytes`` cuts a window short.
+
+There is one flusher per Redis node a generation writes to (`FlushLane`, named by `Store.write_lane`): one
+on a single Redis, one per primary on a cluster. A flush returns only once all it carries has landed, and
+the next one waits for it; were the nodes' generations flushed together, a primary that dies would hold up
+every generation of the worker until its replica took over (a second or more, Redis's default node timeout
+is 15 s), where now it holds up its own.
 
 A failed flush (Redis unreachable, connection dropped mid-command) is retried with the *same* items: the
 store skips any event whose seq it already holds, so a retry can never duplicate what subscribers see.
@@ -40,7 +46,7 @@ from worker.metrics import NO_PACE, TokenPace, WorkerMetrics
 from worker.retained import SentEvent, SentEvents, TextParts
 from worker.traces import AttemptTrace
 
-__all__ = ["Fenced", "GenerationStream", "StreamWriter", "WriteRefused"]
+__all__ = ["Fenced", "FlushLane", "GenerationStream", "StreamWriter", "WriteRefused"]
 
 log = structlog.get_logger("tokenfan.worker.writer")
 
@@ -60,6 +66,7 @@ class GenerationStream:
     def __init__(
         self,
         writer: StreamWriter,
+        lane: FlushLane,
         session_id: str,
         generation_id: str,
         attempt: int,
@@ -69,6 +76,7 @@ class GenerationStream:
         trace: AttemptTrace | None = None,
     ):
         self.writer = writer
+        self.lane = lane  # the flusher of the node this generation's session is on
         self.pace = pace  # ticked once per token added
         self.trace = trace  # the attempt's spans, when tracing is on
         self.session_id = session_id
@@ -119,10 +127,11 @@ class GenerationStream:
         coalescer.add_content(text)
         writer = self.writer
         if writer.merge and coalescer.pending_bytes < writer.max_pending_bytes:
-            writer._dirty[self] = None
-            if not writer._woken:  # once per flush, not once per token
-                writer._woken = True
-                writer._wake.set()
+            lane = self.lane
+            lane.dirty[self] = None
+            if not lane.woken:  # once per flush, not once per token
+                lane.woken = True
+                lane.wake.set()
         else:
             writer.wake(self)
 
@@ -338,11 +347,8 @@ class StreamWriter:
         self.merge = merge
         self.retry_seconds = retry_seconds
         self.streams: dict[str, GenerationStream] = {}
-        self._dirty: dict[GenerationStream, None] = {}  # an ordered set: flush in arrival order
-        self._wake = asyncio.Event()
-        self._woken = False  # whether `_wake` is set: checked per token, cheaper than asking the event
-        self._urgent = asyncio.Event()
-        self._last_flush = -1e9
+        self.lanes: dict[str, FlushLane] = {}  # by node name; a node's lane stays once it had a generation
+        self._ended: asyncio.Future[None] | None = None  # while `run` runs: a lane's task ended (a bug)
 
     def open(
         self,
@@ -353,7 +359,10 @@ class StreamWriter:
         trace: AttemptTrace | None = None,
     ) -> GenerationStream:
         pace = self.metrics.pace()
-        stream = GenerationStream(self, session_id, generation_id, attempt, last_seq, pace=pace, trace=trace)
+        lane = self._lane(self.store.write_lane(session_id))
+        stream = GenerationStream(
+            self, lane, session_id, generation_id, attempt, last_seq, pace=pace, trace=trace
+        )
         self.streams[generation_id] = stream
         return stream
 
@@ -366,43 +375,51 @@ class StreamWriter:
             if stream._writing is None:
                 stream._writing = asyncio.get_running_loop().create_task(self._write_alone(stream))
             return
-        self._dirty[stream] = None
-        if not self._woken:  # once per flush, not once per token
-            self._woken = True
-            self._wake.set()
+        lane = stream.lane
+        lane.dirty[stream] = None
+        if not lane.woken:  # once per flush, not once per token
+            lane.woken = True
+            lane.wake.set()
         if urgent or stream.coalescer.pending_bytes >= self.max_pending_bytes:
-            self._urgent.set()
+            lane.urgent.set()
 
     async def run(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._wake.wait()
-            delay = self._last_flush + self.flush_window - loop.time()
-            if delay > 0 and not self._urgent.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), delay)
-            self._wake.clear()
-            self._woken = False
-            self._urgent.clear()
-            batch = self._collect()
-            if batch:
-                self._last_flush = loop.time()
-                await self._flush(batch)
+        """Flush until cancelled: each lane's task starts with the lane (here those opened before, in `open`
+        the later ones). Ends, raising, only if a lane's task does: a bug, since a flush deals with its own
+        failures, and a worker whose writes stopped must not go on taking jobs."""
+        self._ended = asyncio.get_running_loop().create_future()
+        for lane in self.lanes.values():
+            self._start(lane)
+        try:
+            await self._ended
+        finally:
+            self._ended = None
+            tasks = [lane.task for lane in self.lanes.values() if lane.task is not None]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for lane in self.lanes.values():
+                lane.task = None
 
-    def _collect(self) -> list[tuple[GenerationStream, WriteItem]]:
-        dirty, self._dirty = self._dirty, {}
-        batch = []
-        for stream in dirty:
-            if stream.fenced or stream._error is not None:
-                continue
-            try:
-                item = stream._take()
-            except Exception as exc:  # an event that does not encode: its generation's failure alone
-                _refuse(stream, exc)
-                continue
-            if item is not None:
-                batch.append((stream, item))
-        return batch
+    def _lane(self, name: str) -> FlushLane:
+        lane = self.lanes.get(name)
+        if lane is None:
+            lane = self.lanes[name] = FlushLane(self, name)
+            if self._ended is not None:
+                self._start(lane)
+        return lane
+
+    def _start(self, lane: FlushLane) -> None:
+        assert self._ended is not None
+        # The loop `run` runs on: `open` may be called outside of it (while it is not running).
+        lane.task = self._ended.get_loop().create_task(lane.run(), name=f"stream-writer {lane.name}")
+        lane.task.add_done_callback(self._lane_ended)
+
+    def _lane_ended(self, task: asyncio.Task[None]) -> None:
+        ended = self._ended
+        if ended is None or ended.done() or task.cancelled():
+            return
+        ended.set_exception(task.exception() or RuntimeError(f"{task.get_name()} ended"))
 
     async def _write_alone(self, stream: GenerationStream) -> None:
         """merge=False: write this generation's events one script call each, oldest first, until none is
@@ -428,11 +445,18 @@ class StreamWriter:
                 break
             except StorageUnavailable as exc:
                 if loop.time() + backoff > deadline:
-                    log.error("write_abandoned", error=repr(exc.__cause__), generations=len(batch))
+                    log.error(
+                        "write_abandoned",
+                        error=repr(exc.__cause__),
+                        generations=len(batch),
+                        node=batch[0][0].lane.name,
+                    )
                     for stream, _ in batch:
                         stream._fail(ServiceUnavailable(f"Redis unreachable for {self.retry_seconds:.0f}s"))
                     return
-                log.warning("write_retry", error=repr(exc.__cause__), backoff_s=backoff)
+                log.warning(
+                    "write_retry", error=repr(exc.__cause__), backoff_s=backoff, node=batch[0][0].lane.name
+                )
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 1.0)
             except Exception as exc:  # refused before it was sent: none of it reached Redis
@@ -470,3 +494,52 @@ def _refuse(stream: GenerationStream, exc: Exception) -> None:
         error=repr(exc)[:300],  # it may quote the whole event: enough to find the bug
     )
     stream._fail(WriteRefused(f"{stream.generation_id}'s events could not be written ({type(exc).__name__})"))
+
+
+class FlushLane:
+    """The generations of one Redis node (`Store.write_lane`), and the task that flushes them: each flush
+    takes whatever they hold pending and writes it at once, and the next waits for it to land. A
+    generation keeps its lane for its life: after a failover its writes reach the promoted replica through
+    the same lane (`Store.write` routes each flush by the slot map of the moment)."""
+
+    def __init__(self, writer: StreamWriter, name: str) -> None:
+        self.writer = writer
+        self.name = name
+        self.dirty: dict[GenerationStream, None] = {}  # an ordered set: flush in arrival order
+        self.wake = asyncio.Event()
+        self.woken = False  # whether `wake` is set: checked per token, cheaper than asking the event
+        self.urgent = asyncio.Event()
+        self.last_flush = -1e9
+        self.task: asyncio.Task[None] | None = None
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        writer = self.writer
+        while True:
+            await self.wake.wait()
+            delay = self.last_flush + writer.flush_window - loop.time()
+            if delay > 0 and not self.urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.urgent.wait(), delay)
+            self.wake.clear()
+            self.woken = False
+            self.urgent.clear()
+            batch = self.collect()
+            if batch:
+                self.last_flush = loop.time()
+                await writer._flush(batch)
+
+    def collect(self) -> list[tuple[GenerationStream, WriteItem]]:
+        dirty, self.dirty = self.dirty, {}
+        batch = []
+        for stream in dirty:
+            if stream.fenced or stream._error is not None:
+                continue
+            try:
+                item = stream._take()
+            except Exception as exc:  # an event that does not encode: its generation's failure alone
+                _refuse(stream, exc)
+                continue
+            if item is not None:
+                batch.append((stream, item))
+        return batch
