@@ -30,7 +30,7 @@ from tokenfan.store.jobs import JobQueue, create_queue, hand_over
 from worker.generate import GenerationJob, RetryPolicy
 from worker.hooks import load_hooks
 from worker.metrics import WorkerMetrics
-from worker.stream_writer import GenerationStream, StreamWriter
+from worker.stream_writer import FlushLane, GenerationStream, StreamWriter
 from worker.upstream import Upstream
 from worker.usage import warm_up
 
@@ -42,26 +42,50 @@ log = structlog.get_logger("tokenfan.worker")
 async def _heartbeat(
     store: Store, queue: JobQueue, writer: StreamWriter, interval: float, alive_file: Path | None
 ) -> None:
-    while True:
-        await asyncio.sleep(interval)
-        if alive_file is not None:
-            alive_file.touch()  # noqa: ASYNC240 - one utime a few seconds apart: the loop turns
-        streams = list(writer.streams.values())
-        if not streams:
-            continue
-        try:
-            replies = await store.renew_leases([(s.session_id, s.generation_id, s.attempt) for s in streams])
-            await expire_claims(queue, [stream.generation_id for stream in streams], store.lease_ms)
-            await _cancel_unwatched(store, [s for s in streams if s.unwatched_limit])
-        except StorageUnavailable as exc:
-            log.warning("heartbeat_failed", error=str(exc.__cause__ or exc))
-            continue
-        for stream, reply in zip(streams, replies, strict=True):
-            if reply == LeaseReply.FENCED:
-                stream.fenced = True
-                stream.request_cancel("fenced")
-            elif reply:
-                stream.request_cancel(reply)
+    """Every `interval`, renew the running generations' leases, node by node (`FlushLane`): a node that does
+    not answer holds up the renewals of its own generations only. Were they renewed all at once, a hung
+    primary would keep every lease of the worker from being renewed, and once they lapsed every one of its
+    generations, on every node, would be restarted by another worker."""
+    renewing: dict[FlushLane, asyncio.Task[None]] = {}
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            if alive_file is not None:
+                alive_file.touch()  # noqa: ASYNC240 - one utime a few seconds apart: the loop turns
+            for lane, renewal in list(renewing.items()):
+                if renewal.done():
+                    del renewing[lane]
+                    renewal.result()  # a renewal's own bug ends the heartbeat, as when it ran inline
+            by_lane: dict[FlushLane, list[GenerationStream]] = {}
+            for stream in writer.streams.values():
+                by_lane.setdefault(stream.lane, []).append(stream)
+            for lane, streams in by_lane.items():
+                if lane in renewing:
+                    continue  # its node has not answered the last renewal yet
+                renewing[lane] = asyncio.create_task(
+                    _renew(store, queue, streams), name=f"heartbeat {lane.name}"
+                )
+    finally:
+        for renewal in list(renewing.values()):
+            renewal.cancel()
+
+
+async def _renew(store: Store, queue: JobQueue, streams: list[GenerationStream]) -> None:
+    """Renew the leases of `streams` (one node's), keep arq's claims on their jobs to the lease, and act on
+    what the renewal says: a cancellation asked for, or an attempt fenced."""
+    try:
+        replies = await store.renew_leases([(s.session_id, s.generation_id, s.attempt) for s in streams])
+        await expire_claims(queue, [stream.generation_id for stream in streams], store.lease_ms)
+        await _cancel_unwatched(store, [s for s in streams if s.unwatched_limit])
+    except StorageUnavailable as exc:
+        log.warning("heartbeat_failed", error=str(exc.__cause__ or exc), node=streams[0].lane.name)
+        return
+    for stream, reply in zip(streams, replies, strict=True):
+        if reply == LeaseReply.FENCED:
+            stream.fenced = True
+            stream.request_cancel("fenced")
+        elif reply:
+            stream.request_cancel(reply)
 
 
 async def _cancel_unwatched(store: Store, streams: list[GenerationStream]) -> None:

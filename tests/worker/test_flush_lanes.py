@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from redis.asyncio.cluster import RedisCluster
 
-from tests.store.helpers import make_store, running
+from tests.store.helpers import running
 from tests.support.requests import new_session_id
 from tests.support.waiting import wait_for_condition
 from tokenfan.cli.embedded_cluster import EmbeddedCluster
@@ -48,7 +48,7 @@ async def client(cluster: EmbeddedCluster) -> AsyncIterator[RedisCluster]:
 
 @pytest.fixture
 async def writer(client: RedisCluster) -> AsyncIterator[StreamWriter]:
-    store = make_store(client)
+    store = Store(client, session_ttl_seconds=3600, stream_max_length=1000)
     await store.topology.ready()
     writer = StreamWriter(store)
     flusher = asyncio.create_task(writer.run())
@@ -56,6 +56,7 @@ async def writer(client: RedisCluster) -> AsyncIterator[StreamWriter]:
     assert not flusher.done(), "the flusher ended"
     flusher.cancel()
     await asyncio.gather(flusher, return_exceptions=True)
+    await store.topology.close()  # the clients of each node it made (the cluster's own: `client`)
 
 
 def session_on(cluster: EmbeddedCluster, node: EmbeddedRedis) -> str:

@@ -7,6 +7,12 @@ the cluster is settling (TRYAGAIN, CLUSTERDOWN, LOADING, READONLY after a failov
 slot map is reloaded; a node that cannot be reached sends its calls there too. Sending again is safe: every
 script of the store is idempotent (by generation id, start token, attempt or seq).
 
+A node has `ANSWER_SECONDS` to answer its pipeline. One that does not (hung, or cut off without a reset: a
+partition) is treated as one that cannot be reached: its connection is dropped and its calls go again, to
+whichever node the reloaded slot map names, so that once its replica is promoted they land there rather
+than waiting on a dead connection for as long as TCP takes to give up (minutes). On one Redis the call
+fails (`StorageUnavailable`), and its caller retries as it would after any outage.
+
 A pipeline is one round trip. Calls go out as EVALSHA; a node that does not hold a script (a new node, a
 failover, SCRIPT FLUSH) answers NOSCRIPT without running it, and those calls alone go again once the script
 is loaded there. (redis-py's own pipeline would ask SCRIPT EXISTS first, on every execution: a second round
@@ -31,6 +37,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tokenfan.store.connection import ANSWER_SECONDS
 from tokenfan.store.slots import key_slot
 from tokenfan.store.topology import Topology
 
@@ -102,7 +109,11 @@ async def _round(
 async def _pipeline(topology: Topology, name: str, calls: Sequence[ScriptCall]) -> list[Any]:
     """Each call's reply (errors as exceptions among them), in one round trip to node `name`, and one more
     for the calls whose script the node did not hold."""
-    client = topology.client(name)
+    async with asyncio.timeout(ANSWER_SECONDS):  # TimeoutError: an OSError, the node counts as away
+        return await _answered(topology.client(name), calls)
+
+
+async def _answered(client: Redis, calls: Sequence[ScriptCall]) -> list[Any]:
     replies = await _send(client, calls)
     missing = [index for index, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
     if missing:

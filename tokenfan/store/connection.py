@@ -15,6 +15,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.utils import HIREDIS_AVAILABLE
 
 __all__ = [
+    "ANSWER_SECONDS",
     "REDIS_VERSION_FLOOR",
     "Client",
     "cluster_client",
@@ -36,6 +37,11 @@ def _options(url: str) -> dict[str, Any]:
         "socket_keepalive": True,
     }
 
+
+#: How long a node may take to answer a command of the cluster client, or a pipeline of script calls
+#: (`tokenfan.store.batch`). Redis answers in milliseconds; this only ever runs out on a node that is not
+#: answering at all.
+ANSWER_SECONDS = 5.0
 
 #: The oldest Redis the store runs on (Valkey 7.2 and newer likewise): the live tail is sharded pub/sub
 #: (SPUBLISH, SSUBSCRIBE: Redis 7.0), reads after an entry id use exclusive XRANGE ranges (6.2) and queues
@@ -63,7 +69,15 @@ def cluster_client(urls: str, *, client_name: str | None = None) -> RedisCluster
     seeds = [url.strip() for url in urls.split(",") if url.strip()]
     first = urlsplit(seeds[0])
     nodes = [ClusterNode(urlsplit(url).hostname or "127.0.0.1", urlsplit(url).port or 6379) for url in seeds]
-    options = _options(seeds[0])
+    # A node that hangs (or is cut off without a reset) would hold a command for as long as TCP takes to give
+    # up; the slot map's reload asks the seeds one after another and would never reach the second. The cluster
+    # client carries no blocking command and no subscription (those go through `node_client`s, which do not
+    # take this), so a command unanswered this long means the node is away.
+    options = {
+        **_options(seeds[0]),
+        "socket_timeout": ANSWER_SECONDS,
+        "socket_connect_timeout": ANSWER_SECONDS,
+    }
     client: RedisCluster = RedisCluster(
         startup_nodes=nodes,
         username=unquote(first.username) if first.username else None,
