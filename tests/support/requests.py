@@ -8,7 +8,10 @@ from typing import Any
 
 import httpx
 
+from tokenfan.cli.embedded_cluster import EmbeddedCluster
+from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.cli.simulator import SimulatorConfig, reply_chunks
+from tokenfan.store.slots import slot_of
 
 #: The simulator every test stack runs: full speed (tests that need pacing say so per request).
 SIMULATOR = SimulatorConfig(tokens_per_second=0, reply_tokens=48)
@@ -16,6 +19,14 @@ SIMULATOR = SimulatorConfig(tokens_per_second=0, reply_tokens=48)
 
 def new_session_id() -> str:
     return f"t-{uuid.uuid4().hex[:16]}"
+
+
+def new_session_id_on(cluster: EmbeddedCluster, primary: EmbeddedRedis) -> str:
+    """A new session id whose slot `primary` serves."""
+    while True:
+        session_id = new_session_id()
+        if cluster.primary_of_slot(slot_of(session_id)) is primary:
+            return session_id
 
 
 def expected_text(body: dict[str, Any]) -> str:

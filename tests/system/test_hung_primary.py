@@ -18,14 +18,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.requests import accept, expected_text, new_session_id, user_message
+from tests.support.requests import accept, expected_text, new_session_id_on, user_message
 from tests.support.stack import RunningStack
 from tests.support.waiting import wait_for_condition
 from tokenfan.cli.embedded_cluster import EmbeddedCluster
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import StartOutcome, Store
-from tokenfan.store.slots import slot_of
 
 pytestmark = pytest.mark.fault
 
@@ -75,13 +74,6 @@ async def cluster_store(seed: EmbeddedRedis) -> AsyncIterator[Store]:
         await store.close()
 
 
-def session_on(cluster: EmbeddedCluster, node: EmbeddedRedis) -> str:
-    while True:
-        session_id = new_session_id()
-        if cluster.primary_of_slot(slot_of(session_id)) is node:
-            return session_id
-
-
 async def generation(api: httpx.AsyncClient, session_id: str, generation_id: str) -> dict[str, Any]:
     """The generation as its session's view shows it: read from the session's own node (a generation's
     own route first looks its session up under the generation id, which may hash to the hung primary)."""
@@ -99,7 +91,7 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_un
     assert hung.process is not None
     held_body = user_message("held", {"tokens": 300, "rate": 50})
     flowing_body = user_message("flowing", {"tokens": 300, "rate": 50})  # 6 s: leases of 1.5 s, renewed
-    held_session, flowing_session = session_on(cluster, hung), session_on(cluster, other)
+    held_session, flowing_session = new_session_id_on(cluster, hung), new_session_id_on(cluster, other)
     held = await accept(hapi, held_session, held_body)
     flowing = await accept(hapi, flowing_session, flowing_body)
 

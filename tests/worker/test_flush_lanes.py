@@ -18,7 +18,7 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from tests.store.helpers import running
-from tests.support.requests import new_session_id
+from tests.support.requests import new_session_id_on
 from tests.support.waiting import wait_for_condition
 from tokenfan.cli.embedded_cluster import EmbeddedCluster
 from tokenfan.cli.embedded_redis import EmbeddedRedis
@@ -27,7 +27,6 @@ from tokenfan.contract.keys import SessionKeys
 from tokenfan.contract.offsets import StreamId
 from tokenfan.store import Finish, Store
 from tokenfan.store.connection import cluster_client
-from tokenfan.store.slots import slot_of
 from worker.stream_writer import GenerationStream, StreamWriter
 
 pytestmark = pytest.mark.fault
@@ -57,13 +56,6 @@ async def writer(client: RedisCluster) -> AsyncIterator[StreamWriter]:
     flusher.cancel()
     await asyncio.gather(flusher, return_exceptions=True)
     await store.topology.close()  # the clients of each node it made (the cluster's own: `client`)
-
-
-def session_on(cluster: EmbeddedCluster, node: EmbeddedRedis) -> str:
-    while True:
-        session_id = new_session_id()
-        if cluster.primary_of_slot(slot_of(session_id)) is node:
-            return session_id
 
 
 async def opened(writer: StreamWriter, store: Store, session_id: str) -> GenerationStream:
@@ -100,8 +92,8 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_go_on(
 ) -> None:
     store = writer.store
     (flowing_node,) = (node for node in cluster.primaries if node is not stopped)
-    held = await opened(writer, store, session_on(cluster, stopped))
-    flowing = await opened(writer, store, session_on(cluster, flowing_node))
+    held = await opened(writer, store, new_session_id_on(cluster, stopped))
+    flowing = await opened(writer, store, new_session_id_on(cluster, flowing_node))
     assert stopped.process is not None
     os.kill(stopped.process.pid, signal.SIGSTOP)
 
