@@ -27,10 +27,11 @@ from tokenfan.store.boundary import expose_redis_errors
 from tokenfan.store.cancellations import listen_for_cancellations
 from tokenfan.store.job_runner import expire_claims, generation_worker, supervise
 from tokenfan.store.jobs import JobQueue, create_queue, hand_over
+from tokenfan.store.per_node import PerNode
 from worker.generate import GenerationJob, RetryPolicy
 from worker.hooks import load_hooks
 from worker.metrics import WorkerMetrics
-from worker.stream_writer import FlushLane, GenerationStream, StreamWriter
+from worker.stream_writer import GenerationStream, StreamWriter
 from worker.upstream import Upstream
 from worker.usage import warm_up
 
@@ -42,32 +43,23 @@ log = structlog.get_logger("tokenfan.worker")
 async def _heartbeat(
     store: Store, queue: JobQueue, writer: StreamWriter, interval: float, alive_file: Path | None
 ) -> None:
-    """Every `interval`, renew the running generations' leases, node by node (`FlushLane`): a node that does
-    not answer holds up the renewals of its own generations only. Were they renewed all at once, a hung
-    primary would keep every lease of the worker from being renewed, and once they lapsed every one of its
-    generations, on every node, would be restarted by another worker."""
-    renewing: dict[FlushLane, asyncio.Task[None]] = {}
+    """Every `interval`, renew the running generations' leases, node by node (`PerNode`, by `FlushLane`): a
+    node that does not answer holds up the renewals of its own generations only. Were they renewed all at
+    once, a hung primary would keep every lease of the worker from being renewed, and once they lapsed every
+    one of its generations, on every node, would be restarted by another worker."""
+    renewals = PerNode("heartbeat")
     try:
         while True:
             await asyncio.sleep(interval)
             if alive_file is not None:
                 alive_file.touch()  # noqa: ASYNC240 - one utime a few seconds apart: the loop turns
-            for lane, renewal in list(renewing.items()):
-                if renewal.done():
-                    del renewing[lane]
-                    renewal.result()  # a renewal's own bug ends the heartbeat, as when it ran inline
-            by_lane: dict[FlushLane, list[GenerationStream]] = {}
+            by_lane: dict[str, list[GenerationStream]] = {}
             for stream in writer.streams.values():
-                by_lane.setdefault(stream.lane, []).append(stream)
+                by_lane.setdefault(stream.lane.name, []).append(stream)
             for lane, streams in by_lane.items():
-                if lane in renewing:
-                    continue  # its node has not answered the last renewal yet
-                renewing[lane] = asyncio.create_task(
-                    _renew(store, queue, streams), name=f"heartbeat {lane.name}"
-                )
+                renewals.start(lane, _renew(store, queue, streams))
     finally:
-        for renewal in list(renewing.values()):
-            renewal.cancel()
+        renewals.close()
 
 
 async def _renew(store: Store, queue: JobQueue, streams: list[GenerationStream]) -> None:

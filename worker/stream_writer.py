@@ -6,7 +6,7 @@ light load every piece is written at once (leading edge, no added latency); unde
 while a flush is in flight, so the next flush carries more and Redis commands per token fall.
 ``flush_window`` optionally spaces flushes out further; ``max_pending_bytes`` cuts a window short.
 
-There is one flusher per Redis node a generation writes to (`FlushLane`, named by `Store.write_lane`): one
+There is one flusher per Redis node a generation writes to (`FlushLane`, named by `Store.session_node`): one
 on a single Redis, one per primary on a cluster. A flush returns only once all it carries has landed, and
 the next one waits for it; were the nodes' generations flushed together, a primary that dies would hold up
 every generation of the worker until its replica took over (a second or more, Redis's default node timeout
@@ -359,7 +359,7 @@ class StreamWriter:
         trace: AttemptTrace | None = None,
     ) -> GenerationStream:
         pace = self.metrics.pace()
-        lane = self._lane(self.store.write_lane(session_id))
+        lane = self._lane(self.store.session_node(session_id))
         stream = GenerationStream(
             self, lane, session_id, generation_id, attempt, last_seq, pace=pace, trace=trace
         )
@@ -497,7 +497,7 @@ def _refuse(stream: GenerationStream, exc: Exception) -> None:
 
 
 class FlushLane:
-    """The generations of one Redis node (`Store.write_lane`), and the task that flushes them: each flush
+    """The generations of one Redis node (`Store.session_node`), and the task that flushes them: each flush
     takes whatever they hold pending and writes it at once, and the next waits for it to land. A
     generation keeps its lane for its life: after a failover its writes reach the promoted replica through
     the same lane (`Store.write` routes each flush by the slot map of the moment)."""

@@ -1,7 +1,8 @@
 """A Redis Cluster primary that hangs (SIGSTOP: its connections stay open and silent, as in a partition) while
 generations stream on it and on another primary: the other primary's sessions carry on and finish as if
-nothing happened, their leases renewed throughout (no other worker could take them over), and the hung
-one's finish exactly once it answers again.
+nothing happened, their leases renewed throughout (no other worker could take them over) and their sessions
+still claimed by the relay that serves them (none could be cancelled as unwatched), and the hung one's
+finish exactly once it answers again; the subscribers of both see every word.
 
 A cluster of its own: two primaries, no replica and a node timeout longer than the test, so that the hung
 primary stays the one its slots wait for; one worker with a short lease.
@@ -20,7 +21,8 @@ import pytest
 
 from tests.support.requests import accept, expected_text, new_session_id_on, user_message
 from tests.support.stack import RunningStack
-from tests.support.waiting import wait_for_condition
+from tests.support.waiting import Closer, wait_for_condition
+from tests.support.watchers import Watcher, finished
 from tokenfan.cli.embedded_cluster import EmbeddedCluster
 from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.runtime.settings import Settings
@@ -29,6 +31,8 @@ from tokenfan.store import StartOutcome, Store
 pytestmark = pytest.mark.fault
 
 LEASE_SECONDS = 1.5
+#: The relay claims the sessions it serves this often; a claim lasts three times as long.
+PRESENCE_SECONDS = 0.5
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +50,12 @@ def queue() -> Iterator[EmbeddedRedis]:
 @pytest.fixture(scope="module")
 def hstack(cluster: EmbeddedCluster, queue: EmbeddedRedis) -> Iterator[RunningStack]:
     stack = RunningStack(
-        redis_url=cluster.url, queue_url=queue.url, extra_env={"TOKENFAN_LEASE_SECONDS": str(LEASE_SECONDS)}
+        redis_url=cluster.url,
+        queue_url=queue.url,
+        extra_env={
+            "TOKENFAN_LEASE_SECONDS": str(LEASE_SECONDS),
+            "TOKENFAN_PRESENCE_INTERVAL_SECONDS": str(PRESENCE_SECONDS),
+        },
     )
     try:
         yield stack.start(workers=1, relays=1)
@@ -85,7 +94,7 @@ async def generation(api: httpx.AsyncClient, session_id: str, generation_id: str
 
 
 async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_unrestarted(
-    cluster: EmbeddedCluster, hapi: httpx.AsyncClient
+    cluster: EmbeddedCluster, hstack: RunningStack, hapi: httpx.AsyncClient, opened: Closer
 ) -> None:
     hung, other = cluster.primaries
     assert hung.process is not None
@@ -106,6 +115,15 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_un
     # Another worker, its slot map learnt while every node answers (a client learning it later waits for the
     # hung node too).
     async with cluster_store(other) as other_worker:
+        watchers = {  # the relay claims both sessions: they are watched
+            generation_id: await opened(Watcher(hstack.relay_url, session_id)).connect()
+            for session_id, generation_id in ((held_session, held), (flowing_session, flowing))
+        }
+
+        async def both_watched() -> bool:
+            return await other_worker.watched([held_session, flowing_session]) == [True, True]
+
+        await wait_for_condition(both_watched)
         os.kill(hung.process.pid, signal.SIGSTOP)
         try:
             streamed = len((await generation(hapi, flowing_session, flowing))["text"])
@@ -119,6 +137,8 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_un
             # What any other worker given its job would do now: its lease is live, so it is not taken over.
             start = await other_worker.start(flowing_session, flowing)
             assert start.outcome is StartOutcome.BUSY, start
+            # And the relay's claim on its session is renewed: it is still watched (claims last 1.5 s).
+            assert await other_worker.watched([flowing_session]) == [True]
 
             async def flowing_done() -> bool:
                 return bool((await generation(hapi, flowing_session, flowing))["status"] != "running")
@@ -136,3 +156,10 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_un
     await wait_for_condition(held_done, timeout=60)
     record = await generation(hapi, held_session, held)
     assert (record["status"], record["text"]) == ("completed", expected_text(held_body))
+    for generation_id, body in (
+        (held, held_body),
+        (flowing, flowing_body),
+    ):  # and their subscribers saw it all
+        watcher = watchers[generation_id]
+        await watcher.receive_until(finished(generation_id))
+        assert watcher.transcript().generations[generation_id].text == expected_text(body)

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import time
 
+from redis.exceptions import RedisClusterException
+
 from tokenfan.store.connection import Client
 from tokenfan.store.scripts import Scripts
-from tokenfan.store.topology import Topology
+from tokenfan.store.slots import slot_of
+from tokenfan.store.topology import SINGLE, Topology
 
 __all__ = ["StoreCore", "now_ms", "pairs"]
 
@@ -42,3 +45,14 @@ class StoreCore:
         self.max_attempts = max_attempts
         self.generations_kept = generations_kept
         self.scripts = Scripts(redis)
+
+    def session_node(self, session_id: str) -> str:
+        """The name of the node serving `session_id` now, as last learnt: one name on a single Redis, and that
+        same name while the slot map is not known yet (the session's calls find their node anyway). Work
+        done for many sessions is grouped by it (the worker's flushes and lease renewals, the relays'
+        presence claims), so that a node that stops answering holds up its own sessions' work and nobody
+        else's (`tokenfan.store.per_node.PerNode`)."""
+        try:
+            return self.topology.node_of(slot_of(session_id))
+        except (RedisClusterException, KeyError):
+            return SINGLE

@@ -27,7 +27,7 @@ class Store(Accepting, Snapshots, Presence, Attempts, Writes, Resume, Streams):
     """Every read and write of a session. One per process; safe to share between tasks.
 
     API side: `accept`, `request_cancel`, `snapshot`, `generation`, `rate_limit`, presence claims.
-    Worker side: `start`, `renew_leases`, `release_lease`, `write` (and `write_lane`, the node it goes to).
+    Worker side: `start`, `renew_leases`, `release_lease`, `write`; `session_node` groups sessions by node.
     Relay side: `check_resume`, `tail`, `read_after`.
     Durable Streams (``/ds/``): `stream_meta`, `create_stream`, `append_stream`, `delete_stream`,
     `inherited`, `append_app_events`.

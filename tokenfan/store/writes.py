@@ -15,8 +15,6 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
 
-from redis.exceptions import RedisClusterException
-
 from tokenfan.contract.events import GenerationStatus
 from tokenfan.contract.ids import new_epoch
 from tokenfan.store.batch import ScriptCall, run_calls
@@ -24,23 +22,12 @@ from tokenfan.store.boundary import storage_call
 from tokenfan.store.core import StoreCore, now_ms
 from tokenfan.store.records import WriteOutcome, WriteResult
 from tokenfan.store.slots import slot_of
-from tokenfan.store.topology import SINGLE
 from tokenfan.store.write_layout import ItemKeys, WriteCall, WriteItem, item_keys, packed_write
 
 __all__ = ["Writes"]
 
 
 class Writes(StoreCore):
-    def write_lane(self, session_id: str) -> str:
-        """The name of the node that takes `session_id`'s writes now, as last learnt (one name on a single
-        Redis, and that same name when the slot map is not known yet: the write finds its node anyway). A
-        writer flushes each node's generations on their own, so that a node that stops answering holds up
-        its own sessions' writes and nobody else's."""
-        try:
-            return self.topology.node_of(slot_of(session_id))
-        except (RedisClusterException, KeyError):
-            return SINGLE
-
     @storage_call
     async def write(self, items: Sequence[WriteItem]) -> list[WriteResult]:
         """Append (and finish) for many generations: one script call per Redis, or per cluster slot.
