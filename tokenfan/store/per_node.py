@@ -28,8 +28,8 @@ class PerNode:
     def start(self, node: str, work: Coroutine[Any, Any, None]) -> bool:
         """Run `work` for `node` unless its last piece is still in flight (then `work` is closed unrun);
         whether it was started. A piece that ended with an exception raises it here, at the next start: a bug
-        in the work (it deals with the store's own failures itself) stops the loop that runs it, as it would
-        have had the work been awaited in it."""
+        in the work (which deals with the store's own failures itself) stops the loop that starts it, as it
+        did when the loop awaited the work itself."""
         self._reap()
         if node in self._running:
             work.close()
