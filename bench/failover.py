@@ -103,6 +103,16 @@ class Watch:
         except TranscriptError as exc:  # a gap or a duplicate: what the product must never show
             self.error = str(exc)
 
+    def ended(self) -> bool:
+        """Whether this subscriber saw its generation end."""
+        generation = self.transcript.generations.get(self.generation_id)
+        return generation is not None and generation.status.is_terminal
+
+    def frames_until(self, end: float) -> list[float]:
+        """Its arrivals, and `end` after them when it never saw its generation end: a stall that never
+        closed counts as a gap up to `end`."""
+        return self.arrivals if self.ended() else [*self.arrivals, end]
+
     def deltas(self) -> int:
         generation = self.transcript.generations.get(self.generation_id)
         return len(generation.content) if generation is not None else 0
@@ -121,6 +131,7 @@ class ClusterClock:
     down_at: float | None = None
     promoted_at: float | None = None
     ok_at: float | None = None
+    ended_at: float = 0.0  # when the wait for the generations ended (all done, or `--timeout`)
     stop: threading.Event = field(default_factory=threading.Event)
 
     def run(self) -> None:
@@ -176,23 +187,36 @@ async def start_generations(
 
 
 async def kill_and_wait(
-    cluster: EmbeddedCluster, victim: EmbeddedRedis, tasks: list[asyncio.Task[None]], seconds: float
+    cluster: EmbeddedCluster,
+    victim: EmbeddedRedis,
+    tasks: list[asyncio.Task[None]],
+    seconds: float,
+    fault: str = "kill",
 ) -> ClusterClock:
-    """SIGKILL `victim` while a `ClusterClock` watches; returns once every subscriber saw its generation end."""
+    """SIGKILL `victim` (or with `fault` "stop", SIGSTOP it: a primary that hangs, its connections open and
+    silent) while a `ClusterClock` watches; returns once every subscriber saw its generation end, or after
+    `seconds` (the sessions that never resumed are counted as such). A stopped victim is killed at the end."""
     replica = cluster.replicas_of(victim)[0]
     survivor = next(node for node in cluster.primaries if node is not victim)
     clock = ClusterClock(survivor, replica, cluster.host)
     watcher = asyncio.create_task(asyncio.to_thread(clock.run))
     clock.killed_at, clock.killed_wall = time.monotonic(), time.time()
-    victim.kill()
+    if fault == "stop":
+        victim.pause()
+    else:
+        victim.kill()
     try:
         async with asyncio.timeout(seconds):
             await asyncio.gather(*tasks)
+    except TimeoutError:
+        log(f"not every generation ended within {seconds:.0f} s of the fault")
     finally:
+        clock.ended_at = time.monotonic()
         clock.stop.set()
         await watcher
         for task in tasks:
             task.cancel()
+        victim.kill()  # a stopped one still holds its port; a killed one: nothing to do
     return clock
 
 
@@ -244,7 +268,8 @@ def figures(watches: list[Watch], clock: ClusterClock) -> dict[str, Any]:
     others = [w for w in watches if not w.affected]
     resumed = [resumed_after(w.arrivals, killed_at) for w in affected]
     back = [at - killed_at for at in resumed if at is not None]
-    all_back = killed_at + max(back, default=0.0)
+    # Until the last affected session flowed again; until the end of the wait, if one never did.
+    all_back = killed_at + max(back, default=0.0) if len(back) == len(resumed) else clock.ended_at
 
     def since_kill(at: float | None) -> float | None:
         return round(at - killed_at, 3) if at is not None else None
@@ -262,8 +287,13 @@ def figures(watches: list[Watch], clock: ClusterClock) -> dict[str, Any]:
         ),
         "affected_never_resumed": len(resumed) - len(back),
         "unaffected_longest_gap_s": round(
-            max((longest_gap(w.arrivals, killed_at, all_back + 0.5) for w in others), default=0.0), 3
+            max(
+                (longest_gap(w.frames_until(clock.ended_at), killed_at, all_back + 0.5) for w in others),
+                default=0.0,
+            ),
+            3,
         ),
+        "unaffected_never_ended": sum(not w.ended() for w in others),
         "unaffected_longest_write_gap_s": round(
             max(
                 (
@@ -293,7 +323,7 @@ async def one_run(args: argparse.Namespace, tag: str) -> dict[str, Any]:
             await asyncio.gather(*(w.live.wait() for w in watches))
         await asyncio.sleep(args.before)
         running = [child for child in stack.children.values() if child.alive()]
-        clock = await kill_and_wait(backend.cluster, victim, tasks, args.timeout)
+        clock = await kill_and_wait(backend.cluster, victim, tasks, args.timeout, args.fault)
         result = figures(watches, clock)
         result.update(await outcomes(stack.url("api"), watches))
         result["processes_alive"] = all(child.alive() for child in running)
@@ -356,6 +386,12 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--before", type=float, default=2.0, help="seconds of streaming before the kill")
     parser.add_argument("--timeout", type=float, default=40.0, help="longest wait for the generations to end")
+    parser.add_argument(
+        "--fault",
+        choices=["kill", "stop"],
+        default="kill",
+        help="SIGKILL the primary, or SIGSTOP it (it hangs: connections open and silent)",
+    )
     parser.add_argument("--output", default="failover", help="results name (bench/results/NAME.json)")
     return parser.parse_args()
 

@@ -11,8 +11,6 @@ primary stays the one its slots wait for; one worker with a short lease.
 from __future__ import annotations
 
 import contextlib
-import os
-import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -97,7 +95,6 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_un
     cluster: EmbeddedCluster, hstack: RunningStack, hapi: httpx.AsyncClient, opened: Closer
 ) -> None:
     hung, other = cluster.primaries
-    assert hung.process is not None
     held_body = user_message("held", {"tokens": 300, "rate": 50})
     flowing_body = user_message("flowing", {"tokens": 300, "rate": 50})  # 6 s: leases of 1.5 s, renewed
     held_session, flowing_session = new_session_id_on(cluster, hung), new_session_id_on(cluster, other)
@@ -124,7 +121,7 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_un
             return await other_worker.watched([held_session, flowing_session]) == [True, True]
 
         await wait_for_condition(both_watched)
-        os.kill(hung.process.pid, signal.SIGSTOP)
+        hung.pause()
         try:
             streamed = len((await generation(hapi, flowing_session, flowing))["text"])
             full = len(expected_text(flowing_body))
@@ -148,7 +145,7 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_finish_un
             assert (record["status"], record["text"]) == ("completed", expected_text(flowing_body))
             assert record["attempt"] == 1
         finally:
-            os.kill(hung.process.pid, signal.SIGCONT)
+            hung.resume()
 
     async def held_done() -> bool:
         return bool((await generation(hapi, held_session, held))["status"] != "running")

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -82,9 +80,8 @@ def stopped(cluster: EmbeddedCluster) -> Iterator[EmbeddedRedis]:
     """The first primary, hung (SIGSTOP) for the test's body; it answers again (SIGCONT) at its end, whatever
     the outcome."""
     node = cluster.primaries[0]
-    assert node.process is not None
     yield node
-    os.kill(node.process.pid, signal.SIGCONT)
+    node.resume()
 
 
 async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_go_on(
@@ -94,8 +91,7 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_go_on(
     (flowing_node,) = (node for node in cluster.primaries if node is not stopped)
     held = await opened(writer, store, new_session_id_on(cluster, stopped))
     flowing = await opened(writer, store, new_session_id_on(cluster, flowing_node))
-    assert stopped.process is not None
-    os.kill(stopped.process.pid, signal.SIGSTOP)
+    stopped.pause()
 
     held.add_content("held ")
     flowing.add_content("flows")  # in the same flush as the held piece, were all nodes flushed together
@@ -111,7 +107,7 @@ async def test_a_hung_primary_holds_up_its_own_sessions_and_the_others_go_on(
     assert held.last_offset is None  # its first write has not landed: the node it waits for is hung
 
     held.add_content("back")  # waits in its generation, behind the write in flight
-    os.kill(stopped.process.pid, signal.SIGCONT)
+    stopped.resume()
 
     async def caught_up() -> bool:
         return await stored_text(client, held) == b"held back"
