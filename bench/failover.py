@@ -1,7 +1,7 @@
 """A primary of the Redis Cluster killed with SIGKILL mid-generation: how long until tokens flow again.
 
     ./dev bench failover [--runs 5] [--sessions 30] [--rate 50] [--tokens 600] [--workers 1]
-        [--node-timeout-ms 1000,2000,5000] [--output failover]
+        [--node-timeout-ms 1000,2000,5000] [--fault kill|stop] [--victim session|seed] [--output failover]
     python -m bench.failover ...
 
 Each run starts afresh: an embedded cluster of 3 primaries with one replica each
@@ -10,8 +10,9 @@ values are measured one after the other), the job queue on a Valkey of its own, 
 and one relay (`bench.harness.Stack`). ``--sessions`` sessions get one generation each from the simulator at
 ``--rate`` tokens/s, and each session is watched by one WebSocket subscriber (`tokenfan.client.SessionStream`,
 resuming and rebuilding as a user's would, default backoff) that records when every frame arrives. Once every session
-streams, the primary owning the first session's slot is killed with SIGKILL; the sessions in its slots are the
-*affected* ones.
+streams, the primary owning the first session's slot (``--victim seed``: the first seed node of every process's
+cluster client) is killed with SIGKILL (``--fault stop``: SIGSTOP, a primary that hangs); the sessions in its
+slots are the *affected* ones.
 
 Reported per run, every time counted from the kill: when a surviving primary first says ``cluster_state:fail``
 and when it says ``ok`` again; when the killed primary's replica answers ``ROLE`` as a master (promoted); for each
@@ -170,9 +171,10 @@ def request(rate: float, tokens: int) -> dict[str, Any]:
 async def start_generations(
     stack: Stack, cluster: EmbeddedCluster, args: argparse.Namespace
 ) -> tuple[list[Watch], list[asyncio.Task[None]], EmbeddedRedis]:
-    """Subscribers first, then one generation per session; returns them and the primary to kill."""
+    """Subscribers first, then one generation per session; returns them and the primary to kill (the first
+    session's, or with ``--victim seed`` the first seed of every process's cluster client)."""
     sessions = [f"failover-{uuid.uuid4().hex[:12]}" for _ in range(args.sessions)]
-    victim = cluster.primary_of_slot(slot_of(sessions[0]))
+    victim = cluster.primaries[0] if args.victim == "seed" else cluster.primary_of_slot(slot_of(sessions[0]))
     owners = {session: cluster.primary_of_slot(slot_of(session)).port for session in sessions}
     watches = [Watch(session, owners[session] == victim.port) for session in sessions]
     tasks = [asyncio.create_task(w.follow(stack.url("relay"), stack.url("api"))) for w in watches]
@@ -391,6 +393,13 @@ def parse_args() -> argparse.Namespace:
         choices=["kill", "stop"],
         default="kill",
         help="SIGKILL the primary, or SIGSTOP it (it hangs: connections open and silent)",
+    )
+    parser.add_argument(
+        "--victim",
+        choices=["session", "seed"],
+        default="session",
+        help="the primary of the first session's slot (any of them, by chance), or the first seed node: the "
+        "one every process asks first for the slot map",
     )
     parser.add_argument("--output", default="failover", help="results name (bench/results/NAME.json)")
     return parser.parse_args()

@@ -89,14 +89,15 @@ def cluster_client(urls: str, *, client_name: str | None = None) -> RedisCluster
     return client
 
 
-def node_client(cluster: RedisCluster, host: str, port: int) -> Redis:
+def node_client(cluster: RedisCluster, host: str, port: int, **overrides: Any) -> Redis:
     """A plain client for one node of `cluster`, with the cluster's credentials and TLS: for what the
-    cluster client cannot do itself (pipelines of scripts, sharded pub/sub)."""
+    cluster client cannot do itself (pipelines of scripts, sharded pub/sub). `overrides` are options of
+    `redis.asyncio.Redis` that differ from those."""
     kwargs = cluster.get_connection_kwargs()
     keep = ("username", "password", "ssl", "ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs",
             "ssl_check_hostname", "socket_keepalive", "retry", "retry_on_error", "client_name")  # fmt: skip
     options: dict[str, Any] = {key: kwargs[key] for key in keep if key in kwargs}
-    return Redis(host=host, port=port, **options)
+    return Redis(host=host, port=port, **{**options, **overrides})
 
 
 class _HiredisPacking:

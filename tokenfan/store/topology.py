@@ -3,7 +3,8 @@
 The cluster client routes single commands itself (following MOVED and ASK). Two things it cannot do are
 done here, on plain clients of one node each: pipelines of script calls (redis-py's cluster pipeline
 refuses EVALSHA), and sharded pub/sub (its asyncio cluster client has no pub/sub). `refresh` reloads the
-slot map after a failover or a resharding; concurrent callers share one reload.
+slot map after a failover or a resharding; concurrent callers share one reload, and it is asked first of the
+node that answers first (`_answering_first`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import contextlib
 from collections.abc import Iterator
 
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import NodesManager, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisClusterException
+from redis.exceptions import RedisClusterException, RedisError
 
+from tokenfan.store import connection
 from tokenfan.store.connection import Client, node_client, pack_with_hiredis
 
 __all__ = ["Topology"]
@@ -81,15 +83,65 @@ class Topology:
         if not isinstance(self.redis, RedisCluster):
             return
         if self._refreshing is None or self._refreshing.done():
-            self._refreshing = asyncio.ensure_future(self.redis.nodes_manager.initialize())
+            self._refreshing = asyncio.ensure_future(self._reload(self.redis))
         with _as_redis_error():
             await asyncio.shield(self._refreshing)
+
+    @staticmethod
+    async def _reload(cluster: RedisCluster) -> None:
+        await _answering_first(cluster)
+        await cluster.nodes_manager.initialize()
 
     async def close(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             with contextlib.suppress(Exception):
                 await client.aclose()
+
+
+async def _answering_first(cluster: RedisCluster) -> None:
+    """Put first among the nodes the slot map is asked of the one that answers a PING first, asking them all
+    at once; leave the order as it is when none answers within `ANSWER_SECONDS`.
+
+    redis-py asks them one after another, each for up to `ANSWER_SECONDS`. So when the first of them hangs,
+    every reload waits that long, and a reload is what every client does when the cluster changes: the
+    surviving primaries answer CLUSTERDOWN for a moment when one fails, and each process reloaded the map
+    then, held up by a hung first seed, its writes to the healthy primaries included (bench/failover.py,
+    ``--fault stop``). The order is the client's own for later reloads too, its own included."""
+    manager: NodesManager = cluster.nodes_manager
+    nodes = list(manager.startup_nodes.values())
+    if len(nodes) < 2:
+        return
+    probes = [asyncio.ensure_future(_ping(cluster, node.host, int(node.port))) for node in nodes]
+    try:
+        for probe in asyncio.as_completed(probes, timeout=connection.ANSWER_SECONDS):
+            try:
+                first = await probe
+            except (RedisError, OSError):
+                continue  # refused at once: another may answer
+            seeds = manager.startup_nodes
+            if first in seeds:  # (a reload of redis-py's own may have changed them meanwhile)
+                manager.startup_nodes = {
+                    first: seeds[first],
+                    **{n: s for n, s in seeds.items() if n != first},
+                }
+            return
+    except TimeoutError:
+        return
+    finally:
+        for probe in probes:
+            probe.cancel()
+        await asyncio.gather(*probes, return_exceptions=True)
+
+
+async def _ping(cluster: RedisCluster, host: str, port: int) -> str:
+    """``host:port`` once that node answers PING, on a connection of its own (closed after)."""
+    client = node_client(cluster, host, port, retry=None, retry_on_error=[])  # one try, then the next node
+    try:
+        await client.ping()
+    finally:
+        await client.aclose()
+    return f"{host}:{port}"
 
 
 @contextlib.contextmanager
