@@ -33,6 +33,7 @@ from tokenfan.contract.events import StreamEntry
 from tokenfan.contract.keys import SessionKeys
 from tokenfan.contract.offsets import StreamId
 from tokenfan.store.boundary import count_failure
+from tokenfan.store.connection import ANSWER_SECONDS
 from tokenfan.store.slots import key_slot
 from tokenfan.store.topology import Topology
 
@@ -43,8 +44,11 @@ log = structlog.get_logger("tokenfan.store.tail")
 #: One published entry and the id of the entry before it.
 Published = tuple[StreamEntry, StreamId]
 
-#: A shard connection that has heard nothing (not even the answer to its ping) for this long is dead.
-_PING_SECONDS = 10.0
+#: A shard connection pings its node this often, and is dead once it has heard nothing at all (not even the
+#: answer to a ping) for `ANSWER_SECONDS`: a node that hangs is noticed within about 5 s, as the worker and
+#: the cluster client notice it, so its sessions are subscribed again on the promoted replica then rather than
+#: half a minute later. One PING per second per node is nothing to Redis.
+_PING_SECONDS = 1.0
 
 
 class TailListener(Protocol):
@@ -197,7 +201,8 @@ class _Shard:
             # No health check: its PING would read a reply meant for `_read` (`_ping` does that job).
             options = {**pool.connection_kwargs, "health_check_interval": 0}
             connection = self._connection = pool.connection_class(**options)
-            await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
+            async with asyncio.timeout(ANSWER_SECONDS):  # a hung node accepts, and then never answers AUTH
+                await connection.connect()  # type: ignore[no-untyped-call]  # redis-py leaves it unannotated
             self._connected.set()
             await self._send(*(("SSUBSCRIBE", channel) for channel in self.channels))
             self._spawn(self._ping(connection))
@@ -231,13 +236,13 @@ class _Shard:
                 self.tail._lost(self, [channel])
 
     async def _ping(self, connection: AbstractConnection) -> None:
-        """A connection cut without a reset (a partition) would wait forever: ping it, and drop it when
-        even the answer does not come."""
+        """A node that hangs, or a connection cut without a reset (a partition), would leave the shard waiting
+        forever: ping it, and drop it when even the answer does not come."""
         loop = asyncio.get_running_loop()
         self._heard = loop.time()
         while True:
             await asyncio.sleep(_PING_SECONDS)
-            if loop.time() - self._heard > 3 * _PING_SECONDS:
+            if loop.time() - self._heard > ANSWER_SECONDS:
                 await connection.disconnect()
                 return
             with contextlib.suppress(RedisError, OSError):
