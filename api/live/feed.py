@@ -50,7 +50,7 @@ _PAGES_KEPT = 16
 #: resumer further behind reads pages (`_read_forwards`) until it reaches the history. What all of a process's
 #: histories hold together is bounded besides (`HistoryBudget`, ``TOKENFAN_CATCHUP_HISTORY_BUDGET``).
 HISTORY_ENTRIES = 16_384
-#: ``TOKENFAN_CATCHUP_HISTORY_BUDGET``'s default: seven full histories of benchmark-sized deltas.
+#: ``TOKENFAN_CATCHUP_HISTORY_BUDGET``'s default: six and a half full histories of benchmark-sized deltas (5 MB each).
 HISTORY_BUDGET = 33_554_432
 #: How long a feed keeps its catch-up history after its last resumer caught up. The resumers of a storm arrive
 #: over tens of milliseconds (their handshakes queue up), so the first ones can catch up and go live before the

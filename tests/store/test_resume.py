@@ -175,6 +175,9 @@ async def test_read_before_reads_backwards_and_names_the_predecessor(redis: Redi
     assert [hash(entry.stream_id) for entry in entries] == [hash(stream_id) for stream_id in ids[6:9]]
     with pytest.raises(dataclasses.FrozenInstanceError):
         entries[0].stream_id.ms = 0  # type: ignore[misc]
+    # One epoch object for a page's entries (a relay's catch-up history holds thousands), equal to theirs.
+    assert len({id(entry.epoch) for entry in entries}) == 1
+    assert {entry.epoch for entry in entries} == {entry.epoch for entry in forwards}
     entries, predecessor = await store.read_before(session_id, ids[1], 5)
     assert [entry.stream_id for entry in entries] == ids[:2]
     assert predecessor == StreamId.ZERO  # the first entry: nothing before it

@@ -476,6 +476,7 @@ async def test_each_append_is_published_with_its_predecessor(redis: Redis, sessi
         (StreamEntry(entry_id, epoch, body), previous)
         for previous, entry_id, body in zip(expected_prev, ids, bodies, strict=True)
     ]
+    assert len({id(entry.epoch) for entry, _ in heard.entries}) == 1  # one object, however many entries
 
 
 class Heard:

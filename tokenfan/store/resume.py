@@ -91,12 +91,17 @@ def _entry(entry_id: bytes, fields: dict[bytes, bytes]) -> StreamEntry:
 
 
 def _flat_entries(flat: list[bytes]) -> list[StreamEntry]:
-    """The entries of a ``read_back`` reply (id, predecessor, epoch, body, four values each)."""
+    """The entries of a ``read_back`` reply (id, predecessor, epoch, body, four values each). Entries of one
+    epoch share one `bytes` of it: a catch-up history holds thousands of them, and an epoch apiece was a
+    seventh of what each cost."""
     entries = []
+    epoch = b""
     for i in range(0, len(flat), 4):
         entry = _new(StreamEntry)
         _set_stream_id(entry, _id(flat[i]))
-        _set_epoch(entry, flat[i + 2])
+        if flat[i + 2] != epoch:
+            epoch = flat[i + 2]
+        _set_epoch(entry, epoch)
         _set_body(entry, flat[i + 3])
         entries.append(entry)
     return entries

@@ -71,6 +71,9 @@ class LiveTail:
         self._homeless: set[bytes] = set()
         self._rehoming: asyncio.Task[None] | None = None
         self._batch: dict[TailListener, list[Published]] = {}
+        #: Each channel's epoch as last published: its entries share that one `bytes`, as catch-up pages' do
+        #: (`tokenfan.store.resume`), rather than one apiece in every history that keeps them.
+        self._epochs: dict[bytes, bytes] = {}
         self._flush_scheduled = False
         self._closed = False
 
@@ -96,6 +99,7 @@ class LiveTail:
     def unwatch(self, session_id: str) -> None:
         channel = SessionKeys(session_id).live.encode()
         self._listeners.pop(channel, None)
+        self._epochs.pop(channel, None)
         self._homeless.discard(channel)
         for shard in self._shards.values():
             shard.remove(channel)
@@ -148,6 +152,11 @@ class LiveTail:
         if listener is None:
             return
         epoch, previous, entry_id, body = data.split(b" ", 3)
+        known = self._epochs.get(channel)
+        if known == epoch:
+            epoch = known
+        else:
+            self._epochs[channel] = epoch
         self._batch.setdefault(listener, []).append(
             (StreamEntry(_stream_id(entry_id), epoch, body), _stream_id(previous))
         )
