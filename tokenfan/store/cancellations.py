@@ -42,10 +42,11 @@ async def listen_for_cancellations(topology: Topology, on_request: Callable[[str
     turn = 0
     loop = asyncio.get_running_loop()
     while True:
-        nodes = topology.primaries()
-        redis = topology.client(nodes[turn % len(nodes)])
-        turn += 1
         try:
+            await topology.ready()  # a cluster client learns its nodes on its first command: none yet, maybe
+            nodes = topology.primaries()
+            redis = topology.client(nodes[turn % len(nodes)])
+            turn += 1
             async with redis.pubsub() as pubsub:
                 async with asyncio.timeout(ANSWER_SECONDS):  # a hung node accepts, then never answers AUTH
                     await pubsub.subscribe(CANCEL_CHANNEL)
