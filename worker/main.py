@@ -5,11 +5,15 @@
   stalled upstream that produces nothing to write), and shortens arq's in-progress key to the lease, so a
   crashed worker's generation is taken up by another within the lease instead of after the job timeout;
 * the cancel listener: the pub/sub fast path for cancellation requests from any API process.
+
+Each deals with Redis failures itself; if one ends all the same (a bug), the worker stops as on SIGTERM and
+exits with an error, rather than go on taking jobs without it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -158,20 +162,39 @@ def _stream_writer(settings: Settings, store: Store, metrics: Metrics, capacity:
 
 
 def _background_tasks(
-    store: Store, queue: JobQueue, writer: StreamWriter, alive_file: str | None
+    store: Store, queue: JobQueue, writer: StreamWriter, alive_file: str | None, on_end: Callable[[], None]
 ) -> list[asyncio.Task[None]]:
-    """The tasks that run beside the jobs for the process's life."""
+    """The tasks that run beside the jobs for the process's life; `on_end` is called if one of the three that
+    keep the worker honest ends (`_watch`)."""
     alive = Path(alive_file) if alive_file else None
     if alive is not None:
         alive.touch()
     heartbeat = _heartbeat(store, queue, writer, store.lease_ms / 3000, alive)
     cancellations = listen_for_cancellations(store.topology, _cancel_running(writer))
-    return [
-        asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"),
+    lifelong = [
         asyncio.create_task(writer.run(), name="stream-writer"),
         asyncio.create_task(heartbeat, name="heartbeat"),
         asyncio.create_task(cancellations, name="cancel-listener"),
     ]
+    _watch(lifelong, on_end)
+    return [asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"), *lifelong]
+
+
+def _watch(tasks: list[asyncio.Task[None]], on_end: Callable[[], None]) -> None:
+    """Each of `tasks` runs for the process's life, dealing with Redis failures itself: one that ends is a
+    bug, and a worker without it would go on taking jobs, degraded without a word (no flushes, no lease
+    renewals, cancellations late). Log it and call `on_end`: the worker stops and exits with an error, so
+    that whatever runs it starts another."""
+
+    def ended(task: asyncio.Task[None]) -> None:
+        if task.cancelled():
+            return  # the worker is stopping
+        error = task.exception()
+        log.error("background_task_ended", task=task.get_name(), error=repr(error))
+        on_end()
+
+    for task in tasks:
+        task.add_done_callback(ended)
 
 
 async def run_worker(
@@ -190,6 +213,7 @@ async def run_worker(
     queue = await create_queue(settings.queue_url)
     job = _generation_job(settings, store, queue, writer, upstream, tracer_from_env("worker"))
     background: list[asyncio.Task[None]] = []
+    failed = asyncio.Event()  # a background task ended: the worker stops, and says so by its exit status
     ready = metrics.expose(host, settings.metrics_port)
 
     async def generate(ctx: dict[str, Any], session_id: str, generation_id: str) -> None:
@@ -202,7 +226,12 @@ async def run_worker(
             log.info("worker_resumed")
             return
         settle_collector()
-        background.extend(_background_tasks(store, queue, writer, settings.worker_alive_file))
+
+        def stop() -> None:
+            failed.set()
+            worker.handle_sig(signal.SIGTERM)  # as a SIGTERM would: running generations are handed over
+
+        background.extend(_background_tasks(store, queue, writer, settings.worker_alive_file, stop))
         log.info("worker_ready", concurrency=concurrency or settings.worker_concurrency)
         write_ready_file(ready_file, "", role="worker", **ready)
 
@@ -224,3 +253,7 @@ async def run_worker(
         await upstream.close()
         await store.redis.aclose()
         metrics.close()
+    if failed.is_set():
+        raise SystemExit(
+            "worker stopped: a task it cannot run without ended (see the log's background_task_ended)"
+        )

@@ -61,7 +61,7 @@ async def listen_for_cancellations(topology: Topology, on_request: Callable[[str
                     heard = loop.time()
                     if message.get("type") != "message":
                         continue  # a subscription's confirmation, a pong
-                    generation_id, _, reason = message["data"].decode().partition(" ")
+                    generation_id, _, reason = message["data"].decode(errors="replace").partition(" ")
                     on_request(generation_id, reason or "requested")
         except (RedisError, OSError) as exc:
             count_failure("cancel_listener", exc)
