@@ -13,9 +13,9 @@ exits with an error, rather than go on taking jobs without it.
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Callable
 from pathlib import Path
+from signal import SIGTERM
 from typing import Any
 
 import structlog
@@ -161,23 +161,45 @@ def _stream_writer(settings: Settings, store: Store, metrics: Metrics, capacity:
     return writer
 
 
-def _background_tasks(
-    store: Store, queue: JobQueue, writer: StreamWriter, alive_file: str | None, on_end: Callable[[], None]
-) -> list[asyncio.Task[None]]:
-    """The tasks that run beside the jobs for the process's life; `on_end` is called if one of the three that
-    keep the worker honest ends (`_watch`)."""
-    alive = Path(alive_file) if alive_file else None
-    if alive is not None:
-        alive.touch()
-    heartbeat = _heartbeat(store, queue, writer, store.lease_ms / 3000, alive)
-    cancellations = listen_for_cancellations(store.topology, _cancel_running(writer))
-    lifelong = [
-        asyncio.create_task(writer.run(), name="stream-writer"),
-        asyncio.create_task(heartbeat, name="heartbeat"),
-        asyncio.create_task(cancellations, name="cancel-listener"),
-    ]
-    _watch(lifelong, on_end)
-    return [asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"), *lifelong]
+class _Background:
+    """The tasks that run beside the jobs for the process's life, started once arq's loop first runs."""
+
+    def __init__(self) -> None:
+        self.tasks: list[asyncio.Task[None]] = []
+        self.failed = False  # one of the lifelong tasks ended: the worker stops, and exits with an error
+
+    def start(
+        self,
+        store: Store,
+        queue: JobQueue,
+        writer: StreamWriter,
+        alive_file: str | None,
+        stop: Callable[[], None],
+    ) -> None:
+        """Start them; `stop` stops the worker (as a SIGTERM does: running generations are handed over) if
+        one of its three lifelong tasks ends (`_watch`)."""
+        alive = Path(alive_file) if alive_file else None
+        if alive is not None:
+            alive.touch()
+        heartbeat = _heartbeat(store, queue, writer, store.lease_ms / 3000, alive)
+        cancellations = listen_for_cancellations(store.topology, _cancel_running(writer))
+        lifelong = [
+            asyncio.create_task(writer.run(), name="stream-writer"),
+            asyncio.create_task(heartbeat, name="heartbeat"),
+            asyncio.create_task(cancellations, name="cancel-listener"),
+        ]
+
+        def ended() -> None:
+            self.failed = True
+            stop()
+
+        _watch(lifelong, ended)
+        self.tasks = [asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"), *lifelong]
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
 def _watch(tasks: list[asyncio.Task[None]], on_end: Callable[[], None]) -> None:
@@ -212,8 +234,7 @@ async def run_worker(
     upstream = Upstream(settings)
     queue = await create_queue(settings.queue_url)
     job = _generation_job(settings, store, queue, writer, upstream, tracer_from_env("worker"))
-    background: list[asyncio.Task[None]] = []
-    failed = asyncio.Event()  # a background task ended: the worker stops, and says so by its exit status
+    background = _Background()
     ready = metrics.expose(host, settings.metrics_port)
 
     async def generate(ctx: dict[str, Any], session_id: str, generation_id: str) -> None:
@@ -222,16 +243,11 @@ async def run_worker(
         await job(session_id, generation_id, job_try=int(ctx.get("job_try", 1)), enqueued_at=enqueued_at)
 
     async def on_startup(ctx: dict[str, Any]) -> None:
-        if background:  # arq's loop was re-entered after Redis came back: our tasks never stopped
+        if background.tasks:  # arq's loop was re-entered after Redis came back: our tasks never stopped
             log.info("worker_resumed")
             return
         settle_collector()
-
-        def stop() -> None:
-            failed.set()
-            worker.handle_sig(signal.SIGTERM)  # as a SIGTERM would: running generations are handed over
-
-        background.extend(_background_tasks(store, queue, writer, settings.worker_alive_file, stop))
+        background.start(store, queue, writer, settings.worker_alive_file, lambda: worker.handle_sig(SIGTERM))
         log.info("worker_ready", concurrency=concurrency or settings.worker_concurrency)
         write_ready_file(ready_file, "", role="worker", **ready)
 
@@ -247,13 +263,9 @@ async def run_worker(
         await supervise(worker)
     finally:
         await worker.close()
-        for task in background:
-            task.cancel()
-        await asyncio.gather(*background, return_exceptions=True)
+        await background.stop()
         await upstream.close()
         await store.redis.aclose()
         metrics.close()
-    if failed.is_set():
-        raise SystemExit(
-            "worker stopped: a task it cannot run without ended (see the log's background_task_ended)"
-        )
+    if background.failed:
+        raise SystemExit("worker stopped: a task it cannot run without ended (the log says which)")
