@@ -21,12 +21,14 @@ SLOTS = 16_384
 
 
 def cluster_port(host: str, taken: set[int] | None = None) -> int:
-    """A free port for a cluster node: its bus listens 10,000 above it, so both must be free, and the
-    server refuses ports above 55,535. Below the usual ephemeral range, so other sockets rarely take it."""
+    """A free port for a cluster node, none of `taken`: its bus listens 10,000 above it, so both must be free.
+    Both lie below the kernel's ephemeral range (32,768 and up on Linux), where every outgoing connection
+    takes its local port: a bus port up there could be taken by one between this check and the node's bind
+    (seen: a whole test session's cluster failed to start)."""
     rng = random.Random()
     for _ in range(500):
-        port = rng.randrange(20_000, 32_000)
-        if port in (taken or set()):
+        port = rng.randrange(10_000, 22_000)
+        if {port, port + 10_000} & (taken or set()):
             continue
         if all(_bindable(host, candidate) for candidate in (port, port + 10_000)):
             return port
@@ -87,12 +89,14 @@ class EmbeddedCluster:
             # A replica may always take over, however long it was cut off: tests kill primaries at will.
             "--cluster-replica-validity-factor", "0",
         )  # fmt: skip
-        self.primaries = [self._node(cluster_args) for _ in range(primaries)]
-        self.replicas = [self._node(cluster_args) for _ in range(primaries * replicas)]
+        taken: set[int] = set()  # the ports of the nodes made so far, and of their buses
+        self.primaries = [self._node(cluster_args, taken) for _ in range(primaries)]
+        self.replicas = [self._node(cluster_args, taken) for _ in range(primaries * replicas)]
 
-    def _node(self, cluster_args: tuple[str, ...]) -> EmbeddedRedis:
-        taken = {node.port for node in getattr(self, "primaries", [])}
-        return EmbeddedRedis(host=self.host, port=cluster_port(self.host, taken), extra_args=cluster_args)
+    def _node(self, cluster_args: tuple[str, ...], taken: set[int]) -> EmbeddedRedis:
+        port = cluster_port(self.host, taken)
+        taken.update((port, port + 10_000))
+        return EmbeddedRedis(host=self.host, port=port, extra_args=cluster_args)
 
     @property
     def nodes(self) -> list[EmbeddedRedis]:
