@@ -1,6 +1,7 @@
 """The store's own connections while a Redis Cluster node hangs (SIGSTOP: its connections open and silent,
-as in a partition): a reload of the slot map is asked first of a node that answers, and the workers'
-cancellation listener leaves the hung node for one that answers.
+as in a partition): a reload of the slot map, and the first load of a process starting then, are asked
+first of a node that answers, and the workers' cancellation listener leaves the hung node for one that
+answers.
 
 A cluster of its own: two primaries, no replica and a node timeout longer than the test, so that the hung
 primary stays in the map throughout.
@@ -55,6 +56,27 @@ async def test_a_reload_does_not_wait_for_a_hung_first_seed(
         finally:
             hung.resume()
     finally:
+        await topology.close()
+        await topology.redis.aclose()
+
+
+async def test_a_process_starting_while_its_first_seed_hangs_learns_the_map_from_another(
+    cluster: EmbeddedCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(connection, "ANSWER_SECONDS", 60.0)
+    low, high = cluster.primaries
+    # redis-py asks the primary of slot 0 for its command table once it has the map: that one must answer.
+    assert cluster.primary_of_slot(0) is low
+    on_low = new_session_id_on(cluster, low)
+    topology = Topology(cluster_client(f"{high.url},{low.url}"))  # the hung primary first among the seeds
+    high.pause()
+    try:
+        async with asyncio.timeout(20):
+            await topology.ready()
+            assert topology.node_of(slot_of(on_low)) == f"{low.host}:{low.port}"
+            assert await topology.redis.set(f"tf:{{{on_low}}}:probe", "1")  # served: its node answers
+    finally:
+        high.resume()
         await topology.close()
         await topology.redis.aclose()
 

@@ -34,6 +34,7 @@ class Topology:
         self.redis = redis
         self._clients: dict[str, Redis] = {}
         self._refreshing: asyncio.Task[None] | None = None
+        self._ordered: asyncio.Future[None] | None = None  # the seeds put in order, once, before the first map
         self._hiredis_packing = False
 
     @property
@@ -41,9 +42,14 @@ class Topology:
         return isinstance(self.redis, RedisCluster)
 
     async def ready(self) -> None:
-        """Learn the slot map (once; a cluster client does it on its first command anyway). Raises a
-        `RedisError` when no node answers (redis-py's own exception there is not one)."""
+        """Learn the slot map (once; a cluster client does it on its first command anyway), first putting the
+        seed that answers first at the head of the seeds, as `refresh` does: a process starting while its first
+        seed hangs learns the map from another. Raises a `RedisError` when no node answers (redis-py's own
+        exception there is not one)."""
         if isinstance(self.redis, RedisCluster):
+            if self._ordered is None:
+                self._ordered = asyncio.ensure_future(_answering_first(self.redis))
+            await asyncio.shield(self._ordered)
             with _as_redis_error():
                 await self.redis.initialize()
 
