@@ -34,7 +34,7 @@ class Topology:
         self.redis = redis
         self._clients: dict[str, Redis] = {}
         self._refreshing: asyncio.Task[None] | None = None
-        self._ordered: asyncio.Future[None] | None = None  # the seeds put in order, once, before the first map
+        self._ordered: asyncio.Future[None] | None = None  # the seeds put in order before the first map
         self._hiredis_packing = False
 
     @property
