@@ -23,7 +23,7 @@ from opentelemetry.trace import Tracer
 
 from tokenfan.contract.errors import StorageUnavailable
 from tokenfan.runtime.metrics import Metrics
-from tokenfan.runtime.serving import settle_collector, write_ready_file
+from tokenfan.runtime.serving import Lifelong, settle_collector, write_ready_file
 from tokenfan.runtime.settings import Settings
 from tokenfan.runtime.tracing import tracer_from_env
 from tokenfan.store import LeaseReply, Store
@@ -162,61 +162,33 @@ def _stream_writer(settings: Settings, store: Store, metrics: Metrics, capacity:
 
 
 class _Background:
-    """The tasks that run beside the jobs for the process's life, started once arq's loop first runs."""
+    """The tasks that run beside the jobs for the process's life, started once arq's loop first runs: three
+    lifelong ones (`Lifelong`: if one ends, `stop` stops the worker as a SIGTERM does, running generations
+    handed over, and it exits with an error), and the warm-up."""
 
-    def __init__(self) -> None:
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self.lifelong = Lifelong(stop)
         self.tasks: list[asyncio.Task[None]] = []
-        self.failed = False  # one of the lifelong tasks ended: the worker stops, and exits with an error
 
-    def start(
-        self,
-        store: Store,
-        queue: JobQueue,
-        writer: StreamWriter,
-        alive_file: str | None,
-        stop: Callable[[], None],
-    ) -> None:
-        """Start them; `stop` stops the worker (as a SIGTERM does: running generations are handed over) if
-        one of its three lifelong tasks ends (`_watch`)."""
+    def start(self, store: Store, queue: JobQueue, writer: StreamWriter, alive_file: str | None) -> None:
         alive = Path(alive_file) if alive_file else None
         if alive is not None:
             alive.touch()
         heartbeat = _heartbeat(store, queue, writer, store.lease_ms / 3000, alive)
         cancellations = listen_for_cancellations(store.topology, _cancel_running(writer))
-        lifelong = [
+        self.tasks = [
             asyncio.create_task(writer.run(), name="stream-writer"),
             asyncio.create_task(heartbeat, name="heartbeat"),
             asyncio.create_task(cancellations, name="cancel-listener"),
         ]
-
-        def ended() -> None:
-            self.failed = True
-            stop()
-
-        _watch(lifelong, ended)
-        self.tasks = [asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"), *lifelong]
+        for task in self.tasks:
+            self.lifelong.watch(task)
+        self.tasks.append(asyncio.create_task(asyncio.to_thread(warm_up), name="warm-up-usage"))
 
     async def stop(self) -> None:
         for task in self.tasks:
             task.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-def _watch(tasks: list[asyncio.Task[None]], on_end: Callable[[], None]) -> None:
-    """Each of `tasks` runs for the process's life, dealing with Redis failures itself: one that ends is a
-    bug, and a worker without it would go on taking jobs, degraded without a word (no flushes, no lease
-    renewals, cancellations late). Log it and call `on_end`: the worker stops and exits with an error, so
-    that whatever runs it starts another."""
-
-    def ended(task: asyncio.Task[None]) -> None:
-        if task.cancelled():
-            return  # the worker is stopping
-        error = task.exception()
-        log.error("background_task_ended", task=task.get_name(), error=repr(error))
-        on_end()
-
-    for task in tasks:
-        task.add_done_callback(ended)
 
 
 async def run_worker(
@@ -234,7 +206,7 @@ async def run_worker(
     upstream = Upstream(settings)
     queue = await create_queue(settings.queue_url)
     job = _generation_job(settings, store, queue, writer, upstream, tracer_from_env("worker"))
-    background = _Background()
+    background = _Background(lambda: worker.handle_sig(SIGTERM))
     ready = metrics.expose(host, settings.metrics_port)
 
     async def generate(ctx: dict[str, Any], session_id: str, generation_id: str) -> None:
@@ -247,7 +219,7 @@ async def run_worker(
             log.info("worker_resumed")
             return
         settle_collector()
-        background.start(store, queue, writer, settings.worker_alive_file, lambda: worker.handle_sig(SIGTERM))
+        background.start(store, queue, writer, settings.worker_alive_file)
         log.info("worker_ready", concurrency=concurrency or settings.worker_concurrency)
         write_ready_file(ready_file, "", role="worker", **ready)
 
@@ -267,5 +239,4 @@ async def run_worker(
         await upstream.close()
         await store.redis.aclose()
         metrics.close()
-    if background.failed:
-        raise SystemExit("worker stopped: a task it cannot run without ended (the log says which)")
+    background.lifelong.check()

@@ -30,6 +30,7 @@ from api.http.security import caller
 from api.live.feed import LiveBus
 from tokenfan.runtime.auth import Authenticator
 from tokenfan.runtime.metrics import Metrics
+from tokenfan.runtime.serving import Lifelong
 from tokenfan.runtime.settings import Settings
 from tokenfan.runtime.tracing import extract
 from tokenfan.store import Store
@@ -104,11 +105,16 @@ class AccessLog:
 
 
 def create_app(
-    settings: Settings, *, metrics: Metrics | None = None, tracer: Tracer | None = None
+    settings: Settings,
+    *,
+    metrics: Metrics | None = None,
+    tracer: Tracer | None = None,
+    lifelong: Lifelong | None = None,
 ) -> FastAPI:
-    """The ASGI app, its instruments on `metrics` and its spans on `tracer` (None: no tracing). Raises
-    SettingsError when security is not configured (see docs/SECURITY.md); Redis and the queue are opened by
-    its lifespan, so it can be built without I/O."""
+    """The ASGI app, its instruments on `metrics` and its spans on `tracer` (None: no tracing); `lifelong`
+    watches the tasks it runs for the process's life (its server stops if one ends). Raises SettingsError
+    when security is not configured (see docs/SECURITY.md); Redis and the queue are opened by its lifespan,
+    so it can be built without I/O."""
     metrics = metrics or Metrics("api", enabled=False)
     expose_redis_errors(metrics)
     http_metrics = HttpMetrics(metrics)
@@ -121,7 +127,13 @@ def create_app(
         title="tokenfan request API",
         version="1",
         lifespan=functools.partial(
-            _lifespan, settings=settings, auth=auth, metrics=metrics, http_metrics=http_metrics, tracer=tracer
+            _lifespan,
+            settings=settings,
+            auth=auth,
+            metrics=metrics,
+            http_metrics=http_metrics,
+            tracer=tracer,
+            lifelong=lifelong,
         ),
         docs_url="/docs" if open_docs else None,
         openapi_url="/openapi.json" if open_docs else None,
@@ -148,11 +160,12 @@ async def _lifespan(
     metrics: Metrics,
     http_metrics: HttpMetrics,
     tracer: Tracer | None,
+    lifelong: Lifelong | None,
 ) -> AsyncIterator[None]:
     store = Store.from_settings(settings)
     queue = await create_queue(settings.queue_url)
     bus = LiveBus.from_settings(store, settings, metrics)
-    bus.start()
+    bus.start(lifelong.watch if lifelong is not None else None)
     services = Services(settings, auth, store, queue, bus, metrics=http_metrics, tracer=tracer)
     http_metrics.count_streams(services.sse_streams)
     app.state.services = services

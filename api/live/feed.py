@@ -18,7 +18,7 @@ import asyncio
 import bisect
 import contextlib
 import functools
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from typing import Any, Protocol
 
 import structlog
@@ -526,9 +526,14 @@ class LiveBus:
             history_budget=settings.catchup_history_budget,
         )
 
-    def start(self) -> None:
+    def start(self, watch: Callable[[asyncio.Task[None]], None] | None = None) -> None:
+        """Start claiming the sessions this process serves, for its life; `watch` is given that task
+        (`tokenfan.runtime.serving.Lifelong.watch`: a process whose claims stopped must not serve on)."""
         if self.presence_interval is not None:
-            self.spawn(publish_presence(self.watching, self.store, interval=self.presence_interval))
+            task = self.spawn(publish_presence(self.watching, self.store, interval=self.presence_interval))
+            task.set_name("presence")
+            if watch is not None:
+                watch(task)
 
     def watching(self) -> dict[str, int]:
         """The sessions this process has subscribers of now, and how many. A Durable Streams stream's feed
@@ -579,7 +584,8 @@ class LiveBus:
         feed.drop_history()
         self.tail.unwatch(feed.session_id)
 
-    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+    def spawn(self, coroutine: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.create_task(coroutine)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        return task

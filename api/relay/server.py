@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from http import HTTPStatus
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import structlog
@@ -42,7 +43,13 @@ from tokenfan.contract.errors import (
 from tokenfan.contract.ids import is_session_id
 from tokenfan.runtime.auth import Authenticator, Principal, bearer_token
 from tokenfan.runtime.metrics import Metrics
-from tokenfan.runtime.serving import bound_url, install_stop_signals, settle_collector, write_ready_file
+from tokenfan.runtime.serving import (
+    Lifelong,
+    bound_url,
+    install_stop_signals,
+    settle_collector,
+    write_ready_file,
+)
 from tokenfan.runtime.settings import Settings
 from tokenfan.store import Store
 from tokenfan.store.boundary import expose_redis_errors
@@ -270,6 +277,27 @@ def _drop_unupgraded(connections: set[ServerConnection]) -> None:
             connection.transport.abort()
 
 
+def _serve_options(relay: Relay, connections: set[ServerConnection]) -> dict[str, Any]:
+    """How `websockets.serve` serves the relay; `connections` tracks every connection it accepts."""
+    settings = relay.settings
+    return {
+        "process_request": _process_request(relay),
+        "ping_interval": settings.relay_ping_interval_seconds,
+        "ping_timeout": settings.relay_ping_timeout_seconds,
+        "max_size": settings.relay_max_message_bytes,
+        "max_queue": 4,  # unread client messages held per connection: 4 x the largest message at most
+        # Browsers always send Origin: only allowlisted ones pass. None admits non-browser clients.
+        "origins": None if settings.insecure_dev_mode else [None, *(Origin(o) for o in settings.origins)],
+        # Per-message deflate would compress every frame once per subscriber: fan-out pays for it.
+        "compression": None,
+        # When a relay restarts, all its subscribers reconnect at once: with asyncio's default accept queue
+        # (100) the kernel drops the SYNs past it, and each of those clients waits a second or three for its
+        # retransmission. The kernel caps this at net.core.somaxconn.
+        "backlog": LISTEN_BACKLOG,
+        "create_connection": _tracked(connections),
+    }
+
+
 async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str | None = None) -> None:
     """Serve the relay until SIGINT/SIGTERM; port 0 picks a free port; its metrics on `host` when
     ``TOKENFAN_METRICS_PORT`` says. Raises SettingsError when security is not configured (docs/SECURITY.md)."""
@@ -283,31 +311,14 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
     expose_redis_errors(metrics)
     bus = LiveBus.from_settings(store, settings, metrics)
     relay = Relay(settings, store, bus, auth, metrics=RelayMetrics(metrics))
-    bus.start()
-    ready = metrics.expose(host, settings.metrics_port)
     stop = asyncio.Event()
+    lifelong = Lifelong(stop.set)
+    bus.start(lifelong.watch)
+    ready = metrics.expose(host, settings.metrics_port)
     install_stop_signals(stop.set)
     connections: set[ServerConnection] = set()
     try:
-        async with serve(
-            relay.handle,
-            host,
-            port,
-            process_request=_process_request(relay),  # type: ignore[arg-type]
-            ping_interval=settings.relay_ping_interval_seconds,
-            ping_timeout=settings.relay_ping_timeout_seconds,
-            max_size=settings.relay_max_message_bytes,
-            max_queue=4,  # unread client messages held per connection: 4 x the largest message at most
-            # Browsers always send Origin: only allowlisted ones pass. None admits non-browser clients.
-            origins=None if settings.insecure_dev_mode else [None, *(Origin(o) for o in settings.origins)],
-            # Per-message deflate would compress every frame once per subscriber: fan-out pays for it.
-            compression=None,
-            # When a relay restarts, all its subscribers reconnect at once: with asyncio's default accept
-            # queue (100) the kernel drops the SYNs past it, and each of those clients waits a second or
-            # three for its retransmission. The kernel caps this at net.core.somaxconn.
-            backlog=LISTEN_BACKLOG,
-            create_connection=_tracked(connections),
-        ) as server:
+        async with serve(relay.handle, host, port, **_serve_options(relay, connections)) as server:
             settle_collector()
             url = bound_url(next(iter(server.sockets)), "ws")
             log.info("relay_listening", url=url)
@@ -320,3 +331,4 @@ async def run_relay(settings: Settings, *, host: str, port: int, ready_file: str
         await bus.close()
         with contextlib.suppress(Exception):
             await store.close()
+    lifelong.check()

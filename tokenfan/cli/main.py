@@ -163,11 +163,12 @@ def _verify_storage(settings: Settings) -> None:
 def _api(args: argparse.Namespace, settings: Settings) -> None:
     from api.http.app import create_app
     from tokenfan.runtime.metrics import Metrics
-    from tokenfan.runtime.serving import serve_asgi
+    from tokenfan.runtime.serving import Lifelong, serve_asgi, stop_this_process
     from tokenfan.runtime.tracing import tracer_from_env
 
     metrics = Metrics("api", enabled=settings.metrics_port is not None)
-    app = create_app(settings, metrics=metrics, tracer=tracer_from_env("api"))
+    lifelong = Lifelong(stop_this_process)
+    app = create_app(settings, metrics=metrics, tracer=tracer_from_env("api"), lifelong=lifelong)
     _verify_storage(settings)
     # SSE responses never end by themselves: give them a few seconds, then close them on shutdown.
     _run(
@@ -183,6 +184,7 @@ def _api(args: argparse.Namespace, settings: Settings) -> None:
             proxy_headers=False,
         )
     )
+    lifelong.check()
 
 
 def _relay(args: argparse.Namespace, settings: Settings) -> None:

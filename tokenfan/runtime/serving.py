@@ -18,9 +18,20 @@ from collections.abc import Awaitable, Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import structlog
 import uvicorn
 
-__all__ = ["bound_url", "install_stop_signals", "serve_asgi", "settle_collector", "write_ready_file"]
+__all__ = [
+    "Lifelong",
+    "bound_url",
+    "install_stop_signals",
+    "serve_asgi",
+    "settle_collector",
+    "stop_this_process",
+    "write_ready_file",
+]
+
+log = structlog.get_logger("tokenfan.serving")
 
 #: The cyclic collector's thresholds once a server has started: the young generation every 10,000 allocations
 #: of tracked objects instead of every 700, the older ones as often as before relative to it.
@@ -66,6 +77,40 @@ def settle_collector() -> None:
     benchmarks)."""
     gc.freeze()
     gc.set_threshold(*SERVING_GC_THRESHOLDS)
+
+
+class Lifelong:
+    """The tasks a server runs for its whole life beside what it serves: a worker's flusher, lease heartbeat
+    and cancellation listener, a relay's or API's presence claims. Each deals with Redis failures itself, so
+    one that ends is a bug, and the process would go on serving without it, degraded without a word (a
+    worker taking jobs it never flushes; a relay whose sessions look unwatched, their generations cancelled).
+    So the end of one is logged (``background_task_ended``, with the task's name and error), `stop` stops the
+    process as an operator's stop would, and `check`, once it has stopped, makes it exit with an error, for
+    whatever runs it to start another."""
+
+    def __init__(self, stop: Callable[[], None]) -> None:
+        self.stop = stop
+        self.ended: list[str] = []
+
+    def watch(self, task: asyncio.Task[Any]) -> None:
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[Any]) -> None:
+        if task.cancelled():
+            return  # the process is stopping
+        log.error("background_task_ended", task=task.get_name(), error=repr(task.exception()))
+        self.ended.append(task.get_name())
+        self.stop()
+
+    def check(self) -> None:
+        """Exit with an error if a watched task ended (call it once the process has stopped)."""
+        if self.ended:
+            raise SystemExit(f"stopped: {', '.join(self.ended)} ended, which it cannot run without")
+
+
+def stop_this_process() -> None:
+    """Stop as on SIGTERM, through the handler `install_stop_signals` put in place."""
+    os.kill(os.getpid(), signal.SIGTERM)
 
 
 def install_stop_signals(stop: Callable[[], None]) -> None:
