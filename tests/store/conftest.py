@@ -12,7 +12,8 @@ from redis.asyncio.cluster import RedisCluster
 
 from tests.store.helpers import MADE
 from tests.support.waiting import wait_until
-from tokenfan.cli.embedded_redis import EmbeddedRedis, free_port
+from tokenfan.cli.embedded_cluster import cluster_port
+from tokenfan.cli.embedded_redis import EmbeddedRedis
 from tokenfan.store.connection import cluster_client as cluster_client_for
 
 
@@ -28,10 +29,8 @@ async def _close_stores() -> AsyncIterator[None]:
 def cluster_server() -> Iterator[EmbeddedRedis]:
     """A real cluster node: it refuses a command (or a script call) whose declared keys span two slots,
     and knows each key's slot (CLUSTER KEYSLOT). One node owns all 16,384 slots, so a plain client works."""
-    # The cluster bus port is the client port + 10,000 unless named: a free one, since ports above
-    # 55,535 are common and would leave no room for it.
-    bus_port = str(free_port())
-    with EmbeddedRedis(extra_args=("--cluster-enabled", "yes", "--cluster-port", bus_port)) as server:
+    # Its bus listens 10,000 above its port: both below the ports outgoing connections take (`cluster_port`).
+    with EmbeddedRedis(port=cluster_port("127.0.0.1"), extra_args=("--cluster-enabled", "yes")) as server:
         with sync_redis.Redis.from_url(server.url) as client:
             client.execute_command("CLUSTER", "ADDSLOTSRANGE", 0, 16383)
             wait_until(
