@@ -49,11 +49,8 @@ def queue_redis() -> Iterator[EmbeddedRedis]:
 
 
 def _running(stack: RunningStack, *, workers: int = 1, relays: int = 1) -> Iterator[RunningStack]:
-    try:
-        stack.start(workers=workers, relays=relays)
+    with stack.start(workers=workers, relays=relays):
         yield stack
-    finally:
-        stack.stop()
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
+
 from tests.support.requests import SIMULATOR
 from tokenfan.cli.processes import ChildProcess
 
@@ -112,6 +114,16 @@ class RunningStack:
     def stop(self) -> None:
         for child in reversed(self.children):
             child.stop()
+
+    def __enter__(self) -> RunningStack:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+    def api_client(self) -> httpx.AsyncClient:
+        """An HTTP client of the stack's API (close it: ``async with``)."""
+        return httpx.AsyncClient(base_url=self.api_url, timeout=30)
 
     def log_tail(self, lines: int = 40) -> str:
         parts = []

@@ -45,20 +45,15 @@ def queue() -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="module")
 def cstack(cluster: EmbeddedCluster, queue: EmbeddedRedis) -> Iterator[RunningStack]:
-    stack = RunningStack(
-        redis_url=cluster.url,
-        queue_url=queue.url,
-        extra_env={"TOKENFAN_LEASE_SECONDS": "1.5", "TOKENFAN_FEED_LINGER_SECONDS": "0.1"},
-    )
-    try:
-        yield stack.start(workers=2, relays=2)
-    finally:
-        stack.stop()
+    extra_env = {"TOKENFAN_LEASE_SECONDS": "1.5", "TOKENFAN_FEED_LINGER_SECONDS": "0.1"}
+    stack = RunningStack(redis_url=cluster.url, queue_url=queue.url, extra_env=extra_env)
+    with stack.start(workers=2, relays=2):
+        yield stack
 
 
 @pytest.fixture
 async def capi(cstack: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=cstack.api_url, timeout=30) as client:
+    async with cstack.api_client() as client:
         yield client
 
 

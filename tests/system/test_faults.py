@@ -65,7 +65,7 @@ def faults(fault_redis: EmbeddedRedis) -> Iterator[RunningStack]:
 
 @pytest.fixture
 async def fapi(faults: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=faults.api_url, timeout=30) as client:
+    async with faults.api_client() as client:
         yield client
 
 

@@ -47,23 +47,18 @@ def queue() -> Iterator[EmbeddedRedis]:
 
 @pytest.fixture(scope="module")
 def hstack(cluster: EmbeddedCluster, queue: EmbeddedRedis) -> Iterator[RunningStack]:
-    stack = RunningStack(
-        redis_url=cluster.url,
-        queue_url=queue.url,
-        extra_env={
-            "TOKENFAN_LEASE_SECONDS": str(LEASE_SECONDS),
-            "TOKENFAN_PRESENCE_INTERVAL_SECONDS": str(PRESENCE_SECONDS),
-        },
-    )
-    try:
-        yield stack.start(workers=1, relays=1)
-    finally:
-        stack.stop()
+    extra_env = {
+        "TOKENFAN_LEASE_SECONDS": str(LEASE_SECONDS),
+        "TOKENFAN_PRESENCE_INTERVAL_SECONDS": str(PRESENCE_SECONDS),
+    }
+    stack = RunningStack(redis_url=cluster.url, queue_url=queue.url, extra_env=extra_env)
+    with stack.start(workers=1, relays=1):
+        yield stack
 
 
 @pytest.fixture
 async def hapi(hstack: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=hstack.api_url, timeout=30) as client:
+    async with hstack.api_client() as client:
         yield client
 
 

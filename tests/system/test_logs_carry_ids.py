@@ -26,16 +26,13 @@ from tokenfan.cli.embedded_redis import EmbeddedRedis
 
 @pytest.fixture(scope="module")
 def logged(redis_server: EmbeddedRedis) -> Iterator[RunningStack]:
-    stack = RunningStack(redis_url=redis_server.url.removesuffix("/0") + "/6")
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+    with RunningStack(redis_url=redis_server.url.removesuffix("/0") + "/6").start() as stack:
+        yield stack
 
 
 @pytest.fixture
 async def lapi(logged: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=logged.api_url, timeout=30) as client:
+    async with logged.api_client() as client:
         yield client
 
 

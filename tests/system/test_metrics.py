@@ -43,15 +43,13 @@ def metered(redis_server: EmbeddedRedis) -> Iterator[RunningStack]:
             "TOKENFAN_FEED_LINGER_SECONDS": "0.1",
         },
     )
-    try:
-        yield stack.start()
-    finally:
-        stack.stop()
+    with stack.start():
+        yield stack
 
 
 @pytest.fixture
 async def mapi(metered: RunningStack) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=metered.api_url, timeout=30) as client:
+    async with metered.api_client() as client:
         yield client
 
 
