@@ -38,12 +38,6 @@ def cluster() -> Iterator[EmbeddedCluster]:
 
 
 @pytest.fixture(scope="module")
-def queue() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def cstack(cluster: EmbeddedCluster, queue: EmbeddedRedis) -> Iterator[RunningStack]:
     extra_env = {"TOKENFAN_LEASE_SECONDS": "1.5", "TOKENFAN_FEED_LINGER_SECONDS": "0.1"}
     stack = RunningStack(redis_url=cluster.url, queue_url=queue.url, extra_env=extra_env)

@@ -40,12 +40,6 @@ def cluster() -> Iterator[EmbeddedCluster]:
 
 
 @pytest.fixture(scope="module")
-def queue() -> Iterator[EmbeddedRedis]:
-    with EmbeddedRedis() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def hstack(cluster: EmbeddedCluster, queue: EmbeddedRedis) -> Iterator[RunningStack]:
     extra_env = {
         "TOKENFAN_LEASE_SECONDS": str(LEASE_SECONDS),
